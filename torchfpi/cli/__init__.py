@@ -1,0 +1,78 @@
+"""The ``torchfpi`` command line: ``torchfpi <command> ...``.
+
+One module per command family; each exposes ``register(commands, train)`` that adds its
+argparse sub-parsers (``commands`` for top-level commands, ``train`` for ``torchfpi train <app>``)
+and binds a ``run(args) -> int`` function. Only this package parses ``argv``; everything it calls
+takes typed arguments. Heavy and optional imports happen inside the run functions, so that
+``torchfpi --help`` works without the ``apps`` extra.
+
+Exit codes: 0 success, 1 runtime failure (bad data, non-convergence, NaN), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional, Sequence
+
+_COMMAND_MODULES = ("_demo", "_gradcheck", "_multilabel", "_denoise", "_flow", "_bench")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (exit 2) instead of the full usage dump."""
+
+    def error(self, message: str) -> "argparse.NoReturn":  # type: ignore[name-defined]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the full argument parser of the ``torchfpi`` command."""
+    from torchfpi import __version__
+
+    parser = _Parser(
+        prog="torchfpi",
+        description="Differentiable forward and backward fixed-point iteration layers.",
+    )
+    parser.add_argument("--version", action="version", version=f"torchfpi {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+    train_parser = commands.add_parser("train", help="train a model on one of the applications")
+    train = train_parser.add_subparsers(dest="app", metavar="APP", parser_class=_Parser)
+    train.required = True
+    for name in _COMMAND_MODULES:
+        module = importlib.import_module(f"torchfpi.cli.{name}")
+        module.register(commands, train)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``) and return its exit code."""
+    from torchfpi._errors import FixedPointError
+    from torchfpi.apps._common import DataError, MissingExtraError, UsageError
+
+    parser = build_parser()
+    args: List[str] = list(sys.argv[1:] if argv is None else argv)
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code) if isinstance(exc.code, int) else 2
+    try:
+        return int(ns.func(ns) or 0)
+    except UsageError as exc:
+        print(f"torchfpi: error: {exc}", file=sys.stderr)
+        return 2
+    except (DataError, MissingExtraError, FixedPointError, FloatingPointError) as exc:
+        print(f"torchfpi: error: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"torchfpi: error: {exc.strerror or exc}: '{exc.filename}'", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("torchfpi: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
