@@ -1,0 +1,139 @@
+"""Autograd plumbing: a differentiable vector-Jacobian product node and captured-leaf discovery.
+
+``_VJP`` computes partial derivatives of a function at a point *on detached copies* of its
+explicit arguments, then re-attaches the result to the graph as a node of its own. Its backward
+is again a ``_VJP`` (of the VJP function), so it is differentiable to any order. This is what
+lets the backward of a fixed-point layer be differentiated without autograd following the
+layer's own output back into the layer (see STYLE.md, "a trap on the way to higher order").
+
+Implicit arguments are leaf tensors that the function uses through its closure (parameters of
+an ``nn.Module``, captured tensors): they are used as they are (they have no history to follow)
+and receive gradients through this node.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+def _is_float(t: object) -> bool:
+    return isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+def find_leaves(outputs: Sequence[Tensor], exclude: Sequence[Tensor] = ()) -> List[Tensor]:
+    """Leaf tensors requiring grad that the graph of ``outputs`` reaches, minus ``exclude``.
+
+    These are the parameters and captured tensors a function used. The walk follows
+    ``grad_fn.next_functions`` once per node.
+    """
+    excluded = {id(t) for t in exclude}
+    seen_nodes = set()
+    leaves: List[Tensor] = []
+    seen_leaves = set()
+    stack = [o.grad_fn for o in outputs if isinstance(o, Tensor) and o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None:  # AccumulateGrad: a leaf
+            if id(var) not in excluded and id(var) not in seen_leaves:
+                seen_leaves.add(id(var))
+                leaves.append(var)
+            continue
+        for nxt, _ in node.next_functions:
+            if nxt is not None:
+                stack.append(nxt)
+    return leaves
+
+
+def _grad(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    cotangents: Sequence[Tensor],
+    create_graph: bool,
+) -> List[Optional[Tensor]]:
+    """``torch.autograd.grad`` that tolerates outputs without graph and unused inputs."""
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+    if not pairs or not inputs:
+        return [None] * len(inputs)
+    outs, cots = zip(*pairs)
+    return list(
+        torch.autograd.grad(
+            outs, inputs, cots, retain_graph=True, create_graph=create_graph, allow_unused=True
+        )
+    )
+
+
+class _VJP(torch.autograd.Function):
+    """``(c, p) -> [d<fn(p), c>/dp_i for i in wrt]``, differentiable to any order.
+
+    ``apply(fn, n_cot, n_explicit, wrt, *tensors)`` with ``tensors = cotangents + explicit +
+    implicit``; ``fn(*explicit)`` returns a tuple of ``n_cot`` tensors and may use the implicit
+    leaves through its closure; ``wrt`` indexes ``explicit + implicit``.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, n_cot, n_explicit, wrt, *tensors):  # type: ignore[override]
+        cots = tensors[:n_cot]
+        primals = tensors[n_cot:]
+        explicit = primals[:n_explicit]
+        implicit = primals[n_explicit:]
+        with torch.enable_grad():
+            copies = [
+                p.detach().requires_grad_(True) if _is_float(p) else p for p in explicit
+            ]
+            outs = fn(*copies)
+            everything = list(copies) + list(implicit)
+            targets = [everything[i] for i in wrt]
+            grads = _grad(outs, targets, cots, create_graph=False)
+        result = tuple(
+            torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, targets)
+        )
+        ctx.fn = fn
+        ctx.n_cot = n_cot
+        ctx.n_explicit = n_explicit
+        ctx.wrt = wrt
+        ctx.save_for_backward(*tensors)
+        return result
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):  # type: ignore[override]
+        tensors = ctx.saved_tensors
+        fn, n_cot, n_explicit, wrt = ctx.fn, ctx.n_cot, ctx.n_explicit, ctx.wrt
+        n_implicit = len(tensors) - n_cot - n_explicit
+        implicit = tensors[n_cot + n_explicit :]
+
+        def vjp_fn(*xs):
+            cots_, explicit_ = xs[:n_cot], xs[n_cot:]
+            outs = fn(*explicit_)
+            everything = list(explicit_) + list(implicit)
+            targets = [everything[i] for i in wrt]
+            grads = _grad(outs, targets, cots_, create_graph=True)
+            return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, targets))
+
+        needs = ctx.needs_input_grad[4:]
+        wrt2 = tuple(i for i in range(len(tensors)) if needs[i])
+        if not wrt2:
+            return (None, None, None, None) + (None,) * len(tensors)
+        del n_implicit
+        res = _VJP.apply(vjp_fn, len(grad_outputs), n_cot + n_explicit, wrt2, *grad_outputs, *tensors)
+        out: List[Optional[Tensor]] = [None] * len(tensors)
+        for i, g in zip(wrt2, res):
+            out[i] = g
+        return (None, None, None, None, *out)
+
+
+def vjp(
+    fn: Callable[..., Tuple[Tensor, ...]],
+    cotangents: Sequence[Tensor],
+    explicit: Sequence[object],
+    implicit: Sequence[Tensor],
+    wrt: Sequence[int],
+) -> Tuple[Tensor, ...]:
+    """Differentiable VJP of ``fn`` at ``explicit`` (see :class:`_VJP`)."""
+    return _VJP.apply(fn, len(cotangents), len(explicit), tuple(wrt), *cotangents, *explicit, *implicit)

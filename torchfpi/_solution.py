@@ -1,0 +1,141 @@
+"""The result of a fixed-point solve: value, per-sample status, iteration counts, residual traces."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+
+class Status(enum.IntEnum):
+    """Per-sample outcome of a solve (stored as ``int64`` codes in ``Solution.status``)."""
+
+    CONVERGED = 0
+    """The residual reached ``tol``."""
+    MAX_ITER = 1
+    """``max_iter`` iterations ran out first; the value is the best iterate seen."""
+    DIVERGED = 2
+    """The residual grew a million-fold over its smallest value, or the iterate overflowed."""
+
+
+@dataclass
+class SolveStats:
+    """Statistics of one iterative solve, forward or backward.
+
+    Attributes:
+        iterations: ``(B,)`` int64, calls of the map spent on each sample.
+        residual: ``(B,)`` final residual per sample (relative unless ``residual="absolute"``);
+            the best one seen for samples that did not converge.
+        status: ``(B,)`` int64 :class:`Status` codes.
+        trace: ``(T, B)`` residual of each sample at each iteration, NaN once it stopped.
+    """
+
+    iterations: Tensor
+    residual: Tensor
+    status: Tensor
+    trace: Tensor
+
+    @property
+    def converged(self) -> Tensor:
+        """``(B,)`` bool: the samples whose residual reached the tolerance."""
+        return self.status == Status.CONVERGED
+
+    @property
+    def diverged(self) -> Tensor:
+        """``(B,)`` bool: the samples stopped for divergence."""
+        return self.status == Status.DIVERGED
+
+    def summary(self) -> str:
+        """A one-line human summary, e.g. ``"8/8 converged, iterations 12..19, max residual 8e-07"``."""
+        n = int(self.status.numel())
+        conv = int(self.converged.sum())
+        it = self.iterations
+        res = self.residual
+        return (
+            f"{conv}/{n} converged, iterations {int(it.min()) if n else 0}..{int(it.max()) if n else 0}, "
+            f"max residual {float(res.max()) if n else float('nan'):.2e}"
+        )
+
+
+class _Record:
+    """Mutable holder of a solve's statistics, shared with the backward node.
+
+    Kept apart from :class:`Solution` so the autograd graph never references the solution's
+    value (a reference cycle through the graph would keep it alive).
+    """
+
+    __slots__ = ("stats", "backward")
+
+    def __init__(self) -> None:
+        self.stats: Optional[SolveStats] = None
+        self.backward: Optional[SolveStats] = None
+
+
+class Solution:
+    """Result of :func:`torchfpi.fixed_point`.
+
+    Attributes:
+        value: z*, with the structure, shape, dtype and device of ``z0`` (a tensor or a tuple
+            of tensors); differentiable w.r.t. the inputs and the parameters of ``f``.
+    """
+
+    __slots__ = ("value", "_record")
+
+    def __init__(self, value: Union[Tensor, Tuple[Tensor, ...]], record: _Record) -> None:
+        self.value = value
+        self._record = record
+
+    def __repr__(self) -> str:
+        return f"Solution({self.stats.summary()})"
+
+    @property
+    def stats(self) -> SolveStats:
+        """Forward :class:`SolveStats`."""
+        assert self._record.stats is not None  # set by the solve before a Solution exists
+        return self._record.stats
+
+    @property
+    def backward(self) -> Optional[SolveStats]:
+        """:class:`SolveStats` of the latest iterative backward solve through this solution.
+
+        ``None`` before any backward ran, and for modes without an iterative adjoint solve
+        (``"onestep"``, ``"unroll"``, ``"dense"``). ``"neumann"`` records its fixed term count.
+        """
+        return self._record.backward
+
+    @property
+    def iterations(self) -> Tensor:
+        """``(B,)`` int64: forward iterations (calls of ``f``) per sample."""
+        return self.stats.iterations
+
+    @property
+    def residual(self) -> Tensor:
+        """``(B,)``: final forward residual per sample."""
+        return self.stats.residual
+
+    @property
+    def converged(self) -> Tensor:
+        """``(B,)`` bool: samples whose forward residual reached ``tol``."""
+        return self.stats.converged
+
+    @property
+    def status(self) -> Tensor:
+        """``(B,)`` int64 :class:`Status` codes of the forward solve."""
+        return self.stats.status
+
+    @property
+    def trace(self) -> Tensor:
+        """``(T, B)`` forward residual per iteration and sample (NaN after a sample stopped)."""
+        return self.stats.trace
+
+
+def _empty_stats(batch: int, device: torch.device, dtype: torch.dtype) -> SolveStats:
+    return SolveStats(
+        iterations=torch.zeros(batch, dtype=torch.int64, device=device),
+        residual=torch.zeros(batch, dtype=dtype, device=device),
+        status=torch.zeros(batch, dtype=torch.int64, device=device),
+        trace=torch.zeros(0, batch, dtype=dtype, device=device),
+    )

@@ -1,0 +1,312 @@
+"""Forward iteration strategies and the one loop they share.
+
+A solver is a small frozen dataclass with two methods:
+
+* ``init(z, fz) -> state``: a dict of tensors whose dim 0 is the batch (Python scalars allowed);
+* ``step(state, z, fz, residual) -> z_next``: the next iterate from the current iterate ``z``, its
+  image ``fz = f(z)`` and the per-sample residual.
+
+The loop (:func:`_iterate`) owns everything else: residuals, per-sample stopping and freezing,
+divergence and NaN detection, compaction of the working batch, best iterates and traces. Solvers
+work on flat states ``(B, N)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from torchfpi._errors import FixedPointError
+from torchfpi._solution import SolveStats, Status
+
+State = Dict[str, object]
+
+_REL_EPS = 1e-9
+"""Added to ||f(z)|| in the relative residual ||f(z) - z|| / (||f(z)|| + eps)."""
+
+DIVERGENCE_FACTOR = 1e6
+"""A sample diverges when its absolute residual exceeds this multiple of its smallest one."""
+
+
+def _check_unit_interval(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < value <= 1.0):
+        raise ValueError(f"{name}: expected a number in (0, 1], got {value!r}")
+
+
+@dataclass(frozen=True)
+class FPI:
+    """Plain or damped fixed-point iteration: ``z <- (1 - damping) z + damping f(z)``.
+
+    Args:
+        damping: step weight in (0, 1]; ``1`` is the plain iteration z <- f(z). Damping makes a
+            map whose Jacobian has eigenvalues with real part < 1 but modulus >= 1 contractive.
+
+    Example:
+        >>> import torch, torchfpi
+        >>> sol = torchfpi.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(2, 3),
+        ...                            solver=torchfpi.FPI(damping=0.8))
+        >>> torch.allclose(sol.value, torch.full((2, 3), 2.0))
+        True
+    """
+
+    damping: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_unit_interval("damping", self.damping)
+
+    def init(self, z: Tensor, fz: Tensor) -> State:
+        return {}
+
+    def step(self, state: State, z: Tensor, fz: Tensor, residual: Tensor) -> Tensor:
+        if self.damping == 1.0:
+            return fz
+        return torch.lerp(z, fz, self.damping)
+
+
+@dataclass(frozen=True)
+class Anderson:
+    """Anderson acceleration (type II) with a window, regularisation and a safeguard.
+
+    Each step combines the last ``m`` iterates: it finds weights ``alpha`` (summing to one) that
+    minimise ``||sum_i alpha_i (f(z_i) - z_i)||^2 + regularization * scale * ||alpha||^2`` (a
+    ridge-regularised least squares solved per sample in float64 with ``torch.linalg``) and
+    moves to ``sum_i alpha_i [(1 - damping) z_i + damping f(z_i)]``.
+
+    Safeguards, per sample: if the small system is ill-conditioned (non-finite weights or
+    ``sum |alpha| > max_coefficient``) the step falls back to damped FPI; if the residual grows
+    above ``restart`` times the best residual so far, the history is cleared (restart), which
+    makes the next step a damped FPI step too.
+
+    Args:
+        m: window size (number of past iterates), at least 1 (``m=1`` is damped FPI).
+        regularization: ridge weight relative to the mean diagonal of the Gram matrix, >= 0.
+        damping: mixing weight in (0, 1].
+        restart: residual growth factor (> 1) that triggers a restart.
+        max_coefficient: largest allowed ``sum |alpha|`` before falling back to FPI.
+
+    Example:
+        >>> import torch, torchfpi
+        >>> A = 0.95 * torch.eye(4)
+        >>> sol = torchfpi.fixed_point(lambda z: z @ A + 1, torch.zeros(3, 4),
+        ...                            solver=torchfpi.Anderson(m=5), tol=1e-8, max_iter=50)
+        >>> bool(sol.converged.all()), torch.allclose(sol.value, torch.full((3, 4), 20.0))
+        (True, True)
+    """
+
+    m: int = 5
+    regularization: float = 1e-8
+    damping: float = 1.0
+    restart: float = 10.0
+    max_coefficient: float = 1e4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.m, int) or isinstance(self.m, bool) or self.m < 1:
+            raise ValueError(f"m: expected an integer >= 1, got {self.m!r}")
+        if not (isinstance(self.regularization, (int, float)) and self.regularization >= 0):
+            raise ValueError(f"regularization: expected a number >= 0, got {self.regularization!r}")
+        _check_unit_interval("damping", self.damping)
+        if not (isinstance(self.restart, (int, float)) and self.restart > 1):
+            raise ValueError(f"restart: expected a number > 1, got {self.restart!r}")
+        if not (isinstance(self.max_coefficient, (int, float)) and self.max_coefficient > 1):
+            raise ValueError(f"max_coefficient: expected a number > 1, got {self.max_coefficient!r}")
+
+    def init(self, z: Tensor, fz: Tensor) -> State:
+        b, n = z.shape
+        m = self.m
+        return {
+            "F": z.new_zeros(b, m, n),  # past images f(z_i)
+            "G": z.new_zeros(b, m, n),  # past residuals f(z_i) - z_i
+            "H": torch.zeros(b, m, m, dtype=torch.float64, device=z.device),  # Gram of G
+            "valid": torch.zeros(b, m, dtype=torch.bool, device=z.device),
+            "best": torch.full((b,), math.inf, dtype=torch.float64, device=z.device),
+            "ptr": 0,
+        }
+
+    def step(self, state: State, z: Tensor, fz: Tensor, residual: Tensor) -> Tensor:
+        F: Tensor = state["F"]  # type: ignore[assignment]
+        G: Tensor = state["G"]  # type: ignore[assignment]
+        H: Tensor = state["H"]  # type: ignore[assignment]
+        valid: Tensor = state["valid"]  # type: ignore[assignment]
+        best: Tensor = state["best"]  # type: ignore[assignment]
+        ptr: int = state["ptr"]  # type: ignore[assignment]
+        m = self.m
+        g = fz - z
+        res64 = residual.to(torch.float64)
+        # Restart where the residual blew up relative to the best one seen.
+        restart = res64 > self.restart * best
+        best = torch.minimum(best, torch.nan_to_num(res64, nan=math.inf))
+        if torch.is_grad_enabled():
+            # Unrolled differentiation records this step: keep the history functional.
+            F, G, H, valid = F.clone(), G.clone(), H.clone(), valid.clone()
+        valid.masked_fill_(restart.unsqueeze(1), False)
+        F[:, ptr] = fz
+        G[:, ptr] = g
+        valid[:, ptr] = True
+        row = torch.bmm(G, g.unsqueeze(2)).squeeze(2).to(torch.float64)  # (B, m): <G_i, g>
+        H[:, ptr, :] = row
+        H[:, :, ptr] = row
+        both = valid.unsqueeze(2) & valid.unsqueeze(1)
+        Hm = torch.where(both, H, torch.zeros((), dtype=H.dtype, device=H.device))
+        diag = torch.diagonal(Hm, dim1=1, dim2=2)
+        n_valid = valid.sum(1).clamp_min(1)
+        scale = diag.sum(1) / n_valid
+        ridge = self.regularization * scale + torch.finfo(torch.float64).tiny
+        eye = torch.eye(m, dtype=H.dtype, device=H.device)
+        # Invalid slots get an identity row so the system stays regular; their weight is zeroed.
+        pad = torch.where(valid, ridge.unsqueeze(1), torch.ones((), dtype=H.dtype, device=H.device))
+        system = Hm + eye * pad.unsqueeze(2)
+        rhs = valid.to(H.dtype).unsqueeze(2)
+        sol, _ = torch.linalg.solve_ex(system, rhs)
+        a = sol.squeeze(2) * valid
+        total = a.sum(1, keepdim=True)
+        alpha = a / total
+        bad = ~torch.isfinite(alpha).all(1) | (alpha.abs().sum(1) > self.max_coefficient)
+        alpha = torch.where(bad.unsqueeze(1), torch.zeros((), dtype=alpha.dtype, device=alpha.device), alpha)
+        alpha = alpha.to(z.dtype).unsqueeze(1)  # (B, 1, m)
+        mix_f = torch.bmm(alpha, F).squeeze(1)
+        if self.damping == 1.0:
+            z_next = mix_f
+        else:
+            mix_g = torch.bmm(alpha, G).squeeze(1)
+            z_next = mix_f - (1.0 - self.damping) * mix_g
+        fallback = z + self.damping * g
+        z_next = torch.where(bad.unsqueeze(1), fallback, z_next)
+        state.update(F=F, G=G, H=H, valid=valid, best=best, ptr=(ptr + 1) % m)
+        return z_next
+
+
+Solver = object
+"""Anything with the ``init``/``step`` protocol above (``FPI``, ``Anderson`` or your own)."""
+
+
+def _select(state: State, keep: Tensor) -> State:
+    return {k: (v[keep] if isinstance(v, Tensor) else v) for k, v in state.items()}
+
+
+def _nonfinite_message(what: str, k: int) -> str:
+    where = "z0" if k == 0 else f"iteration {k}"
+    return (
+        f"{what}: the map returned NaN or Inf at {where}; check f for invalid operations "
+        "(log of non-positive values, division by zero) or a step size that is too large"
+    )
+
+
+def _iterate(
+    call: Callable[[Tensor, Optional[Tensor]], Tensor],
+    z0: Tensor,
+    *,
+    solver: object,
+    tol: float,
+    max_iter: int,
+    absolute: bool = False,
+    compact: bool = False,
+    first_fz: Optional[Tensor] = None,
+    what: str = "fixed_point",
+) -> Tuple[Tensor, SolveStats]:
+    """Iterate ``z <- solver.step(z, call(z))`` per sample until each converges or diverges.
+
+    Args:
+        call: ``call(z_work, idx)`` evaluates the map on the working rows; ``idx`` is ``None``
+            while the working batch is the full batch, else the ``(b,)`` original row indices.
+        z0: ``(B, N)`` initial iterate.
+        first_fz: the map already evaluated at ``z0`` (saves one call).
+
+    Returns:
+        ``(z_star, stats)``: ``z_star`` is ``(B, N)``; converged samples hold ``f(z_k)`` at the
+        iteration where they converged, the others the best image seen.
+    """
+    B = z0.shape[0]
+    device, dtype = z0.device, z0.dtype
+    z_out = torch.empty_like(z0)
+    res_out = torch.full((B,), math.nan, dtype=dtype, device=device)
+    it_out = torch.zeros(B, dtype=torch.int64, device=device)
+    st_out = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int64, device=device)
+    traces = []
+    idx: Optional[Tensor] = None
+    zw = z0
+    best_r = torch.full((B,), math.inf, dtype=dtype, device=device)
+    best_f = z0
+    min_abs = torch.full((B,), math.inf, dtype=dtype, device=device)
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    all_active = True
+    state: Optional[State] = None
+    tiny = torch.finfo(dtype).tiny
+    nan = torch.tensor(math.nan, dtype=dtype, device=device)
+    k = 0
+    for k in range(1, max_iter + 1):
+        fz = first_fz if (k == 1 and first_fz is not None) else call(zw, idx)
+        abs_r = torch.linalg.vector_norm(fz - zw, dim=1)
+        if absolute:
+            r = abs_r
+            ok = torch.isfinite(abs_r)
+        else:
+            nf = torch.linalg.vector_norm(fz, dim=1)
+            r = abs_r / (nf + _REL_EPS)
+            ok = torch.isfinite(nf) & torch.isfinite(abs_r)
+        conv = (r < tol) & ok
+        div = ~ok | (abs_r > DIVERGENCE_FACTOR * min_abs.clamp_min(tiny))
+        div = div & ~conv
+        min_abs = torch.minimum(min_abs, torch.nan_to_num(abs_r, nan=math.inf))
+        improved = r < best_r
+        best_r = torch.where(improved, r, best_r)
+        best_f = fz if k == 1 else torch.where(improved.unsqueeze(1), fz, best_f)
+        finished = conv | div
+        if not all_active:
+            finished = finished & active
+        rd = r.detach()
+        traces.append((idx, rd if all_active else torch.where(active, rd, nan)))
+        flags = torch.stack([finished.any(), (~ok & active).any()]).tolist()
+        if flags[1]:
+            rows = (~ok & active).nonzero().squeeze(1)
+            if not (torch.isfinite(fz[rows]).all() and torch.isfinite(zw[rows]).all()):
+                raise FixedPointError(_nonfinite_message(what, k))
+        if flags[0]:
+            sel = finished.nonzero().squeeze(1)
+            gidx = sel if idx is None else idx[sel]
+            csel = conv[sel]
+            z_out[gidx] = torch.where(csel.unsqueeze(1), fz[sel], best_f[sel])
+            res_out[gidx] = torch.where(csel, rd[sel], best_r[sel].detach())
+            it_out[gidx] = k
+            st_out[gidx] = torch.where(
+                csel,
+                torch.tensor(int(Status.CONVERGED), device=device),
+                torch.tensor(int(Status.DIVERGED), device=device),
+            )
+            active = active & ~finished
+            all_active = False
+            if not bool(active.any()):
+                break
+        if state is None:
+            state = solver.init(zw, fz)  # type: ignore[attr-defined]
+        z_next = solver.step(state, zw, fz, r)  # type: ignore[attr-defined]
+        if flags[0] and compact:
+            keep = active.nonzero().squeeze(1)
+            zw = z_next[keep]
+            state = _select(state, keep)
+            best_f, best_r, min_abs = best_f[keep], best_r[keep], min_abs[keep]
+            idx = keep if idx is None else idx[keep]
+            active = torch.ones(keep.shape[0], dtype=torch.bool, device=device)
+            all_active = True
+        elif all_active:
+            zw = z_next
+        else:
+            zw = torch.where(active.unsqueeze(1), z_next, zw)
+    else:
+        k = max_iter
+    if bool(active.any()):
+        sel = active.nonzero().squeeze(1)
+        gidx = sel if idx is None else idx[sel]
+        z_out[gidx] = best_f[sel]
+        res_out[gidx] = best_r[sel].detach()
+        it_out[gidx] = k
+    trace = torch.full((len(traces), B), math.nan, dtype=dtype, device=device)
+    for t, (tidx, tr) in enumerate(traces):
+        if tidx is None:
+            trace[t] = tr
+        else:
+            trace[t, tidx] = tr
+    return z_out, SolveStats(iterations=it_out, residual=res_out, status=st_out, trace=trace)
