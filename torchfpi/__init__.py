@@ -14,10 +14,14 @@ from torchfpi._backward import (
     OneStepBackward,
     UnrollBackward,
 )
+from torchfpi._diagnostics import GradientCheck, check_gradients, jacobian_penalty, spectral_radius
 from torchfpi._errors import ConvergenceWarning, FixedPointError
+from torchfpi._layers import FPIGD, FPINN, ConvUpdate, MLPUpdate
+from torchfpi._partial import energy_grad
 from torchfpi._solution import Solution, SolveStats, Status
 from torchfpi._solve import FPILayer, fixed_point
 from torchfpi._solvers import FPI, Anderson
+from torchfpi import energies  # noqa: E402  (public sub-module of energy building blocks)
 
 __version__ = "0.1.0"
 
@@ -25,10 +29,15 @@ __all__ = [
     "Anderson",
     "AndersonBackward",
     "ConvergenceWarning",
+    "ConvUpdate",
     "DenseBackward",
     "FPI",
     "FPIBackward",
+    "FPIGD",
     "FPILayer",
+    "FPINN",
+    "GradientCheck",
+    "MLPUpdate",
     "FixedPointError",
     "NeumannBackward",
     "OneStepBackward",
@@ -37,5 +46,10 @@ __all__ = [
     "Status",
     "UnrollBackward",
     "__version__",
+    "check_gradients",
+    "energies",
+    "energy_grad",
     "fixed_point",
+    "jacobian_penalty",
+    "spectral_radius",
 ]

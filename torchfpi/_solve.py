@@ -467,9 +467,12 @@ def fixed_point(
         return Solution(structure.unpack(zf), record)
     # The first call of f validates its output and, with grad on, reveals the tensors f uses
     # through its closure (parameters, captured tensors): they become inputs of the node.
+    # z enters that call as a leaf requiring grad, so that an f which differentiates w.r.t. z
+    # (an energy step) does not create leaves of its own that would look like parameters.
     detached = [t.detach() for t in tensors]
-    fz1 = problem.fn(z0f, *detached)
-    params = find_leaves([fz1]) if grad_on else []
+    zc = z0f.detach().requires_grad_(True) if grad_on else z0f
+    fz1 = problem.fn(zc, *detached)
+    params = find_leaves([fz1], exclude=[zc]) if grad_on else []
     fz1 = fz1.detach()
     differentiable = grad_on and (bool(params) or any(t.requires_grad for t in tensors))
     if differentiable:

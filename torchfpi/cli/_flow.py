@@ -1,9 +1,109 @@
-"""CLI commands of this application (placeholder: filled in by the application's module)."""
+"""``torchfpi train flow`` and ``torchfpi flow FRAME1 FRAME2 --out flow.flo --png flow.png``."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
+from pathlib import Path
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "flow_fpi_gd.pt"
 
 
 def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAction) -> None:
-    """Add this module's sub-commands (none yet)."""
+    """Add ``torchfpi flow`` and ``torchfpi train flow``."""
+    p = commands.add_parser("flow", help="estimate optical flow between two frames with the learned FPI model")
+    p.add_argument("frame1", help="first frame (image file)")
+    p.add_argument("frame2", help="second frame (image file, same size)")
+    p.add_argument("--out", default=None, help="write the flow as a Middlebury .flo file")
+    p.add_argument("--png", default=None, help="write a colour-wheel visualisation PNG")
+    p.add_argument("--weights", default=None, help=f"weights file (default: the shipped {DEFAULT_WEIGHTS.name})")
+    p.add_argument("--method", choices=("fpi_gd", "horn_schunck"), default="fpi_gd",
+                   help="learned fixed-point model (default) or the Horn-Schunck FPI baseline")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=run_flow)
+
+    t = train.add_parser("flow", help="train the learned variational flow model on synthetic pairs")
+    t.add_argument("--out", default="runs/flow", help="output folder (checkpoint.pt, best.pt, train.json)")
+    t.add_argument("--steps", type=int, default=150, help="optimiser steps")
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--size", type=int, default=96, help="side of the synthetic training images")
+    t.add_argument("--lr", type=float, default=0.03)
+    t.add_argument("--max-motion", type=float, default=6.0, help="largest synthetic translation (pixels)")
+    t.add_argument("--val-pairs", type=int, default=16)
+    t.add_argument("--val-every", type=int, default=25)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-iter", type=int, default=40, help="sweeps per fixed-point solve")
+    t.add_argument("--data-root", default=None, help="data root holding denoise/Train400 (textures)")
+    t.add_argument("--procedural", action="store_true", help="procedural noise textures instead of Train400")
+    t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train the model; print the best validation EPE."""
+    import torch
+
+    from torchfpi.apps._common import UsageError, data_root
+    from torchfpi.apps.flow.train import TrainConfig, train
+    from torchfpi.apps.flow.variational import FlowConfig
+
+    for name in ("steps", "batch_size", "size", "val_pairs", "val_every", "max_iter", "threads"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if args.size < 32:
+        raise UsageError(f"--size: expected at least 32, got {args.size}")
+    if not args.lr > 0 or not args.max_motion > 0:
+        raise UsageError(f"--lr and --max-motion must be positive, got {args.lr} and {args.max_motion}")
+    torch.set_num_threads(args.threads)
+    root = None if args.procedural else data_root(args.data_root)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, size=args.size, lr=args.lr,
+                      max_motion=args.max_motion, val_pairs=args.val_pairs, val_every=args.val_every,
+                      seed=args.seed)
+    command = "torchfpi " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("torchfpi") else ""
+    summary = train(Path(args.out), cfg, FlowConfig(max_iter=args.max_iter), data_root=root,
+                    resume=args.resume, quiet=args.quiet, command=command)
+    if not args.quiet:
+        b = summary["best"]
+        print(f"best synthetic validation EPE {b['val_epe']:.4f} at step {b['step']}: {Path(args.out) / 'best.pt'}")
+    return 0
+
+
+def run_flow(args: argparse.Namespace) -> int:
+    """Estimate the flow of one pair and write the requested outputs."""
+    import torch
+
+    from torchfpi.apps._common import UsageError
+    from torchfpi.apps.flow import _ops
+    from torchfpi.data.flo import write_flo, write_flow_png
+
+    if args.out is None and args.png is None:
+        raise UsageError("nothing to write: give --out FLOW.flo and/or --png FLOW.png")
+    if args.out is not None and not str(args.out).endswith(".flo"):
+        raise UsageError(f"--out: expected a path ending in .flo, got '{args.out}'")
+    f1 = _ops.to_grey_tensor(_ops.read_image(args.frame1))
+    f2 = _ops.to_grey_tensor(_ops.read_image(args.frame2))
+    _ops.check_pair(f1, f2)
+    with torch.no_grad():
+        if args.method == "horn_schunck":
+            from torchfpi.apps.flow.baselines import horn_schunck
+
+            flow, info = horn_schunck(f1, f2)
+        else:
+            from torchfpi.apps.flow.train import load_weights
+
+            weights = Path(args.weights) if args.weights else DEFAULT_WEIGHTS
+            if not weights.exists():
+                raise FileNotFoundError(2, "No such file or directory", str(weights))
+            flow, info = load_weights(weights)(f1, f2)
+    if args.out is not None:
+        write_flo(args.out, flow[0])
+    if args.png is not None:
+        write_flow_png(args.png, flow[0])
+    if not args.quiet:
+        mag = flow[0].norm(dim=0)
+        print(f"flow {tuple(flow.shape[-2:])}: mean |flow| {float(mag.mean()):.3f} px, max {float(mag.max()):.3f} px, "
+              f"{info['iterations']} fixed-point iterations over {info['solves']} solves")
+    return 0

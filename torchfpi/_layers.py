@@ -1,0 +1,397 @@
+"""The paper's two practical layers: FPI_NN (a network update) and FPI_GD (an energy's GD step)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchfpi._backward import Backward
+from torchfpi._diagnostics import spectral_radius
+from torchfpi._errors import ConvergenceWarning
+from torchfpi._partial import energy_grad
+from torchfpi._solution import Solution
+from torchfpi._solve import FPILayer, fixed_point
+
+_ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "elu": F.elu, "softplus": F.softplus}
+_OUT = {None: None, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+
+class _SpectralNorm(nn.Module):
+    """Spectral normalisation W / sigma(W) with a persistent power-iteration vector.
+
+    Unlike a parametrisation that reruns power iteration on every access, the estimate is
+    refreshed only when :meth:`normalized` is called (once per layer call), so the map stays
+    the same function across the iterations of one fixed-point solve.
+    """
+
+    def __init__(self, weight_shape: Tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("u", F.normalize(torch.randn(weight_shape[0]), dim=0))
+
+    def normalized(self, W: Tensor, refresh: bool) -> Tensor:
+        W2 = W.reshape(W.shape[0], -1)
+        if refresh:
+            with torch.no_grad():
+                v = F.normalize(W2.T @ self.u, dim=0)
+                self.u.copy_(F.normalize(W2 @ v, dim=0))
+        with torch.no_grad():
+            v = F.normalize(W2.T @ self.u, dim=0)
+        sigma = torch.dot(self.u, W2 @ v)
+        return W / sigma.clamp_min(1e-12)
+
+
+class MLPUpdate(nn.Module):
+    r"""MLP update on [x, z]: f(z, x) = out( W_o act(W_x x + gamma W_z z + b) + b_o ).
+
+    With ``spectral_norm=True``, ||W_z|| = ||W_o|| = 1, so Lip_z(f) <= gamma * Lip(act) *
+    Lip(out) < 1 for ``gamma < 1``: the update is a contraction by construction.
+
+    Args:
+        state_dim: size of z. input_dim: size of x. hidden: width.
+        gamma: contraction factor of the z pathway (0, 1].
+        activation: "relu", "tanh", "elu" or "softplus". out_activation: None, "sigmoid", "tanh".
+        spectral_norm: normalise W_z and W_o.
+
+    Shapes:
+        z: ``(B, state_dim)``, x: ``(B, input_dim)``.
+    """
+
+    def __init__(
+        self,
+        state_dim: int,
+        input_dim: int,
+        hidden: int = 256,
+        *,
+        gamma: float = 0.9,
+        activation: str = "relu",
+        out_activation: Optional[str] = None,
+        spectral_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        if out_activation not in _OUT:
+            raise ValueError(f"out_activation: expected None, 'sigmoid' or 'tanh', got {out_activation!r}")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma: expected a number in (0, 1], got {gamma!r}")
+        self.state_dim = state_dim
+        self.inp = nn.Linear(input_dim, hidden)
+        self.Wz = nn.Parameter(torch.randn(hidden, state_dim) / math.sqrt(state_dim))
+        self.out = nn.Linear(hidden, state_dim)
+        self.gamma = gamma
+        self.act = _ACTIVATIONS[activation]
+        self.out_act = _OUT[out_activation]
+        self.sn_z = _SpectralNorm((hidden, state_dim)) if spectral_norm else None
+        self.sn_o = _SpectralNorm((state_dim, hidden)) if spectral_norm else None
+
+    def init_state(self, x: Tensor) -> Tensor:
+        """Zero initial state ``(B, state_dim)``."""
+        return x.new_zeros(x.shape[0], self.state_dim)
+
+    def prepare(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Per-call constants: the injected input and the (normalised) weights."""
+        refresh = self.training and torch.is_grad_enabled()
+        Wz = self.sn_z.normalized(self.Wz, refresh) if self.sn_z is not None else self.Wz
+        Wo = self.sn_o.normalized(self.out.weight, refresh) if self.sn_o is not None else self.out.weight
+        return self.inp(x), Wz, Wo, self.out.bias
+
+    def step(self, z: Tensor, inj: Tensor, Wz: Tensor, Wo: Tensor, bo: Tensor) -> Tensor:
+        """One update from prepared constants (the fixed-point map)."""
+        h = self.act(inj + self.gamma * (z @ Wz.T))
+        y = F.linear(h, Wo, bo)
+        return y if self.out_act is None else self.out_act(y)
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        return self.step(z, *self.prepare(x))
+
+
+class ConvUpdate(nn.Module):
+    r"""Convolutional update for image-shaped states:
+    f(z, x) = conv_o( act( conv_x(x) + gamma conv_z(z) ) ), weights spectrally normalised
+    (as matrices; an approximation of the operator norm), ``z`` ``(B, C, H, W)``.
+
+    Args:
+        channels: C of z. input_channels: channels of x. hidden: hidden channels.
+        kernel_size: odd kernel size. gamma, activation, spectral_norm: as :class:`MLPUpdate`.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        input_channels: int,
+        hidden: int = 32,
+        *,
+        kernel_size: int = 3,
+        gamma: float = 0.9,
+        activation: str = "relu",
+        spectral_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size: expected an odd integer, got {kernel_size!r}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        self.channels = channels
+        self.pad = kernel_size // 2
+        self.inp = nn.Conv2d(input_channels, hidden, kernel_size, padding=self.pad)
+        self.Wz = nn.Parameter(torch.randn(hidden, channels, kernel_size, kernel_size) / (channels * kernel_size))
+        self.Wo = nn.Parameter(torch.randn(channels, hidden, kernel_size, kernel_size) / (hidden * kernel_size))
+        self.bo = nn.Parameter(torch.zeros(channels))
+        self.gamma = gamma
+        self.act = _ACTIVATIONS[activation]
+        self.sn_z = _SpectralNorm((hidden, channels)) if spectral_norm else None
+        self.sn_o = _SpectralNorm((channels, hidden)) if spectral_norm else None
+
+    def init_state(self, x: Tensor) -> Tensor:
+        """Zero initial state ``(B, channels, H, W)``."""
+        return x.new_zeros(x.shape[0], self.channels, *x.shape[2:])
+
+    def prepare(self, x: Tensor) -> Tuple[Tensor, ...]:
+        refresh = self.training and torch.is_grad_enabled()
+        Wz = self.sn_z.normalized(self.Wz, refresh) if self.sn_z is not None else self.Wz
+        Wo = self.sn_o.normalized(self.Wo, refresh) if self.sn_o is not None else self.Wo
+        return self.inp(x), Wz, Wo, self.bo
+
+    def step(self, z: Tensor, inj: Tensor, Wz: Tensor, Wo: Tensor, bo: Tensor) -> Tensor:
+        h = self.act(inj + self.gamma * F.conv2d(z, Wz, padding=self.pad))
+        return F.conv2d(h, Wo, bo, padding=self.pad)
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        return self.step(z, *self.prepare(x))
+
+
+class FPINN(FPILayer):
+    r"""FPI_NN: z* = update(z*, x), the update a small network of (z, x).
+
+    ``update`` is any module ``update(z, x) -> z_like``. Updates with ``prepare(x)`` and
+    ``step(z, *prepared)`` (as :class:`MLPUpdate`, :class:`ConvUpdate`) have their per-call
+    constants (injected input, normalised weights) computed once per solve instead of once per
+    iteration; with ``init_state(x)`` they also provide z0.
+
+    Args:
+        update: the update network.
+        **options: keyword options of :func:`torchfpi.fixed_point` (``solver``, ``backward``,
+            ``tol``, ``max_iter``, ...) and ``init``.
+
+    Shapes:
+        x: ``(B, ...)``; returns z* ``(B, ...)``.
+
+    Example:
+        >>> import torch, torchfpi
+        >>> layer = torchfpi.FPINN(torchfpi.MLPUpdate(4, 3, hidden=16), tol=1e-5)
+        >>> z = layer(torch.randn(8, 3)); z.shape
+        torch.Size([8, 4])
+    """
+
+    def __init__(
+        self,
+        update: nn.Module,
+        *,
+        init: Optional[Callable[..., Tensor]] = None,
+        solver: Union[str, object] = "fpi",
+        backward: Union[str, Backward] = "fpi",
+        tol: float = 1e-6,
+        max_iter: int = 100,
+        backward_tol: Optional[float] = None,
+        backward_max_iter: Optional[int] = None,
+        on_failure: str = "warn",
+        residual: str = "relative",
+        compact: bool = False,
+    ) -> None:
+        if init is None and hasattr(update, "init_state"):
+            init = update.init_state
+        super().__init__(
+            update,
+            init=init,
+            solver=solver,
+            backward=backward,
+            tol=tol,
+            max_iter=max_iter,
+            backward_tol=backward_tol,
+            backward_max_iter=backward_max_iter,
+            on_failure=on_failure,
+            residual=residual,
+            compact=compact,
+        )
+
+    def solve(self, *inputs: Any, z0: Optional[Tensor] = None) -> Solution:
+        update = self.f
+        if not (hasattr(update, "prepare") and hasattr(update, "step")):
+            return super().solve(*inputs, z0=z0)
+        if z0 is None:
+            if self.init is None:
+                raise ValueError("z0: this layer has no init function, so forward() needs z0=...")
+            z0 = self.init(*inputs)
+        prepared = update.prepare(*inputs)
+        sol = fixed_point(update.step, z0, *prepared, **self.options)
+        self.last_solution = sol
+        return sol
+
+
+Projection = Union[None, str, Callable[[Tensor], Tensor]]
+
+
+class FPIGD(FPILayer):
+    r"""FPI_GD: z* = P(z* - a grad_z E(z*, x; theta)), the minimiser of a learnable energy.
+
+    Each iteration is one (projected) gradient-descent step on ``energy``; training through
+    the layer uses the backward FPI, whose vector-Jacobian products are exact Hessian-vector
+    products of E (double backward through :func:`torchfpi.energy_grad`).
+
+    Args:
+        energy: ``energy(z, *inputs) -> (B,)``.
+        step_size: a > 0. The step contracts near z* iff the spectral radius of
+            I - a Hessian is < 1, e.g. a < 2 / L for an L-smooth convex energy.
+        learn_step_size: learn a (kept positive through a log parametrisation).
+        projection: None, ``"box"`` (clamp to ``box``) or a callable ``P(z) -> z``.
+        box: ``(low, high)`` bounds of the box projection.
+        record_energy: keep the energy of each forward iteration in ``energy_trace``.
+        init, solver, backward, tol, max_iter, backward_tol, backward_max_iter, on_failure,
+        residual, compact, batched: as :class:`FPILayer`.
+
+    Shapes:
+        inputs: whatever ``energy`` takes; z: ``(B, *S)``.
+
+    Example:
+        >>> import torch, torchfpi
+        >>> from torchfpi.energies import QuadraticEnergy
+        >>> layer = torchfpi.FPIGD(QuadraticEnergy(2, A=2 * torch.eye(2)), step_size=0.3,
+        ...                        init=lambda b: torch.zeros_like(b), tol=1e-8)
+        >>> layer(torch.tensor([[2.0, 4.0]]))            # A^{-1} b
+        tensor([[1., 2.]])
+    """
+
+    def __init__(
+        self,
+        energy: Callable[..., Tensor],
+        *,
+        step_size: float = 0.1,
+        learn_step_size: bool = False,
+        projection: Projection = None,
+        box: Tuple[float, float] = (0.0, 1.0),
+        record_energy: bool = False,
+        init: Optional[Callable[..., Tensor]] = None,
+        solver: Union[str, object] = "fpi",
+        backward: Union[str, Backward] = "fpi",
+        tol: float = 1e-6,
+        max_iter: int = 100,
+        backward_tol: Optional[float] = None,
+        backward_max_iter: Optional[int] = None,
+        on_failure: str = "warn",
+        residual: str = "relative",
+        compact: bool = False,
+        batched: bool = True,
+    ) -> None:
+        if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or step_size <= 0:
+            raise ValueError(f"step_size: expected a positive number, got {step_size!r}")
+        if not (projection is None or projection == "box" or callable(projection)):
+            raise ValueError(f"projection: expected None, 'box' or a callable, got {projection!r}")
+        if projection == "box" and not (len(box) == 2 and box[0] < box[1]):
+            raise ValueError(f"box: expected (low, high) with low < high, got {box!r}")
+        super().__init__(
+            self._gd_step,
+            init=init,
+            solver=solver,
+            backward=backward,
+            tol=tol,
+            max_iter=max_iter,
+            backward_tol=backward_tol,
+            backward_max_iter=backward_max_iter,
+            on_failure=on_failure,
+            residual=residual,
+            compact=compact,
+            batched=batched,
+        )
+        del self.f  # the map is the bound method below; keep the module tree clean
+        self.energy = energy
+        log_a = torch.tensor(math.log(step_size))
+        if learn_step_size:
+            self.log_step_size = nn.Parameter(log_a)
+        else:
+            self.register_buffer("log_step_size", log_a)
+        self.projection = projection
+        self.box = (float(box[0]), float(box[1]))
+        self.record_energy = record_energy
+        self._energies: Optional[List[Tensor]] = None
+        self.energy_trace: Optional[Tensor] = None
+
+    @property
+    def step_size(self) -> Tensor:
+        """The (positive) step size a."""
+        return self.log_step_size.exp()
+
+    def project(self, z: Tensor) -> Tensor:
+        """Apply the projection P."""
+        if self.projection is None:
+            return z
+        if self.projection == "box":
+            return z.clamp(self.box[0], self.box[1])
+        return self.projection(z)  # type: ignore[operator]
+
+    def _energy(self, z: Tensor, *inputs: Any) -> Tensor:
+        e = self.energy(z, *inputs)
+        if self._energies is not None and not torch.is_grad_enabled():
+            self._energies.append(e.detach())
+        return e
+
+    def _gd_step(self, z: Tensor, *inputs: Any) -> Tensor:
+        if self._energies is not None and not torch.is_grad_enabled():
+            with torch.enable_grad():
+                zz = z.detach().requires_grad_(True)
+                e = self.energy(zz, *inputs)
+                (g,) = torch.autograd.grad(e.sum(), zz)
+            self._energies.append(e.detach())
+        else:
+            g = energy_grad(self.energy, z, *inputs)
+        a = self.step_size.to(dtype=z.dtype)
+        return self.project(z - a * g)
+
+    def map(self, z: Tensor, *inputs: Any) -> Tensor:
+        """f(z, \\*inputs) = P(z - a grad_z E(z, \\*inputs))."""
+        return self._gd_step(z, *inputs)
+
+    def solve(self, *inputs: Any, z0: Optional[Tensor] = None) -> Solution:
+        if z0 is None:
+            if self.init is None:
+                raise ValueError("z0: this layer has no init function, so forward() needs z0=...")
+            z0 = self.init(*inputs)
+        self._energies = [] if self.record_energy else None
+        try:
+            sol = fixed_point(self._gd_step, z0, *inputs, **self.options)
+        finally:
+            energies, self._energies = self._energies, None
+        if energies:
+            sizes = {e.shape[0] for e in energies}
+            self.energy_trace = torch.stack(energies) if len(sizes) == 1 else None
+        self.last_solution = sol
+        return sol
+
+    def contraction_check(self, *inputs: Any, z: Optional[Tensor] = None, iters: int = 30) -> Tensor:
+        r"""Estimate the spectral radius of I - a grad^2 E at z (default: the last z*), per sample.
+
+        Warns (:class:`ConvergenceWarning`) when it is >= 1: the gradient step does not
+        contract there, and ``step_size`` should be lowered.
+
+        Returns:
+            ``(B,)`` estimates.
+        """
+        if z is None:
+            if self.last_solution is None:
+                raise ValueError("z: no solve has run yet; pass z=... or call the layer first")
+            z = self.last_solution.value  # type: ignore[assignment]
+        radius = spectral_radius(self._gd_step, z.detach(), *inputs, iters=iters)  # type: ignore[union-attr]
+        worst = float(radius.max())
+        if worst >= 1.0:
+            warnings.warn(
+                f"FPIGD: the gradient step is not contractive near z* (spectral radius of "
+                f"I - a*Hessian up to {worst:.3f} >= 1 with step_size={float(self.step_size):.3g}); "
+                "use a smaller step_size (below 2 / largest Hessian eigenvalue)",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return radius

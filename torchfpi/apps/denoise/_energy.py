@@ -1,0 +1,144 @@
+"""A Fields-of-Experts energy for grey images, with an exact analytic gradient.
+
+.. math::
+
+    E(z, y) = \\frac{\\lambda}{2} \\|z - y\\|^2
+              + \\sum_{k=1}^{K} \\sum_{p} \\phi_k\\big((w_k \\star z)_p\\big),
+    \\qquad
+    \\phi_k(x) = \\sum_{m=1}^{M} \\alpha_{km} \\log\\big(1 + x^2 / s_{km}^2\\big)
+
+``w_k`` are zero-mean ``k x k`` filters (initialised with the 2-D DCT basis without its DC atom),
+``\\star`` is a *valid* correlation (no padding: callers pad the image by reflection and crop
+afterwards, so the energy is exactly the one whose gradient is used), and ``\\phi_k`` is a learned
+mixture of Student-t (Lorentzian) penalties, the classic heavy-tailed image prior of the FoE /
+bilevel line of work (Roth & Black 2005; Chen, Pock et al. 2013). Weights ``\\alpha_{km} > 0``,
+scales ``s_{km} > 0`` and the data weight ``\\lambda > 0`` are stored as logarithms.
+
+The gradient is
+
+.. math::
+
+    \\nabla_z E = \\lambda (z - y) + \\sum_k w_k^{\\top} \\star \\phi_k'(w_k \\star z),
+    \\qquad \\phi_k'(x) = \\sum_m \\frac{2 \\alpha_{km} x}{s_{km}^2 + x^2},
+
+computed with one ``conv2d`` and one ``conv_transpose2d``; autograd differentiates it exactly
+(Hessian-vector products), which is what the backward fixed-point iteration needs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def dct_filters(size: int, count: int) -> Tensor:
+    """The ``count`` lowest-frequency 2-D DCT-II atoms of ``size x size`` without the DC atom.
+
+    Returns:
+        ``(count, 1, size, size)`` unit-norm, zero-mean filters.
+    """
+    n = torch.arange(size, dtype=torch.float64)
+    basis = []
+    for u in range(size):
+        cu = torch.cos(math.pi * (n + 0.5) * u / size)
+        basis.append(cu / cu.norm())
+    pairs = sorted(((u, v) for u in range(size) for v in range(size) if (u, v) != (0, 0)),
+                   key=lambda uv: (uv[0] + uv[1], max(uv), uv))
+    if count > len(pairs):
+        raise ValueError(f"count: at most {len(pairs)} DCT filters of size {size}, got {count}")
+    atoms = [torch.outer(basis[u], basis[v]) for u, v in pairs[:count]]
+    return torch.stack(atoms).unsqueeze(1).float()
+
+
+class FoEEnergy(nn.Module):
+    """Fields-of-Experts energy ``E(z, y)`` (see the module docstring for the equation).
+
+    Args:
+        n_filters: number of filters ``K``.
+        kernel_size: filter size ``k`` (odd).
+        n_mixture: Student-t terms per filter ``M``.
+        data_weight: initial ``\\lambda``.
+        penalty_weight: initial ``\\alpha`` of the first mixture term (later terms get a tenth).
+        penalty_scale: initial ``s`` of the first term (later terms are 4x wider each).
+
+    Shapes: ``z``, ``y``: ``(B, 1, H, W)`` with ``H, W >= kernel_size``; energy ``(B,)``.
+    """
+
+    def __init__(
+        self,
+        n_filters: int = 24,
+        kernel_size: int = 5,
+        n_mixture: int = 2,
+        data_weight: float = 1.0,
+        penalty_weight: float = 0.01,
+        penalty_scale: float = 0.05,
+    ) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1 or kernel_size < 3:
+            raise ValueError(f"kernel_size: expected an odd size >= 3, got {kernel_size}")
+        self.n_filters = int(n_filters)
+        self.kernel_size = int(kernel_size)
+        self.n_mixture = int(n_mixture)
+        self.weight = nn.Parameter(dct_filters(kernel_size, n_filters))
+        alpha = torch.full((n_filters, n_mixture), float(penalty_weight))
+        alpha[:, 1:] *= 0.1
+        scale = float(penalty_scale) * 4.0 ** torch.arange(n_mixture, dtype=torch.float32)
+        self.log_alpha = nn.Parameter(alpha.log())
+        self.log_scale = nn.Parameter(scale.log().expand(n_filters, n_mixture).clone())
+        self.log_data_weight = nn.Parameter(torch.tensor(math.log(data_weight)))
+
+    @property
+    def pad(self) -> int:
+        """Border lost by a valid correlation on each side (``kernel_size // 2``)."""
+        return self.kernel_size // 2
+
+    def filters(self) -> Tensor:
+        """Zero-mean filters ``(K, 1, k, k)``: a flat image costs nothing."""
+        return self.weight - self.weight.mean(dim=(2, 3), keepdim=True)
+
+    def _penalty_params(self) -> Tuple[Tensor, Tensor]:
+        """``alpha`` and ``s^2``, each ``(M, 1, K, 1, 1)`` so that ``[m]`` broadcasts on ``(B, K, H, W)``."""
+        shape = (self.n_mixture, 1, self.n_filters, 1, 1)
+        alpha = self.log_alpha.exp().t().reshape(shape)
+        scale2 = (2.0 * self.log_scale).exp().t().reshape(shape)
+        return alpha, scale2
+
+    def forward(self, z: Tensor, y: Tensor) -> Tensor:
+        """Energy per sample, ``(B,)``."""
+        lam = self.log_data_weight.exp()
+        r2 = F.conv2d(z, self.filters()).square()
+        alpha, scale2 = self._penalty_params()
+        prior = sum((alpha[m] * torch.log1p(r2 / scale2[m])).sum(dim=(1, 2, 3)) for m in range(self.n_mixture))
+        return 0.5 * lam * ((z - y) ** 2).sum(dim=(1, 2, 3)) + prior
+
+    def influence(self, r: Tensor) -> Tensor:
+        """``phi_k'(r)`` for responses ``r`` of shape ``(B, K, H', W')``."""
+        alpha, scale2 = self._penalty_params()
+        r2 = r * r
+        return sum(2.0 * alpha[m] * r / (scale2[m] + r2) for m in range(self.n_mixture))
+
+    def grad(self, z: Tensor, y: Tensor) -> Tensor:
+        """Exact ``grad_z E(z, y)``, ``(B, 1, H, W)``; differentiable (a node of the graph)."""
+        w = self.filters()
+        q = self.kernel_size - 1
+        # w^T: a grouped correlation with the flipped filters, summed over filters. This equals
+        # conv_transpose2d(influence, w) and is several times faster on CPU with oneDNN.
+        back = F.conv2d(F.pad(self.influence(F.conv2d(z, w)), (q, q, q, q)), w.flip(2, 3),
+                        groups=self.n_filters).sum(dim=1, keepdim=True)
+        return self.log_data_weight.exp() * (z - y) + back
+
+    @torch.no_grad()
+    def lipschitz_bound(self, grid: int = 64) -> float:
+        """Upper bound ``L`` of the Hessian's largest eigenvalue: ``lambda + max_w sum_k c_k |w_k^(w)|^2``.
+
+        ``c_k = max_x phi_k''(x) = sum_m 2 alpha_km / s_km^2``; the sum of ``c_k w_k^T w_k`` is a
+        convolution whose spectrum is evaluated on a ``grid x grid`` frequency grid.
+        """
+        w = self.filters()[:, 0]
+        spec = torch.fft.rfft2(w, s=(grid, grid)).abs() ** 2
+        curv = (2.0 * self.log_alpha.exp() / (2.0 * self.log_scale).exp()).sum(dim=1)
+        return float(self.log_data_weight.exp() + (curv.view(-1, 1, 1) * spec).sum(0).max())

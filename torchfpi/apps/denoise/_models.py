@@ -1,0 +1,146 @@
+"""The three learned denoisers: FPI_GD on an FoE energy, the same energy unrolled, and FPI_NN.
+
+All take a noisy image ``y`` of shape ``(B, 1, H, W)`` on the [0, 1] scale and return the estimate
+of the same shape. ``last_info`` holds the statistics of the last solve.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchfpi.apps.denoise._energy import FoEEnergy
+from torchfpi.apps.denoise._solve import SolveInfo, solve
+
+
+def _pad(y: Tensor, p: int) -> Tensor:
+    return F.pad(y, (p, p, p, p), mode="reflect") if p > 0 else y
+
+
+def _crop(z: Tensor, p: int) -> Tensor:
+    return z[..., p:-p, p:-p] if p > 0 else z
+
+
+class FPIGDDenoiser(nn.Module):
+    """FPI_GD: ``z* = z* - a grad_z E(z*, y)``, the minimiser of the FoE energy (implicit gradient).
+
+    The image is padded by reflection by ``kernel_size // 2`` pixels, the energy is minimised on
+    the padded domain (valid correlations, so the gradient is exact) and the border is cropped.
+    The step ``a = step_fraction / L`` uses the curvature bound ``L`` of
+    :meth:`FoEEnergy.lipschitz_bound`; it changes the speed, not the fixed point, so it is not a
+    trained parameter.
+    """
+
+    kind = "fpi_gd"
+
+    def __init__(self, energy: Optional[FoEEnergy] = None, step_fraction: float = 1.0,
+                 tol: float = 1e-3, max_iter: int = 100) -> None:
+        super().__init__()
+        self.energy = energy if energy is not None else FoEEnergy()
+        self.step_fraction = float(step_fraction)
+        self.tol = float(tol)
+        self.max_iter = int(max_iter)
+        self.last_info = SolveInfo(0.0, 0.0)
+
+    def step_size(self) -> float:
+        return self.step_fraction / self.energy.lipschitz_bound()
+
+    def update(self, z: Tensor, y: Tensor) -> Tensor:
+        """One gradient step ``f(z, y) = z - a grad_z E(z, y)``."""
+        return z - self._a * self.energy.grad(z, y)
+
+    def forward(self, y: Tensor, tol: Optional[float] = None, max_iter: Optional[int] = None) -> Tensor:
+        p = self.energy.pad
+        yp = _pad(y, p)
+        self._a = self.step_size()
+        z, info = solve(self.update, yp.detach().clone(), yp,
+                        tol=self.tol if tol is None else tol,
+                        max_iter=self.max_iter if max_iter is None else max_iter)
+        self.last_info = info
+        return _crop(z, p)
+
+
+class UnrolledDenoiser(nn.Module):
+    """TNRD-style baseline: ``T`` gradient steps on the same energy from ``z_0 = y``, backprop through all.
+
+    The step ``a = exp(log_step)`` is learned (the iterate is not a minimiser, so it matters).
+    """
+
+    kind = "unrolled"
+
+    def __init__(self, energy: Optional[FoEEnergy] = None, steps: int = 10) -> None:
+        super().__init__()
+        self.energy = energy if energy is not None else FoEEnergy()
+        self.steps = int(steps)
+        self.log_step = nn.Parameter(torch.tensor(math.log(1.0 / self.energy.lipschitz_bound())))
+        self.last_info = SolveInfo(float(self.steps), 0.0)
+
+    def forward(self, y: Tensor, tol: Optional[float] = None, max_iter: Optional[int] = None) -> Tensor:
+        p = self.energy.pad
+        yp = _pad(y, p)
+        z = yp
+        a = self.log_step.exp()
+        for _ in range(self.steps):
+            z = z - a * self.energy.grad(z, yp)
+        self.last_info = SolveInfo(float(self.steps), 0.0)
+        return _crop(z, p)
+
+
+class ConvUpdate(nn.Module):
+    """FPI_NN update for images: ``f(z, y) = y - R([z, y])`` with a small residual CNN ``R``.
+
+    ``R``: conv3x3(2->C), ReLU, (conv3x3(C->C), ReLU) x (depth-2), conv3x3(C->1), with
+    spectral normalisation on the hidden convolutions so that the map stays contractive in z.
+    """
+
+    def __init__(self, channels: int = 24, depth: int = 3) -> None:
+        super().__init__()
+        layers: list = [nn.Conv2d(2, channels, 3, padding=1, padding_mode="reflect"), nn.ReLU()]
+        for _ in range(depth - 2):
+            layers += [nn.utils.parametrizations.spectral_norm(
+                nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect")), nn.ReLU()]
+        layers.append(nn.Conv2d(channels, 1, 3, padding=1, padding_mode="reflect"))
+        self.net = nn.Sequential(*layers)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, z: Tensor, y: Tensor) -> Tensor:
+        return y - 0.5 * self.net(torch.cat([z, y], dim=1))
+
+
+class FPINNDenoiser(nn.Module):
+    """FPI_NN (deep-equilibrium denoiser): ``z* = y - R([z*, y])`` solved by Anderson, implicit gradient."""
+
+    kind = "fpi_nn"
+
+    def __init__(self, channels: int = 24, depth: int = 3, tol: float = 1e-3, max_iter: int = 50) -> None:
+        super().__init__()
+        self.update = ConvUpdate(channels, depth)
+        self.tol = float(tol)
+        self.max_iter = int(max_iter)
+        self.last_info = SolveInfo(0.0, 0.0)
+
+    def forward(self, y: Tensor, tol: Optional[float] = None, max_iter: Optional[int] = None) -> Tensor:
+        z, info = solve(self.update, y.detach().clone(), y,
+                        tol=self.tol if tol is None else tol,
+                        max_iter=self.max_iter if max_iter is None else max_iter)
+        self.last_info = info
+        return z
+
+
+MODELS = {"fpi_gd": FPIGDDenoiser, "unrolled": UnrolledDenoiser, "fpi_nn": FPINNDenoiser}
+
+
+def build_model(kind: str, config: Dict[str, Any]) -> nn.Module:
+    """Build a denoiser from its kind and a JSON-able configuration (as stored in checkpoints)."""
+    if kind not in MODELS:
+        raise ValueError(f"model: expected one of {sorted(MODELS)}, got '{kind}'")
+    cfg = dict(config)
+    if kind in ("fpi_gd", "unrolled"):
+        energy = FoEEnergy(**cfg.pop("energy", {}))
+        return MODELS[kind](energy, **cfg)
+    return MODELS[kind](**cfg)

@@ -1,0 +1,254 @@
+"""The four multi-label models, compared on the same features: MLP, SPEN, FPI_NN and FPI_GD.
+
+All four share the same unary network, the strong MLP ``D -> H -> L`` (input dropout, ReLU,
+hidden dropout) that produces label scores ``s(x)`` (logits). They differ in how the output
+logits ``z`` are inferred from ``s``:
+
+* ``mlp``: ``z = s``, independent labels.
+* ``spen``: ``z_T`` after ``T`` unrolled gradient steps on the label energy below, started at
+  ``z_0 = s``; trained by back-propagating through the ``T`` steps (the SPEN / DVN recipe).
+* ``fpi_gd``: the fixed point of the same gradient step, ``z* = z* - α ∇_z E(z*; s)``, found by
+  forward FPI and trained with the implicit gradient (backward FPI), via :class:`torchfpi.FPIGD`.
+* ``fpi_nn``: the fixed point of an update network on ``[h(x), σ(z)]``,
+  ``z* = s + W_b tanh(W_a σ(z*) + U h + b)``, spectrally normalised so that it contracts,
+  via :class:`torchfpi.FPINN`.
+
+The label energy (:class:`LabelEnergy`) lives on logits ``z ∈ R^L`` with ``y = σ(z)``:
+
+    E(z; s) = τ/2 ||z||² - <z, s> + Σ_k c_k softplus(C_k · σ(z) + b_k)
+
+The first two terms alone give ``z* = s / τ`` (the MLP when τ = 1); the third is SPEN's global
+label-interaction energy on the relaxed labels ``σ(z) ∈ (0, 1)``. Working on logits keeps every
+label differentiable (a box projection on ``y`` would zero the gradient of saturated labels) and
+lets the loss be the usual binary cross-entropy on ``z``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+MODELS = ("mlp", "spen", "fpi_nn", "fpi_gd")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and inference options of the multi-label models.
+
+    Attributes:
+        hidden: width of the unary MLP's hidden layer.
+        input_dropout, hidden_dropout: dropout rates of the unary MLP.
+        energy_hidden: number K of label-interaction units (rows of ``C``) of the energy.
+        update_hidden: width of FPI_NN's update network.
+        tau: weight of the quadratic term of the energy.
+        step_size: gradient step α of SPEN and FPI_GD.
+        unroll_steps: T, number of unrolled steps of SPEN.
+        tol, max_iter: forward fixed-point tolerance (relative residual) and iteration cap.
+        backward_tol, backward_max_iter: the same for the backward (adjoint) fixed point.
+    """
+
+    hidden: int = 1024
+    input_dropout: float = 0.3
+    hidden_dropout: float = 0.5
+    energy_hidden: int = 16
+    update_hidden: int = 128
+    tau: float = 1.0
+    step_size: float = 0.5
+    unroll_steps: int = 10
+    tol: float = 1e-4
+    max_iter: int = 50
+    backward_tol: float = 1e-4
+    backward_max_iter: int = 50
+
+
+class UnaryMLP(nn.Module):
+    """Label scores ``s(x)``: ``Linear(D, H) -> ReLU -> Dropout -> Linear(H, L)``, input dropout.
+
+    ``forward(x)`` returns ``(s, h)`` with ``s`` of shape ``(B, L)`` and the hidden features
+    ``h`` of shape ``(B, H)`` (after dropout).
+    """
+
+    def __init__(self, num_features: int, num_labels: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_dropout = nn.Dropout(cfg.input_dropout)
+        self.hidden = nn.Linear(num_features, cfg.hidden)
+        self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.out = nn.Linear(cfg.hidden, num_labels)
+
+    def forward(self, x: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+        h = self.hidden_dropout(torch.relu(self.hidden(self.input_dropout(x))))
+        return self.out(h), h
+
+
+class LabelEnergy(nn.Module):
+    """``E(z; s) = τ/2 ||z||² - <z, s> + Σ_k c_k softplus(C_k · σ(z) + b_k)``, one value per sample.
+
+    Args:
+        num_labels: L.
+        hidden: K, the number of label-interaction units.
+        tau: τ > 0, the weight of the quadratic term (it keeps the gradient step contractive).
+
+    Shapes: ``z`` and ``s`` are ``(B, L)``; the result is ``(B,)``.
+    """
+
+    def __init__(self, num_labels: int, hidden: int = 16, tau: float = 1.0) -> None:
+        super().__init__()
+        if tau <= 0:
+            raise ValueError(f"LabelEnergy: tau must be > 0, got {tau}")
+        self.tau = tau
+        self.C = nn.Linear(num_labels, hidden)
+        self.c = nn.Parameter(torch.zeros(hidden))
+        nn.init.normal_(self.C.weight, std=0.1)
+        nn.init.zeros_(self.C.bias)
+
+    def forward(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        y = torch.sigmoid(z)
+        global_term = torch.nn.functional.softplus(self.C(y)) @ self.c
+        return 0.5 * self.tau * (z * z).sum(1) - (z * s).sum(1) + global_term
+
+
+def energy_grad(energy: nn.Module, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``∇_z E(z; s)``, differentiable (a node of the graph) when grad mode is on."""
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        zz = z if z.requires_grad else z.detach().requires_grad_(True)
+        e = energy(zz, s).sum()
+        (g,) = torch.autograd.grad(e, zz, create_graph=create)
+    return g
+
+
+class _LocalSolution:
+    """Minimal stand-in of :class:`torchfpi.Solution`, used only while the core lacks FPIGD/FPINN."""
+
+    def __init__(self, value: torch.Tensor, iterations: torch.Tensor, converged: torch.Tensor) -> None:
+        self.value = value
+        self.iterations = iterations
+        self.converged = converged
+        self.backward: Optional[Dict[str, Any]] = None
+
+
+def _local_fixed_point(f, z0: torch.Tensor, cfg: ModelConfig) -> _LocalSolution:
+    """Forward FPI without graph, implicit backward by FPI on VJPs (fallback implementation)."""
+    batch = z0.shape[0]
+    iters = torch.zeros(batch, dtype=torch.int64)
+    done = torch.zeros(batch, dtype=torch.bool)
+    z = z0.detach()
+    with torch.no_grad():
+        for _ in range(cfg.max_iter):
+            fz = f(z)
+            res = (fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-8)
+            iters += (~done).long()
+            done |= (res < cfg.tol).cpu()
+            z = fz
+            if bool(done.all()):
+                break
+    if not torch.is_grad_enabled():
+        return _LocalSolution(z, iters, done)
+    z_star = z.detach().requires_grad_(True)
+    out = f(z_star)
+    sol = _LocalSolution(out, iters, done)
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        u = grad
+        k = 0
+        for k in range(1, cfg.backward_max_iter + 1):
+            (vjp,) = torch.autograd.grad(out, z_star, u, retain_graph=True)
+            u_new = grad + vjp
+            res = float((u_new - u).norm() / (u_new.norm() + 1e-12))
+            u = u_new
+            if res < cfg.backward_tol:
+                break
+        sol.backward = {"iterations": k}
+        return u
+
+    if out.requires_grad:
+        out.register_hook(hook)
+    return sol
+
+
+def _has_core_layers() -> bool:
+    import torchfpi
+
+    return hasattr(torchfpi, "FPIGD") and hasattr(torchfpi, "FPINN")
+
+
+class MultiLabelModel(nn.Module):
+    """One of ``mlp``, ``spen``, ``fpi_nn``, ``fpi_gd`` (see the module docstring).
+
+    ``forward(x)`` takes ``(B, D)`` features and returns ``(B, L)`` logits; after a forward in a
+    structured model, ``self.last_solution`` holds the solver's statistics (iteration counts, and
+    after ``backward()`` the backward solve's statistics) for logging only.
+    """
+
+    def __init__(self, kind: str, num_features: int, num_labels: int, cfg: Optional[ModelConfig] = None) -> None:
+        super().__init__()
+        if kind not in MODELS:
+            raise ValueError(f"model: expected one of {MODELS}, got '{kind}'")
+        self.kind = kind
+        self.cfg = cfg = cfg or ModelConfig()
+        self.unary = UnaryMLP(num_features, num_labels, cfg)
+        self.last_solution: Any = None
+        self.use_core = False
+        if kind in ("spen", "fpi_gd"):
+            self.energy = LabelEnergy(num_labels, cfg.energy_hidden, cfg.tau)
+        if kind == "fpi_nn":
+            sn = nn.utils.parametrizations.spectral_norm
+            self.w_a = sn(nn.Linear(num_labels, cfg.update_hidden, bias=False))
+            self.w_b = sn(nn.Linear(cfg.update_hidden, num_labels, bias=False))
+            self.u = nn.Linear(cfg.hidden, cfg.update_hidden)
+            # Lipschitz constant of the update in z is at most gain/4 (σ' <= 1/4, ||W|| <= 1).
+            self.gain_logit = nn.Parameter(torch.tensor(0.0))
+        self.use_core = kind in ("fpi_gd", "fpi_nn") and _has_core_layers()
+        if self.use_core:
+            self._build_core_layer()
+
+    # -- FPI_NN update -------------------------------------------------------------------
+    def _gain(self) -> torch.Tensor:
+        return 3.6 * torch.sigmoid(self.gain_logit)  # < 4: the update contracts by construction
+
+    def _nn_update(self, z: torch.Tensor, s: torch.Tensor, hu: torch.Tensor) -> torch.Tensor:
+        return s + self._gain() * self.w_b(torch.tanh(self.w_a(torch.sigmoid(z)) + hu))
+
+    def _gd_update(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return z - self.cfg.step_size * energy_grad(self.energy, z, s)
+
+    def _build_core_layer(self) -> None:
+        import torchfpi
+
+        opts = dict(
+            tol=self.cfg.tol,
+            max_iter=self.cfg.max_iter,
+            backward_tol=self.cfg.backward_tol,
+            backward_max_iter=self.cfg.backward_max_iter,
+            on_failure="ignore",
+        )
+        if self.kind == "fpi_gd":
+            self.layer = torchfpi.FPIGD(self.energy, step_size=self.cfg.step_size, **opts)
+        else:
+            self.layer = torchfpi.FPINN(self._nn_update, **opts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, h = self.unary(x)
+        if self.kind == "mlp":
+            return s
+        if self.kind == "spen":
+            z = s
+            for _ in range(self.cfg.unroll_steps):
+                z = self._gd_update(z, s)
+            return z
+        if self.kind == "fpi_gd":
+            if self.use_core:
+                sol = self.layer(s, z0=s.detach(), return_solution=True)
+            else:
+                sol = _local_fixed_point(lambda z: self._gd_update(z, s), s.detach(), self.cfg)
+        else:
+            hu = self.u(h)
+            if self.use_core:
+                sol = self.layer(s, hu, z0=s.detach(), return_solution=True)
+            else:
+                sol = _local_fixed_point(lambda z: self._nn_update(z, s, hu), s.detach(), self.cfg)
+        self.last_solution = sol
+        return sol.value

@@ -1,0 +1,296 @@
+"""Training loop of the multi-label models: validation-based threshold and early stopping,
+atomic checkpoints with resume, per-epoch timing and fixed-point iteration counts.
+
+The test split is evaluated exactly once, at the end, with the weights and the threshold that
+were best on the validation split.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from torchfpi.apps._common import (
+    UsageError,
+    atomic_torch_save,
+    finite_or_raise,
+    machine_info,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from torchfpi.apps.multilabel.metrics import best_threshold, example_f1
+from torchfpi.apps.multilabel.models import MODELS, ModelConfig, MultiLabelModel
+
+
+@dataclass
+class TrainConfig:
+    """Options of one training run (one dataset, one model, one seed).
+
+    Attributes:
+        dataset: ``bibtex``, ``delicious`` or ``bookmarks``.
+        model: one of :data:`MODELS`.
+        seed: training seed (weights, dropout, batch order).
+        epochs: maximum number of epochs.
+        patience: stop after this many epochs without a better validation F1.
+        batch_size, lr, weight_decay: Adam options.
+        val_fraction, split_seed: the validation split carved from the training set.
+        pretrain_epochs: structured models first train their unary MLP alone for this many
+            epochs (0: train end-to-end from scratch).
+        device: torch device string.
+        model_cfg: architecture and solver options.
+    """
+
+    dataset: str = "bibtex"
+    model: str = "fpi_gd"
+    seed: int = 0
+    epochs: int = 40
+    patience: int = 6
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    pretrain_epochs: int = 0
+    device: str = "cpu"
+    model_cfg: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> None:
+        if self.model not in MODELS:
+            raise UsageError(f"--model: expected one of {list(MODELS)}, got '{self.model}'")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
+        if self.patience < 1:
+            raise UsageError(f"--patience: expected >= 1, got {self.patience}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr: expected > 0, got {self.lr}")
+        if self.pretrain_epochs < 0:
+            raise UsageError(f"--pretrain-epochs: expected >= 0, got {self.pretrain_epochs}")
+
+
+@dataclass
+class Splits:
+    """Tensors of the train / validation / test splits (features float32, labels 0/1)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def make_splits(train: Any, test: Any, val_fraction: float = 0.1, split_seed: int = 0) -> Splits:
+    """Carve a fixed-seed validation split out of ``train`` (two :class:`MultiLabelData`)."""
+    from torchfpi.data import train_val_split
+
+    tr, va = train_val_split(len(train), val_fraction, split_seed)
+    xf = torch.from_numpy(train.features)
+    yf = torch.from_numpy(train.labels)
+    return Splits(
+        xf[tr], yf[tr], xf[va], yf[va], torch.from_numpy(test.features), torch.from_numpy(test.labels)
+    )
+
+
+@torch.no_grad()
+def predict(model: MultiLabelModel, x: torch.Tensor, batch_size: int = 512) -> Dict[str, Any]:
+    """Probabilities ``σ(z)`` of ``x`` in eval mode, with the mean forward iteration count."""
+    model.eval()
+    probs: List[torch.Tensor] = []
+    iters: List[float] = []
+    dev = next(model.parameters()).device
+    for i in range(0, x.shape[0], batch_size):
+        z = model(x[i : i + batch_size].to(dev))
+        probs.append(torch.sigmoid(z).cpu())
+        if model.last_solution is not None and model.kind in ("fpi_gd", "fpi_nn"):
+            iters.append(float(model.last_solution.iterations.float().mean()))
+    return {"prob": torch.cat(probs), "forward_iterations": float(np.mean(iters)) if iters else None}
+
+
+def _backward_iterations(sol: Any) -> Optional[float]:
+    bwd = getattr(sol, "backward", None)
+    if bwd is None:
+        return None
+    if isinstance(bwd, dict):
+        it = bwd.get("iterations")
+    else:
+        it = getattr(bwd, "iterations", None)
+    if it is None:
+        return None
+    return float(torch.as_tensor(it).float().mean())
+
+
+def train_multilabel(
+    cfg: TrainConfig,
+    splits: Splits,
+    *,
+    checkpoint: Optional[Path] = None,
+    resume: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+    max_steps: Optional[int] = None,
+) -> Dict[str, Any]:
+    """Train one model, select epoch and threshold on validation, evaluate the test split once.
+
+    Args:
+        cfg: the run's options.
+        splits: data (see :func:`make_splits`).
+        checkpoint: file for atomic checkpoints after every epoch (and the best weights next to
+            it as ``<name>.best.pt``); None: no checkpoints.
+        resume: continue from ``checkpoint`` if it exists.
+        progress: show a tqdm bar over the batches.
+        log: where one line per epoch goes.
+        max_steps: stop after this many optimiser steps in total (tests and smoke runs).
+
+    Returns:
+        A JSON-able dict: test F1 (%), validation F1, chosen threshold and epoch, per-epoch
+        history (loss, validation F1, seconds, forward/backward iterations), timings.
+    """
+    cfg.validate()
+    gen = seed_everything(cfg.seed)
+    dev = torch.device(cfg.device)
+    model = MultiLabelModel(cfg.model, splits.x_train.shape[1], splits.y_train.shape[1], cfg.model_cfg).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: List[Dict[str, Any]] = []
+    best: Dict[str, Any] = {"val_f1": -1.0, "epoch": -1, "threshold": 0.5}
+    start_epoch = 0
+    step = 0
+    best_path = checkpoint.with_suffix(".best.pt") if checkpoint is not None else None
+    best_state: Optional[Dict[str, torch.Tensor]] = None
+    if resume and checkpoint is not None and checkpoint.exists():
+        ck = torch.load(checkpoint, map_location=dev, weights_only=False)
+        if ck.get("config") != asdict(cfg):
+            raise UsageError(
+                f"--resume: the checkpoint '{checkpoint}' was written with other options; "
+                "use the same options or another --checkpoint-dir"
+            )
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        set_rng_state(ck["rng"])
+        gen.set_state(ck["generator"])
+        history, best, start_epoch, step = ck["history"], ck["best"], ck["epoch"] + 1, ck["step"]
+        if best_path is not None and best_path.exists():
+            best_state = torch.load(best_path, map_location=dev, weights_only=True)
+        log(f"resumed from {checkpoint} at epoch {start_epoch}")
+
+    tqdm = None
+    if progress:
+        from tqdm import tqdm  # type: ignore[no-redef]
+
+    n = splits.x_train.shape[0]
+    bad_epochs = sum(1 for h in history if h["epoch"] > best["epoch"])
+    for epoch in range(start_epoch, cfg.epochs):
+        if bad_epochs >= cfg.patience or (max_steps is not None and step >= max_steps):
+            break
+        model.train()
+        pretraining = cfg.model != "mlp" and epoch < cfg.pretrain_epochs
+        perm = torch.randperm(n, generator=gen)
+        batches = range(0, n, cfg.batch_size)
+        bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, file=sys.stderr) if tqdm else batches
+        t0 = time.perf_counter()
+        loss_sum, fwd, bwd = 0.0, [], []
+        for i in bar:
+            idx = perm[i : i + cfg.batch_size]
+            x, y = splits.x_train[idx].to(dev), splits.y_train[idx].to(dev)
+            if pretraining:
+                z = model.unary(x)[0]
+            else:
+                z = model(x)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y)
+            finite_or_raise(loss.detach(), f"training loss at epoch {epoch}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sum += float(loss.detach()) * len(idx)
+            sol = model.last_solution if (model.kind in ("fpi_gd", "fpi_nn") and not pretraining) else None
+            if sol is not None:
+                fwd.append(float(sol.iterations.float().mean()))
+                b = _backward_iterations(sol)
+                if b is not None:
+                    bwd.append(b)
+            if max_steps is not None and step >= max_steps:
+                break
+        epoch_s = time.perf_counter() - t0
+        val = predict(model, splits.x_val)
+        th, vf1 = best_threshold(val["prob"], splits.y_val)
+        rec = {
+            "epoch": epoch,
+            "loss": loss_sum / n,
+            "val_f1": 100 * vf1,
+            "threshold": th,
+            "epoch_s": epoch_s,
+            "pretraining": pretraining,
+            "train_forward_iterations": float(np.mean(fwd)) if fwd else None,
+            "train_backward_iterations": float(np.mean(bwd)) if bwd else None,
+            "val_forward_iterations": val["forward_iterations"],
+        }
+        history.append(rec)
+        # Pretraining epochs of the unary net are not candidates for the structured model.
+        if not pretraining and vf1 > best["val_f1"]:
+            best = {"val_f1": vf1, "epoch": epoch, "threshold": th}
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if best_path is not None:
+                atomic_torch_save(best_state, best_path)
+            bad_epochs = 0
+        elif not pretraining:
+            bad_epochs += 1
+        log(
+            f"[{cfg.dataset}/{cfg.model}/seed {cfg.seed}] epoch {epoch:3d} loss {rec['loss']:.4f} "
+            f"val F1 {rec['val_f1']:.2f} (th {th:.2f}) {epoch_s:.1f}s"
+            + (f" fwd it {rec['train_forward_iterations']:.1f}" if rec["train_forward_iterations"] else "")
+            + (f" bwd it {rec['train_backward_iterations']:.1f}" if rec["train_backward_iterations"] else "")
+            + (" [pretrain]" if pretraining else "")
+        )
+        if checkpoint is not None:
+            atomic_torch_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "rng": rng_state(),
+                    "generator": gen.get_state(),
+                    "epoch": epoch,
+                    "step": step,
+                    "history": history,
+                    "best": best,
+                    "config": asdict(cfg),
+                },
+                checkpoint,
+            )
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    test = predict(model, splits.x_test)
+    test_f1 = float(example_f1(test["prob"] >= best["threshold"], splits.y_test).mean())
+    trained = [h for h in history if not h["pretraining"]]
+    return {
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "test_f1": 100 * test_f1,
+        "val_f1": 100 * best["val_f1"] if best["val_f1"] >= 0 else None,
+        "threshold": best["threshold"],
+        "best_epoch": best["epoch"],
+        "epochs_run": len(history),
+        "epoch_s_mean": float(np.mean([h["epoch_s"] for h in trained])) if trained else math.nan,
+        "train_forward_iterations": _mean_or_none([h["train_forward_iterations"] for h in trained]),
+        "train_backward_iterations": _mean_or_none([h["train_backward_iterations"] for h in trained]),
+        "test_forward_iterations": test["forward_iterations"],
+        "history": history,
+        "config": asdict(cfg),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "machine": machine_info(),
+    }
+
+
+def _mean_or_none(values: List[Optional[float]]) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None

@@ -1,0 +1,177 @@
+"""Datasets of the applications: multi-label ARFF sets (Bibtex, Delicious, Bookmarks).
+
+``load_multilabel(name, split)`` is the one entry point. Bibtex is also embedded in the package
+(``_embedded/bibtex.npz``, binary features and labels as compressed sparse rows, about 1 MB), so
+``torchfpi demo`` and the tests need no data root; the embedded copy is checked to be identical to
+the ARFF files (tests/test_arff.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+
+from torchfpi.apps._common import DataError, UsageError, data_root
+from torchfpi.data.arff import MultiLabelData, read_arff, read_label_names
+
+PathLike = Union[str, Path]
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "_embedded"
+EMBEDDED_BIBTEX = EMBEDDED_DIR / "bibtex.npz"
+
+#: name -> (sub-folder of ``<data root>/multilabel``, file stem, number of labels, sizes)
+MULTILABEL_DATASETS: Dict[str, Dict[str, object]] = {
+    "bibtex": {"folder": "bibtex", "stem": "bibtex", "num_labels": 159, "num_features": 1836},
+    "delicious": {"folder": "delicious", "stem": "delicious", "num_labels": 983, "num_features": 500},
+    "bookmarks": {"folder": "bookmarks", "stem": "bookmarks", "num_labels": 208, "num_features": 2150},
+}
+
+SPLITS = ("train", "test")
+
+__all__ = [
+    "MULTILABEL_DATASETS",
+    "MultiLabelData",
+    "load_embedded_bibtex",
+    "load_multilabel",
+    "read_arff",
+    "read_label_names",
+    "train_val_split",
+    "write_embedded_bibtex",
+]
+
+
+def _arff_paths(name: str, root: Path) -> Tuple[Path, Path, Path]:
+    info = MULTILABEL_DATASETS[name]
+    folder = root / "multilabel" / str(info["folder"])
+    if not folder.is_dir():  # also accept a root that is the dataset folder itself
+        folder = root / str(info["folder"]) if (root / str(info["folder"])).is_dir() else root
+    stem = str(info["stem"])
+    return folder / f"{stem}-train.arff", folder / f"{stem}-test.arff", folder / f"{stem}.xml"
+
+
+def load_multilabel(
+    name: str,
+    split: str,
+    *,
+    root: Optional[PathLike] = None,
+    path: Optional[PathLike] = None,
+) -> MultiLabelData:
+    """Load one split of a multi-label dataset.
+
+    Resolution order: an explicit ``path`` to an ARFF file; else the ARFF files under the data
+    root (``root``, ``$TORCHFPI_DATA`` or ``../shared/data``, then ``multilabel/<name>/``); else,
+    for Bibtex only, the embedded copy. Bookmarks is not shipped: pass ``path`` (its MULAN file
+    ``bookmarks.arff`` holds all rows; split it yourself) or place ``bookmarks-{train,test}.arff``
+    under the data root.
+
+    Args:
+        name: ``"bibtex"``, ``"delicious"`` or ``"bookmarks"``.
+        split: ``"train"`` or ``"test"`` (ignored when ``path`` is given).
+        root: data root (see :func:`torchfpi.apps._common.data_root`).
+        path: an ARFF file to read instead of the standard layout.
+
+    Raises:
+        UsageError: unknown ``name`` or ``split``.
+        DataError: no file found, or a malformed file.
+    """
+    if name not in MULTILABEL_DATASETS:
+        raise UsageError(f"--dataset: expected one of {sorted(MULTILABEL_DATASETS)}, got '{name}'")
+    if split not in SPLITS:
+        raise UsageError(f"split: expected one of {SPLITS}, got '{split}'")
+    num_labels = int(MULTILABEL_DATASETS[name]["num_labels"])  # type: ignore[arg-type]
+    if path is not None:
+        path = Path(path)
+        xml = path.with_suffix(".xml")
+        if xml.is_file():
+            return read_arff(path, label_names=read_label_names(xml))
+        return read_arff(path, num_labels=num_labels)
+    try:
+        base = data_root(root)
+    except DataError:
+        if root is None and name == "bibtex":
+            return load_embedded_bibtex(split)
+        raise
+    train_path, test_path, xml = _arff_paths(name, base)
+    arff_path = train_path if split == "train" else test_path
+    if not arff_path.is_file():
+        if root is None and name == "bibtex":
+            return load_embedded_bibtex(split)
+        raise DataError(
+            f"{name} {split} split: '{arff_path}' does not exist"
+            + (" (Bookmarks is not shipped: pass its ARFF file with --arff PATH)" if name == "bookmarks" else "")
+        )
+    if xml.is_file():
+        return read_arff(arff_path, label_names=read_label_names(xml))
+    return read_arff(arff_path, num_labels=num_labels)
+
+
+def load_embedded_bibtex(split: str) -> MultiLabelData:
+    """The Bibtex split embedded in the package (identical to the MULAN ARFF files)."""
+    if split not in SPLITS:
+        raise UsageError(f"split: expected one of {SPLITS}, got '{split}'")
+    if not EMBEDDED_BIBTEX.is_file():
+        raise DataError(f"the embedded Bibtex file '{EMBEDDED_BIBTEX}' is missing from the package")
+    with np.load(EMBEDDED_BIBTEX, allow_pickle=False) as z:
+        features = _csr_to_dense(z[f"{split}_x_indptr"], z[f"{split}_x_indices"], int(z["num_features"]))
+        labels = _csr_to_dense(z[f"{split}_y_indptr"], z[f"{split}_y_indices"], int(z["num_labels"]))
+        feature_names = [str(s) for s in z["feature_names"]]
+        label_names = [str(s) for s in z["label_names"]]
+    return MultiLabelData(features, labels, feature_names, label_names)
+
+
+def _csr_to_dense(indptr: np.ndarray, indices: np.ndarray, width: int) -> np.ndarray:
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    out = np.zeros((len(indptr) - 1, width), dtype=np.float32)
+    out[rows, indices.astype(np.int64)] = 1.0
+    return out
+
+
+def _dense_to_csr(a: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    if not np.isin(a, (0.0, 1.0)).all():
+        raise DataError("only binary matrices can be embedded")
+    rows, cols = np.nonzero(a)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=a.shape[0]))]).astype(np.int32)
+    return indptr, cols.astype(np.int16)
+
+
+def write_embedded_bibtex(root: Optional[PathLike] = None, out: PathLike = EMBEDDED_BIBTEX) -> Path:
+    """Rebuild ``_embedded/bibtex.npz`` from the ARFF files under the data root."""
+    arrays: Dict[str, np.ndarray] = {}
+    names = None
+    for split in SPLITS:
+        data = load_multilabel("bibtex", split, root=root if root is not None else data_root(None))
+        arrays[f"{split}_x_indptr"], arrays[f"{split}_x_indices"] = _dense_to_csr(data.features)
+        arrays[f"{split}_y_indptr"], arrays[f"{split}_y_indices"] = _dense_to_csr(data.labels)
+        names = data
+    assert names is not None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        out,
+        num_features=np.int64(names.num_features),
+        num_labels=np.int64(names.num_labels),
+        feature_names=np.asarray(names.feature_names),
+        label_names=np.asarray(names.label_names),
+        **arrays,
+    )
+    return out
+
+
+def train_val_split(num: int, val_fraction: float = 0.1, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """A fixed-seed random split of ``range(num)`` into (train, validation) index arrays.
+
+    The seed is the split's own (default 0), independent of the training seed, so that every model
+    and every training seed sees the same validation rows.
+
+    Raises:
+        UsageError: if ``val_fraction`` is not in (0, 1) or leaves an empty part.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"--val-fraction: expected a number in (0, 1), got {val_fraction}")
+    num_val = int(round(num * val_fraction))
+    if num_val < 1 or num_val >= num:
+        raise UsageError(f"--val-fraction {val_fraction} leaves an empty split of {num} rows")
+    perm = np.random.default_rng(seed).permutation(num)
+    return np.sort(perm[num_val:]), np.sort(perm[:num_val])
