@@ -114,6 +114,9 @@ def read_arff(
         raise DataError(f"{path}: malformed ARFF: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not a UTF-8 text ARFF file ({exc})") from exc
+    except (ValueError, IndexError, KeyError) as exc:
+        # liac-arff lets a few malformed header lines escape as bare Python errors.
+        raise DataError(f"{path}: malformed ARFF header or data ({type(exc).__name__}: {exc})") from exc
 
     attributes = [name for name, _ in parsed["attributes"]]
     num_attr = len(attributes)

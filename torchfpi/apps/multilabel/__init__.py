@@ -7,7 +7,13 @@ carved from the training set and evaluates the test split once. Metrics in :mod:
 
 from torchfpi.apps.multilabel.metrics import best_threshold, example_f1, mean_example_f1
 from torchfpi.apps.multilabel.models import MODELS, LabelEnergy, ModelConfig, MultiLabelModel
-from torchfpi.apps.multilabel.train import Splits, TrainConfig, make_splits, predict, train_multilabel
+from torchfpi.apps.multilabel.train import (
+    Splits,
+    TrainConfig,
+    make_splits,
+    predict,
+    train_multilabel,
+)
 
 __all__ = [
     "MODELS",

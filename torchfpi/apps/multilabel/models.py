@@ -26,7 +26,7 @@ lets the loss be the usual binary cross-entropy on ``z``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -42,6 +42,8 @@ class ModelConfig:
         hidden: width of the unary MLP's hidden layer.
         input_dropout, hidden_dropout: dropout rates of the unary MLP.
         energy_hidden: number K of label-interaction units (rows of ``C``) of the energy.
+        energy_condition: add ``U h(x)`` to the interaction units' bias (x-dependent energy).
+        energy_init_scale: scale of the random initial weights ``c`` of the interaction units.
         update_hidden: width of FPI_NN's update network.
         tau: weight of the quadratic term of the energy.
         step_size: gradient step α of SPEN and FPI_GD.
@@ -54,9 +56,11 @@ class ModelConfig:
     input_dropout: float = 0.3
     hidden_dropout: float = 0.5
     energy_hidden: int = 16
+    energy_condition: bool = False
+    energy_init_scale: float = 0.0
     update_hidden: int = 128
     tau: float = 1.0
-    step_size: float = 0.5
+    step_size: float = 1.0
     unroll_steps: int = 10
     tol: float = 1e-4
     max_iter: int = 50
@@ -78,7 +82,7 @@ class UnaryMLP(nn.Module):
         self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
         self.out = nn.Linear(cfg.hidden, num_labels)
 
-    def forward(self, x: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.hidden_dropout(torch.relu(self.hidden(self.input_dropout(x))))
         return self.out(h), h
 
@@ -94,85 +98,31 @@ class LabelEnergy(nn.Module):
     Shapes: ``z`` and ``s`` are ``(B, L)``; the result is ``(B,)``.
     """
 
-    def __init__(self, num_labels: int, hidden: int = 16, tau: float = 1.0) -> None:
+    def __init__(self, num_labels: int, hidden: int = 16, tau: float = 1.0, init_scale: float = 0.0) -> None:
         super().__init__()
         if tau <= 0:
             raise ValueError(f"LabelEnergy: tau must be > 0, got {tau}")
         self.tau = tau
         self.C = nn.Linear(num_labels, hidden)
-        self.c = nn.Parameter(torch.zeros(hidden))
+        self.c = nn.Parameter(init_scale * torch.randn(hidden) / hidden**0.5)
         nn.init.normal_(self.C.weight, std=0.1)
         nn.init.zeros_(self.C.bias)
 
-    def forward(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, s: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = torch.sigmoid(z)
-        global_term = torch.nn.functional.softplus(self.C(y)) @ self.c
+        pre = self.C(y) if bias is None else self.C(y) + bias
+        global_term = torch.nn.functional.softplus(pre) @ self.c
         return 0.5 * self.tau * (z * z).sum(1) - (z * s).sum(1) + global_term
 
 
-def energy_grad(energy: nn.Module, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``∇_z E(z; s)``, differentiable (a node of the graph) when grad mode is on."""
+def energy_grad(energy: nn.Module, z: torch.Tensor, *inputs: Any) -> torch.Tensor:
+    """``∇_z E(z; inputs)`` for the unrolled SPEN, a node of the graph when grad mode is on."""
     create = torch.is_grad_enabled()
     with torch.enable_grad():
         zz = z if z.requires_grad else z.detach().requires_grad_(True)
-        e = energy(zz, s).sum()
+        e = energy(zz, *inputs).sum()
         (g,) = torch.autograd.grad(e, zz, create_graph=create)
     return g
-
-
-class _LocalSolution:
-    """Minimal stand-in of :class:`torchfpi.Solution`, used only while the core lacks FPIGD/FPINN."""
-
-    def __init__(self, value: torch.Tensor, iterations: torch.Tensor, converged: torch.Tensor) -> None:
-        self.value = value
-        self.iterations = iterations
-        self.converged = converged
-        self.backward: Optional[Dict[str, Any]] = None
-
-
-def _local_fixed_point(f, z0: torch.Tensor, cfg: ModelConfig) -> _LocalSolution:
-    """Forward FPI without graph, implicit backward by FPI on VJPs (fallback implementation)."""
-    batch = z0.shape[0]
-    iters = torch.zeros(batch, dtype=torch.int64)
-    done = torch.zeros(batch, dtype=torch.bool)
-    z = z0.detach()
-    with torch.no_grad():
-        for _ in range(cfg.max_iter):
-            fz = f(z)
-            res = (fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-8)
-            iters += (~done).long()
-            done |= (res < cfg.tol).cpu()
-            z = fz
-            if bool(done.all()):
-                break
-    if not torch.is_grad_enabled():
-        return _LocalSolution(z, iters, done)
-    z_star = z.detach().requires_grad_(True)
-    out = f(z_star)
-    sol = _LocalSolution(out, iters, done)
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        u = grad
-        k = 0
-        for k in range(1, cfg.backward_max_iter + 1):
-            (vjp,) = torch.autograd.grad(out, z_star, u, retain_graph=True)
-            u_new = grad + vjp
-            res = float((u_new - u).norm() / (u_new.norm() + 1e-12))
-            u = u_new
-            if res < cfg.backward_tol:
-                break
-        sol.backward = {"iterations": k}
-        return u
-
-    if out.requires_grad:
-        out.register_hook(hook)
-    return sol
-
-
-def _has_core_layers() -> bool:
-    import torchfpi
-
-    return hasattr(torchfpi, "FPIGD") and hasattr(torchfpi, "FPINN")
 
 
 class MultiLabelModel(nn.Module):
@@ -191,9 +141,10 @@ class MultiLabelModel(nn.Module):
         self.cfg = cfg = cfg or ModelConfig()
         self.unary = UnaryMLP(num_features, num_labels, cfg)
         self.last_solution: Any = None
-        self.use_core = False
         if kind in ("spen", "fpi_gd"):
-            self.energy = LabelEnergy(num_labels, cfg.energy_hidden, cfg.tau)
+            self.energy = LabelEnergy(num_labels, cfg.energy_hidden, cfg.tau, cfg.energy_init_scale)
+            if cfg.energy_condition:
+                self.energy_u = nn.Linear(cfg.hidden, cfg.energy_hidden)
         if kind == "fpi_nn":
             sn = nn.utils.parametrizations.spectral_norm
             self.w_a = sn(nn.Linear(num_labels, cfg.update_hidden, bias=False))
@@ -201,9 +152,8 @@ class MultiLabelModel(nn.Module):
             self.u = nn.Linear(cfg.hidden, cfg.update_hidden)
             # Lipschitz constant of the update in z is at most gain/4 (σ' <= 1/4, ||W|| <= 1).
             self.gain_logit = nn.Parameter(torch.tensor(0.0))
-        self.use_core = kind in ("fpi_gd", "fpi_nn") and _has_core_layers()
-        if self.use_core:
-            self._build_core_layer()
+        if kind in ("fpi_gd", "fpi_nn"):
+            self._build_layer()
 
     # -- FPI_NN update -------------------------------------------------------------------
     def _gain(self) -> torch.Tensor:
@@ -212,10 +162,10 @@ class MultiLabelModel(nn.Module):
     def _nn_update(self, z: torch.Tensor, s: torch.Tensor, hu: torch.Tensor) -> torch.Tensor:
         return s + self._gain() * self.w_b(torch.tanh(self.w_a(torch.sigmoid(z)) + hu))
 
-    def _gd_update(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return z - self.cfg.step_size * energy_grad(self.energy, z, s)
+    def _gd_update(self, z: torch.Tensor, s: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return z - self.cfg.step_size * energy_grad(self.energy, z, s, bias)
 
-    def _build_core_layer(self) -> None:
+    def _build_layer(self) -> None:
         import torchfpi
 
         opts = dict(
@@ -234,21 +184,16 @@ class MultiLabelModel(nn.Module):
         s, h = self.unary(x)
         if self.kind == "mlp":
             return s
+        if self.kind in ("spen", "fpi_gd"):
+            bias = self.energy_u(h) if self.cfg.energy_condition else None
         if self.kind == "spen":
             z = s
             for _ in range(self.cfg.unroll_steps):
-                z = self._gd_update(z, s)
+                z = self._gd_update(z, s, bias)
             return z
         if self.kind == "fpi_gd":
-            if self.use_core:
-                sol = self.layer(s, z0=s.detach(), return_solution=True)
-            else:
-                sol = _local_fixed_point(lambda z: self._gd_update(z, s), s.detach(), self.cfg)
+            sol = self.layer.solve(s, bias, z0=s.detach())
         else:
-            hu = self.u(h)
-            if self.use_core:
-                sol = self.layer(s, hu, z0=s.detach(), return_solution=True)
-            else:
-                sol = _local_fixed_point(lambda z: self._nn_update(z, s, hu), s.detach(), self.cfg)
+            sol = self.layer.solve(s, self.u(h), z0=s.detach())
         self.last_solution = sol
         return sol.value

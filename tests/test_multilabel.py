@@ -1,0 +1,143 @@
+"""Multi-label application: example-based F1, the four models on real Bibtex, training, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from torchfpi.apps.multilabel import (
+    MODELS,
+    ModelConfig,
+    MultiLabelModel,
+    TrainConfig,
+    best_threshold,
+    example_f1,
+    make_splits,
+    train_multilabel,
+)
+from torchfpi.cli import main
+from torchfpi.data import MultiLabelData, load_embedded_bibtex
+
+
+@pytest.mark.parametrize("zero_division", [0.0, 1.0])
+def test_example_f1_matches_sklearn(zero_division):
+    metrics = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(50, 7, generator=g) < 0.3).long()
+    pred = (torch.rand(50, 7, generator=g) < 0.3).long()
+    target[:3] = 0  # examples with no true label
+    pred[1:4] = 0  # and with no predicted label (row 1, 2: both empty)
+    ours = float(example_f1(pred, target, zero_division=zero_division).mean())
+    ref = metrics.f1_score(target.numpy(), pred.numpy(), average="samples", zero_division=zero_division)
+    assert ours == pytest.approx(ref, abs=1e-12)
+
+
+def test_example_f1_errors_and_threshold():
+    with pytest.raises(ValueError, match=r"same \(N, L\) shape"):
+        example_f1(torch.zeros(3, 2), torch.zeros(3, 4))
+    prob = torch.tensor([[0.9, 0.3, 0.1], [0.2, 0.6, 0.35]])
+    target = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    th, f1 = best_threshold(prob, target, thresholds=(0.5, 0.3, 0.1))
+    assert th == 0.3 and f1 == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_bibtex():
+    train, test = load_embedded_bibtex("train"), load_embedded_bibtex("test")
+
+    def cut(d: MultiLabelData, n: int) -> MultiLabelData:
+        return MultiLabelData(d.features[:n], d.labels[:n], d.feature_names, d.label_names)
+
+    return make_splits(cut(train, 160), cut(test, 64), val_fraction=0.25)
+
+
+SMALL = ModelConfig(hidden=32, energy_hidden=4, update_hidden=8, unroll_steps=3, max_iter=20, backward_max_iter=20)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_each_model_trains_a_step_on_real_bibtex(kind, tiny_bibtex):
+    cfg = TrainConfig(model=kind, epochs=1, batch_size=32, model_cfg=SMALL)
+    res = train_multilabel(cfg, tiny_bibtex, log=lambda m: None, max_steps=2)
+    assert 0.0 <= res["test_f1"] <= 100.0 and res["epochs_run"] == 1
+    if kind in ("fpi_gd", "fpi_nn"):
+        assert res["train_forward_iterations"] >= 1 and res["train_backward_iterations"] >= 1
+        assert res["test_forward_iterations"] >= 1
+    else:
+        assert res["train_forward_iterations"] is None
+
+
+@pytest.mark.parametrize("kind", ["fpi_gd", "fpi_nn"])
+def test_fixed_point_models_reach_their_fixed_point(kind):
+    torch.manual_seed(0)
+    model = MultiLabelModel(kind, 20, 6, ModelConfig(hidden=16, energy_hidden=4, update_hidden=8, tol=1e-6,
+                                                    energy_init_scale=1.0)).eval()
+    x = (torch.rand(5, 20) < 0.3).float()
+    with torch.no_grad():
+        z = model(x)
+        s, h = model.unary(x)
+        f = model._gd_update(z, s, None) if kind == "fpi_gd" else model._nn_update(z, s, model.u(h))
+    torch.testing.assert_close(f, z, atol=1e-4, rtol=1e-4)
+    assert bool(model.last_solution.converged.all())
+
+
+def test_energy_is_mlp_without_interaction():
+    model = MultiLabelModel("spen", 10, 3, ModelConfig(hidden=8)).eval()
+    x = torch.rand(4, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.unary(x)[0])  # c = 0 at init, tau = 1: z* = s
+
+
+def test_checkpoint_and_resume(tmp_path, tiny_bibtex):
+    ck = tmp_path / "run.pt"
+    cfg = TrainConfig(model="fpi_gd", epochs=2, batch_size=64, model_cfg=SMALL)
+    full = train_multilabel(cfg, tiny_bibtex, log=lambda m: None)
+    cfg1 = TrainConfig(model="fpi_gd", epochs=1, batch_size=64, model_cfg=SMALL)
+    train_multilabel(cfg1, tiny_bibtex, checkpoint=ck, log=lambda m: None)
+    assert ck.exists()
+    # A checkpoint of other options is refused; the same options continue where it stopped.
+    from torchfpi.apps._common import UsageError
+
+    with pytest.raises(UsageError, match="other options"):
+        train_multilabel(TrainConfig(model="fpi_gd", epochs=2, batch_size=64, model_cfg=SMALL, lr=0.1),
+                         tiny_bibtex, checkpoint=ck, resume=True, log=lambda m: None)
+    ck_state = torch.load(ck, weights_only=False)
+    ck_state["config"]["epochs"] = 2
+    torch.save(ck_state, ck)
+    resumed = train_multilabel(cfg, tiny_bibtex, checkpoint=ck, resume=True, log=lambda m: None)
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1]
+    assert resumed["history"][1]["loss"] == pytest.approx(full["history"][1]["loss"], rel=1e-4)
+    assert resumed["test_f1"] == pytest.approx(full["test_f1"], abs=1e-6)
+
+
+def test_train_config_errors(tiny_bibtex):
+    from torchfpi.apps._common import UsageError
+
+    with pytest.raises(UsageError, match="--model"):
+        train_multilabel(TrainConfig(model="svm"), tiny_bibtex)
+    with pytest.raises(UsageError, match="--epochs"):
+        train_multilabel(TrainConfig(epochs=0), tiny_bibtex)
+
+
+def test_cli_train_multilabel(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = main([
+        "train", "multilabel", "--dataset", "bibtex", "--model", "mlp", "--hidden", "16",
+        "--epochs", "1", "--max-steps", "2", "--quiet", "--checkpoint-dir", str(tmp_path),
+        "--out", str(out), "--threads", "1",
+    ])
+    assert code == 0
+    assert "test F1" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["model"] == "mlp" and "machine" in res
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    code = main(["train", "multilabel", "--train-arff", str(tmp_path / "a.arff")])
+    assert code == 2 and "--test-arff" in capsys.readouterr().err
+    code = main(["train", "multilabel", "--model", "svm"])
+    assert code == 2
+    code = main(["train", "multilabel", "--dataset", "bookmarks", "--data-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "bookmarks" in err.lower()
