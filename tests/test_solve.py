@@ -1,0 +1,223 @@
+"""Forward solve: closed forms, per-sample stopping, compaction, tuples, memory, devices."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from problems import SOLVER_TOL, affine, contraction
+
+import torchfpi
+from torchfpi import Status
+
+
+@pytest.mark.parametrize("solver", ["fpi", "anderson", torchfpi.FPI(damping=0.7)])
+def test_affine_closed_form(solver, gen, dtype):
+    prob = affine(6, 3, 0.8, gen, dtype)
+    x = torch.randn(5, 3, generator=gen, dtype=dtype)
+    sol = torchfpi.fixed_point(prob, torch.zeros(5, 6, dtype=dtype), x, solver=solver, tol=SOLVER_TOL, max_iter=1000)
+    assert sol.converged.all()
+    torch.testing.assert_close(sol.value, prob.solution(x), rtol=1e-9, atol=1e-9)
+    assert sol.iterations.dtype == torch.int64 and sol.iterations.shape == (5,)
+    assert (sol.residual < SOLVER_TOL).all()
+    assert sol.trace.shape[1] == 5 and sol.trace.shape[0] == int(sol.iterations.max())
+
+
+def test_iteration_count_is_calls_of_f(dtype):
+    calls = []
+
+    def f(z):
+        calls.append(z.shape[0])
+        return 0.5 * z + 1
+
+    sol = torchfpi.fixed_point(f, torch.zeros(3, 2, dtype=dtype), tol=1e-8, max_iter=200, compact=True)
+    assert int(sol.iterations.max()) == len(calls)
+
+
+def test_per_sample_results_equal_single_solves(gen, dtype):
+    # Samples with very different contraction rates: each batch result equals its solo solve.
+    scales = torch.tensor([0.1, 0.5, 0.9, 0.99], dtype=dtype).unsqueeze(1)
+    b = torch.randn(4, 3, generator=gen, dtype=dtype)
+
+    def f(z, s, b):
+        return s * torch.tanh(z) + b
+
+    for solver in ["fpi", "anderson"]:
+        for compact in [False, True]:
+            sol = torchfpi.fixed_point(
+                f, torch.zeros(4, 3, dtype=dtype), scales, b, solver=solver, tol=1e-10, max_iter=5000, compact=compact
+            )
+            assert sol.converged.all()
+            its = sol.iterations.tolist()
+            assert its[0] < its[1] < its[3]
+            for i in range(4):
+                solo = torchfpi.fixed_point(
+                    f, torch.zeros(1, 3, dtype=dtype), scales[i : i + 1], b[i : i + 1], solver=solver, tol=1e-10, max_iter=5000
+                )
+                assert torch.equal(solo.value, sol.value[i : i + 1])
+                assert int(solo.iterations) == its[i]
+
+
+def test_compaction_removes_converged_samples_from_f(dtype):
+    seen = []
+    scales = torch.tensor([0.1, 0.99], dtype=dtype).unsqueeze(1)
+
+    def f(z, s):
+        seen.append(z.shape[0])
+        return s * z + 1
+
+    torchfpi.fixed_point(f, torch.zeros(2, 2, dtype=dtype), scales, tol=1e-8, max_iter=5000, compact=True)
+    assert seen[0] == 2 and seen[-1] == 1 and seen.count(2) < 20
+
+
+def test_absolute_residual(dtype):
+    sol = torchfpi.fixed_point(lambda z: 0.5 * z + 1000.0, torch.zeros(1, 1, dtype=dtype), tol=1e-3, residual="absolute", max_iter=200)
+    assert float(sol.residual) < 1e-3
+
+
+def test_tuple_state(gen, dtype):
+    x = torch.randn(3, 2, generator=gen, dtype=dtype, requires_grad=True)
+
+    def f(state, x):
+        a, b = state
+        return (0.5 * b[:, :2] + x, 0.25 * a.sum(1, keepdim=True).expand(-1, 4))
+
+    sol = torchfpi.fixed_point(f, (torch.zeros(3, 2, dtype=dtype), torch.zeros(3, 4, dtype=dtype)), x, tol=1e-12, max_iter=500)
+    a, b = sol.value
+    assert a.shape == (3, 2) and b.shape == (3, 4)
+    torch.testing.assert_close(a, 0.5 * b[:, :2] + x)
+    torch.autograd.gradcheck(
+        lambda x: torchfpi.fixed_point(f, (torch.zeros(3, 2, dtype=dtype), torch.zeros(3, 4, dtype=dtype)), x, tol=1e-12, max_iter=500).value,
+        (x,),
+    )
+
+
+def test_unbatched_state(dtype):
+    sol = torchfpi.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(3, dtype=dtype), batched=False, tol=1e-10)
+    assert sol.value.shape == (3,)
+    torch.testing.assert_close(sol.value, torch.full((3,), 2.0, dtype=dtype))
+    assert sol.iterations.shape == (1,)
+
+
+def test_no_graph_under_no_grad(gen, dtype):
+    prob = affine(4, 2, 0.5, gen, dtype)
+    x = torch.randn(2, 2, generator=gen, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        sol = torchfpi.fixed_point(prob, torch.zeros(2, 4, dtype=dtype), x)
+    assert sol.value.grad_fn is None and not sol.value.requires_grad
+
+
+def _graph_size(t: torch.Tensor) -> int:
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return len(seen)
+
+
+def test_graph_does_not_grow_with_iterations(dtype):
+    lin = torch.nn.Linear(4, 4, dtype=dtype)
+    x = torch.randn(2, 4, dtype=dtype)
+    sizes = []
+    for radius, max_iter in [(0.1, 30), (0.99, 3000)]:
+        with torch.no_grad():
+            lin.weight.copy_(radius * torch.eye(4, dtype=dtype))
+        sol = torchfpi.fixed_point(lambda z, x: lin(z) + x, torch.zeros(2, 4, dtype=dtype), x, tol=1e-10, max_iter=max_iter)
+        sizes.append((int(sol.iterations.max()), _graph_size(sol.value)))
+    assert sizes[1][0] > 5 * sizes[0][0]
+    assert sizes[0][1] == sizes[1][1]
+
+
+def test_unroll_graph_grows_for_reference(dtype):
+    x = torch.randn(2, 4, dtype=dtype, requires_grad=True)
+    s1 = torchfpi.fixed_point(lambda z, x: 0.1 * z + x, torch.zeros(2, 4, dtype=dtype), x, backward="unroll", tol=1e-10)
+    s2 = torchfpi.fixed_point(lambda z, x: 0.9 * z + x, torch.zeros(2, 4, dtype=dtype), x, backward="unroll", tol=1e-10, max_iter=1000)
+    assert _graph_size(s2.value) > _graph_size(s1.value)
+
+
+def test_memory_released_after_backward(dtype):
+    # No reference cycle through the graph: the solution is collected once dropped.
+    import weakref
+
+    x = torch.randn(2, 4, dtype=dtype, requires_grad=True)
+    sol = torchfpi.fixed_point(lambda z, x: 0.5 * z + x, torch.zeros(2, 4, dtype=dtype), x)
+    ref = weakref.ref(sol.value)
+    sol.value.sum().backward()
+    del sol
+    assert ref() is None or gc.collect() >= 0 and ref() is None
+
+
+def test_anderson_halves_iterations_on_slow_problem(gen, dtype):
+    A = contraction(30, 0.98, gen, dtype, symmetric=True)
+    b = torch.randn(8, 30, generator=gen, dtype=dtype)
+    f = lambda z, b: z @ A.T + b  # noqa: E731
+    plain = torchfpi.fixed_point(f, torch.zeros(8, 30, dtype=dtype), b, tol=1e-8, max_iter=3000)
+    acc = torchfpi.fixed_point(f, torch.zeros(8, 30, dtype=dtype), b, solver="anderson", tol=1e-8, max_iter=3000)
+    assert plain.converged.all() and acc.converged.all()
+    assert acc.iterations.max() * 2 <= plain.iterations.min()
+    exact = torch.linalg.solve(torch.eye(30, dtype=dtype) - A, b.T).T
+    torch.testing.assert_close(acc.value, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_anderson_nonlinear_and_float32(gen):
+    W = contraction(16, 0.95, gen, torch.float32)
+    x = torch.randn(4, 16, generator=gen)
+    f = lambda z, x: torch.tanh(z @ W.T + x)  # noqa: E731
+    plain = torchfpi.fixed_point(f, torch.zeros(4, 16), x, tol=1e-5, max_iter=1000)
+    acc = torchfpi.fixed_point(f, torch.zeros(4, 16), x, solver="anderson", tol=1e-5, max_iter=1000)
+    assert acc.converged.all() and acc.value.dtype == torch.float32
+    assert acc.iterations.max() <= plain.iterations.max()
+
+
+def test_anderson_safeguard_on_ill_conditioned_problem(dtype):
+    # A rotation-like map where the least-squares system degenerates: the safeguard keeps it finite.
+    theta = torch.tensor(0.3, dtype=dtype)
+    R = 0.9 * torch.stack([torch.stack([theta.cos(), -theta.sin()]), torch.stack([theta.sin(), theta.cos()])])
+    sol = torchfpi.fixed_point(lambda z: z @ R.T + 1, torch.zeros(3, 2, dtype=dtype),
+                               solver=torchfpi.Anderson(m=8, regularization=0.0), tol=1e-10, max_iter=500)
+    assert sol.converged.all() and torch.isfinite(sol.value).all()
+
+
+def test_status_codes_and_best_iterate(dtype):
+    with pytest.warns(torchfpi.ConvergenceWarning):
+        sol = torchfpi.fixed_point(lambda z: 0.999 * z + 1, torch.zeros(2, 1, dtype=dtype), max_iter=5)
+    assert (sol.status == Status.MAX_ITER).all() and not sol.converged.any()
+    assert (sol.iterations == 5).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    b=st.integers(1, 4),
+    radius=st.floats(0.05, 0.9),
+    seed=st.integers(0, 10_000),
+    solver=st.sampled_from(["fpi", "anderson"]),
+)
+def test_property_random_contractions(n, b, radius, seed, solver):
+    gen = torch.Generator().manual_seed(seed)
+    prob = affine(n, 2, radius, gen)
+    x = torch.randn(b, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    sol = torchfpi.fixed_point(prob, torch.zeros(b, n, dtype=torch.float64), x, solver=solver, tol=1e-11, max_iter=2000)
+    assert sol.converged.all()
+    torch.testing.assert_close(sol.value, prob.solution(x.detach()), rtol=1e-8, atol=1e-8)
+    w = torch.randn(b, n, generator=gen, dtype=torch.float64)
+    (g,) = torch.autograd.grad((sol.value * w).sum(), x)
+    torch.testing.assert_close(g, prob.grad_x(w), rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(gen):
+    prob = affine(8, 3, 0.7, gen, torch.float32)
+    x = torch.randn(4, 3, generator=gen)
+    cpu = torchfpi.fixed_point(prob, torch.zeros(4, 8), x, tol=1e-6)
+    dev = torchfpi.fixed_point(
+        lambda z, x: z @ prob.A.cuda().T + x @ prob.U.cuda().T, torch.zeros(4, 8, device="cuda"), x.cuda(), tol=1e-6
+    )
+    assert dev.value.device.type == "cuda"
+    torch.testing.assert_close(dev.value.cpu(), cpu.value, rtol=1e-4, atol=1e-5)
