@@ -42,17 +42,19 @@ def evaluate(model: VariationalFlow, val: tuple) -> float:
     return float(batch_epe(flow, gt).mean())
 
 
-def load_weights(path: Path, device: torch.device = torch.device("cpu")) -> VariationalFlow:
+def load_weights(path: Path, device: Optional[torch.device] = None) -> VariationalFlow:
     """Load a :class:`VariationalFlow` saved by :func:`save_weights` (or a training checkpoint)."""
     try:
-        blob = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        blob = torch.load(path, map_location=device or "cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch.load raises many types (pickle, zip, runtime) on a bad file
         raise _common.DataError(f"'{path}': cannot read flow weights ({exc})") from exc
     if not isinstance(blob, dict) or "model" not in blob or "flow_config" not in blob:
         raise _common.DataError(f"'{path}': not a torchfpi flow weights file (keys 'model', 'flow_config' missing)")
     model = VariationalFlow(FlowConfig(**blob["flow_config"]))
     model.load_state_dict(blob["model"])
-    return model.to(device)
+    return model.to(device or "cpu")
 
 
 def save_weights(model: VariationalFlow, path: Path, extra: Optional[Dict[str, Any]] = None) -> None:
@@ -103,12 +105,12 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
         sched.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if step % config.val_every == 0 or step == config.steps:
             v = evaluate(model, val)
-            history.append({"step": step, "val_epe": v, "train_loss": float(loss), "params": model.describe()})
+            history.append({"step": step, "val_epe": v, "train_loss": float(loss.detach()), "params": model.describe()})
             if not quiet:
-                print(f"step {step}: train EPE {float(loss):.4f}  val EPE {v:.4f}  {model.describe()}", flush=True)
+                print(f"step {step}: train EPE {float(loss.detach()):.4f}  val EPE {v:.4f}  {model.describe()}", flush=True)
             if v < best["val_epe"]:
                 best = {"val_epe": v, "step": step, "params": model.describe()}
                 save_weights(model, out_dir / "best.pt", {"val_epe": v, "step": step})
