@@ -1,5 +1,34 @@
-"""Image denoising with FPI layers (BSD68 protocol): learned energies, baselines, training."""
+"""Image denoising with FPI layers on the BSD68 protocol.
 
+- :class:`FoEEnergy`: a Fields-of-Experts energy ``E(z, y)`` with an exact analytic gradient.
+- :class:`FPIGDDenoiser` (FPI_GD, implicit gradient), :class:`UnrolledDenoiser` (TNRD-style
+  baseline), :class:`FPINNDenoiser` (FPI_NN deep-equilibrium denoiser).
+- :func:`train` on Train400 crops; :func:`load_denoiser` / :func:`denoise_array` to apply them.
+- Baselines: :func:`bm3d_denoise`, :func:`tv_denoise`, :func:`choose_tv_weight`.
+"""
+
+from torchfpi.apps.denoise._api import (
+    available_sigmas,
+    denoise_array,
+    load_denoiser,
+    save_weights,
+    weights_path,
+)
 from torchfpi.apps.denoise._baselines import bm3d_denoise, choose_tv_weight, tv_denoise
+from torchfpi.apps.denoise._energy import FoEEnergy, dct_filters
+from torchfpi.apps.denoise._models import (
+    MODELS,
+    ConvUpdate,
+    FPIGDDenoiser,
+    FPINNDenoiser,
+    UnrolledDenoiser,
+    build_model,
+)
+from torchfpi.apps.denoise._train import DEFAULT_CONFIGS, TrainConfig, train
 
-__all__ = ["bm3d_denoise", "choose_tv_weight", "tv_denoise"]
+__all__ = [
+    "DEFAULT_CONFIGS", "MODELS", "ConvUpdate", "FPIGDDenoiser", "FPINNDenoiser", "FoEEnergy",
+    "TrainConfig", "UnrolledDenoiser", "available_sigmas", "bm3d_denoise", "build_model",
+    "choose_tv_weight", "dct_filters", "denoise_array", "load_denoiser", "save_weights", "train",
+    "tv_denoise", "weights_path",
+]

@@ -38,8 +38,11 @@ class FPIGDDenoiser(nn.Module):
     kind = "fpi_gd"
 
     def __init__(self, energy: Optional[FoEEnergy] = None, step_fraction: float = 1.0,
-                 tol: float = 1e-3, max_iter: int = 100) -> None:
+                 tol: float = 1e-3, max_iter: int = 100, path: str = "analytic") -> None:
         super().__init__()
+        if path not in ("analytic", "layer"):
+            raise ValueError(f"path: expected 'analytic' or 'layer', got '{path}'")
+        self.path = path
         self.energy = energy if energy is not None else FoEEnergy()
         self.step_fraction = float(step_fraction)
         self.tol = float(tol)
@@ -57,9 +60,19 @@ class FPIGDDenoiser(nn.Module):
         p = self.energy.pad
         yp = _pad(y, p)
         self._a = self.step_size()
-        z, info = solve(self.update, yp.detach().clone(), yp,
-                        tol=self.tol if tol is None else tol,
-                        max_iter=self.max_iter if max_iter is None else max_iter)
+        tol = self.tol if tol is None else tol
+        max_iter = self.max_iter if max_iter is None else max_iter
+        if self.path == "layer":
+            import torchfpi
+
+            layer = torchfpi.FPIGD(self.energy, step_size=self._a, init=lambda y: y.detach().clone(),
+                                   solver="anderson", tol=tol, max_iter=max_iter,
+                                   backward_tol=tol, backward_max_iter=max_iter, on_failure="ignore")
+            z = layer(yp)
+            sol = layer.last_solution
+            info = SolveInfo(float(sol.iterations.float().mean()), float(sol.residual.mean()))
+        else:
+            z, info = solve(self.update, yp.detach().clone(), yp, tol=tol, max_iter=max_iter)
         self.last_info = info
         return _crop(z, p)
 

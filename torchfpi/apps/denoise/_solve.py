@@ -31,7 +31,7 @@ def _rel_res(fz: Tensor, z: Tensor) -> Tensor:
 @torch.no_grad()
 def anderson_forward(
     g: Callable[[Tensor], Tensor], z0: Tensor, tol: float, max_iter: int, m: int = 5, beta: float = 1.0
-) -> "tuple[Tensor, int, Tensor]":
+) -> tuple[Tensor, int, Tensor]:
     """Anderson acceleration of ``z = g(z)`` (batched, per-sample least squares, whole-batch stop)."""
     b = z0.shape[0]
     shape = z0.shape
@@ -79,7 +79,7 @@ def local_fixed_point(
     max_iter: int = 100,
     backward_tol: float = 1e-4,
     backward_max_iter: int = 100,
-) -> "tuple[Tensor, SolveInfo]":
+) -> tuple[Tensor, SolveInfo]:
     """Implicit layer ``z* = f(z*, y)``: Anderson forward, backward FPI ``u = g + J_f^T u``."""
     z, k, res = anderson_forward(lambda z: f(z, y), z0, tol, max_iter)
     info = SolveInfo(float(k), float(res.mean()))
@@ -111,7 +111,7 @@ def solve(
     tol: float = 1e-4,
     max_iter: int = 100,
     use_core: bool = True,
-) -> "tuple[Tensor, SolveInfo]":
+) -> tuple[Tensor, SolveInfo]:
     """Solve ``z = f(z, y)`` with the implicit (backward FPI) gradient; see the module docstring."""
     import torchfpi
 

@@ -1,0 +1,288 @@
+"""Tests of the denoising application: protocol, metrics, energy, FPI_GD, training, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from torchfpi.apps._common import DataError, UsageError
+from torchfpi.apps.denoise import (
+    FoEEnergy,
+    FPIGDDenoiser,
+    FPINNDenoiser,
+    TrainConfig,
+    UnrolledDenoiser,
+    available_sigmas,
+    load_denoiser,
+    save_weights,
+    train,
+)
+from torchfpi.cli import main
+from torchfpi.data.images import (
+    add_noise,
+    check_sigma,
+    noise_seed,
+    psnr,
+    read_grey_png,
+    ssim,
+    write_grey_png,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Agreement of two computations of the same float64 fixed point solved to 1e-10.
+TIGHT = 1e-8
+
+
+def _smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = 128 + 60 * np.sin(xx / 5.0 + seed) * np.cos(yy / 7.0) + 20 * (xx > w // 2)
+    return np.clip(img + rng.normal(0, 2, (h, w)), 0, 255)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A tiny data root: denoise/Train400 with 6 images of 40x40, denoise/BSD68 with 2."""
+    for sub, n in (("Train400", 6), ("BSD68", 2)):
+        d = tmp_path / "denoise" / sub
+        d.mkdir(parents=True)
+        for i in range(n):
+            write_grey_png(d / f"img_{i:03d}.png", _smooth_image(40, 40, i))
+    return tmp_path
+
+
+# ---- protocol and metrics ---------------------------------------------------------------------
+
+def test_psnr_formula_pinned() -> None:
+    clean = np.full((4, 4), 100.0)
+    est = clean + 5.0  # mse 25
+    assert psnr(est, clean) == pytest.approx(10 * math.log10(255.0**2 / 25.0), abs=1e-12)
+    # the estimate is clipped to [0, 255] before the error is taken
+    clean = np.array([[255.0, 0.0]])
+    est = np.array([[300.0, -40.0]])
+    assert psnr(est, clean) == math.inf
+    est = np.array([[265.0, 10.0]])  # clipped: errors 0 and 10 -> mse 50
+    assert psnr(est, clean) == pytest.approx(10 * math.log10(255.0**2 / 50.0), abs=1e-12)
+    with pytest.raises(UsageError, match="shape"):
+        psnr(np.zeros((2, 2)), np.zeros((2, 3)))
+
+
+def test_ssim_identity_and_noise() -> None:
+    clean = _smooth_image(32, 32)
+    assert ssim(clean, clean) == pytest.approx(1.0)
+    assert ssim(add_noise(clean, 25, [1]), clean) < 0.9
+
+
+def test_noise_protocol_fixed_and_unclipped() -> None:
+    clean = np.full((64, 64), 250.0)
+    a = add_noise(clean, 25, noise_seed(0, 25, 3))
+    b = add_noise(clean, 25, noise_seed(0, 25, 3))
+    c = add_noise(clean, 25, noise_seed(0, 25, 4))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.max() > 255  # not clipped
+    assert np.std(a - clean) == pytest.approx(25, rel=0.1)
+
+
+@pytest.mark.parametrize("bad", [0, -5, float("nan"), 1000, "abc"])
+def test_check_sigma_rejects(bad) -> None:
+    with pytest.raises(UsageError, match="--sigma"):
+        check_sigma(bad)
+
+
+def test_read_png_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        read_grey_png(tmp_path / "missing.png")
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    with pytest.raises(DataError, match="not a readable image"):
+        read_grey_png(bad)
+    with pytest.raises(DataError, match="is a directory"):
+        read_grey_png(tmp_path)
+
+
+def test_png_roundtrip_and_colour(tmp_path: Path) -> None:
+    from PIL import Image
+
+    img = np.rint(_smooth_image(10, 12))
+    write_grey_png(tmp_path / "a.png", img)
+    np.testing.assert_array_equal(read_grey_png(tmp_path / "a.png"), img)
+    rgb = np.stack([img] * 3, -1).astype(np.uint8)
+    Image.fromarray(rgb, mode="RGB").save(tmp_path / "rgb.png")
+    assert read_grey_png(tmp_path / "rgb.png").shape == (10, 12)
+
+
+# ---- energy and layers ------------------------------------------------------------------------
+
+def test_energy_gradient_is_exact() -> None:
+    torch.manual_seed(0)
+    e = FoEEnergy(5, 3, n_mixture=2).double()
+    z = torch.rand(2, 1, 9, 11, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(2, 1, 9, 11, dtype=torch.float64)
+    (g,) = torch.autograd.grad(e(z, y).sum(), z)
+    torch.testing.assert_close(e.grad(z, y), g, atol=1e-12, rtol=1e-10)
+    assert e(z, y).shape == (2,)
+
+
+def test_lipschitz_bound_dominates_hessian() -> None:
+    torch.manual_seed(1)
+    e = FoEEnergy(6, 3).double()
+    y = torch.rand(1, 1, 16, 16, dtype=torch.float64)
+    z = y.clone()
+    v = torch.randn_like(z)
+    for _ in range(50):  # power iteration on the Hessian at z
+        zz = z.clone().requires_grad_()
+        (hv,) = torch.autograd.grad(e.grad(zz, y), zz, v)
+        v = hv / hv.norm()
+    zz = z.clone().requires_grad_()
+    (hv,) = torch.autograd.grad(e.grad(zz, y), zz, v)
+    assert float((hv * v).sum()) <= e.lipschitz_bound(grid=64) * (1 + 1e-6)
+
+
+def test_fpigd_paths_agree_with_library_layer() -> None:
+    """The closed-form gradient map and torchfpi.FPIGD give the same z* and gradients."""
+    torch.manual_seed(0)
+    e = FoEEnergy(4, 3, n_mixture=1, penalty_weight=5e-4, penalty_scale=0.06).double()
+    y = torch.rand(2, 1, 10, 10, dtype=torch.float64)
+    out = {}
+    for path in ("analytic", "layer"):
+        e.zero_grad()
+        z = FPIGDDenoiser(e, tol=1e-10, max_iter=500, path=path)(y)
+        z.square().sum().backward()
+        out[path] = [z.detach()] + [p.grad.clone() for p in e.parameters()]
+    for a, b in zip(out["analytic"], out["layer"]):
+        torch.testing.assert_close(a, b, atol=TIGHT, rtol=TIGHT)
+
+
+def test_implicit_gradient_matches_unrolled_to_convergence() -> None:
+    torch.manual_seed(2)
+    e = FoEEnergy(4, 3, n_mixture=1, penalty_weight=5e-4, penalty_scale=0.06).double()
+    y = torch.rand(1, 1, 10, 10, dtype=torch.float64)
+    implicit = FPIGDDenoiser(e, tol=1e-11, max_iter=500)
+    e.zero_grad()
+    implicit(y).sum().backward()
+    g_imp = e.weight.grad.clone()
+    unrolled = UnrolledDenoiser(e, steps=400)
+    with torch.no_grad():
+        unrolled.log_step.fill_(math.log(implicit.step_size()))
+    e.zero_grad()
+    unrolled(y).sum().backward()
+    torch.testing.assert_close(g_imp, e.weight.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_fpinn_denoiser_shapes_and_gradient() -> None:
+    torch.manual_seed(0)
+    m = FPINNDenoiser(channels=4, depth=3, tol=1e-4, max_iter=30)
+    y = torch.rand(2, 1, 12, 12)
+    z = m(y)
+    assert z.shape == y.shape
+    z.sum().backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_denoising_improves_psnr_with_init_energy() -> None:
+    clean = _smooth_image(48, 48, 3)
+    noisy = add_noise(clean, 25, [7])
+    m = FPIGDDenoiser(FoEEnergy(8, 3, n_mixture=1, penalty_weight=5e-4, penalty_scale=0.06), tol=1e-4)
+    with torch.no_grad():
+        est = m(torch.tensor(noisy / 255, dtype=torch.float32)[None, None])[0, 0].double().numpy()
+    assert psnr(est * 255, clean) > psnr(noisy, clean) + 3
+
+
+# ---- training, weights, CLI -------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["fpi_gd", "unrolled", "fpi_nn"])
+def test_train_few_steps_and_resume(kind: str, data_dir: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(model=kind, steps=2, batch_size=2, crop=24, val_images=2, val_every=1,
+                      model_config={"tol": 1e-3, "max_iter": 20} if kind != "unrolled" else {"steps": 3})
+    if kind != "fpi_nn":
+        cfg.model_config["energy"] = {"n_filters": 4, "kernel_size": 3, "n_mixture": 1,
+                                      "penalty_weight": 5e-4, "penalty_scale": 0.06}
+    else:
+        cfg.model_config.update(channels=4)
+    ck = tmp_path / "ck.pt"
+    export = train(cfg, data_dir / "denoise" / "Train400", ck, progress=False, log=lambda s: None)
+    assert export["train"]["steps"] == 2 and ck.exists()
+    assert math.isfinite(export["train"]["best"]["psnr"])
+    cfg2 = TrainConfig(**{**cfg.__dict__, "steps": 3})
+    export2 = train(cfg2, data_dir / "denoise" / "Train400", ck, resume=True, progress=False,
+                    log=lambda s: None)
+    assert export2["train"]["steps"] == 3
+    save_weights(export2, tmp_path / f"denoise_{kind}_s25.pt")
+    model, meta = load_denoiser(kind, 25, tmp_path)
+    assert meta["kind"] == kind and not model.training
+
+
+def test_cli_train_and_denoise(data_dir: Path, tmp_path: Path, capsys) -> None:
+    w = tmp_path / "w"
+    rc = main(["train", "denoise", "--data-root", str(data_dir), "--steps", "1", "--batch-size", "2",
+               "--crop", "24", "--val-images", "2", "--checkpoint", str(w / "ck.pt"), "--quiet"])
+    assert rc == 0
+    assert (w / "denoise_fpi_gd_s25.pt").exists()
+    src = data_dir / "denoise" / "BSD68" / "img_000.png"
+    out = tmp_path / "out.png"
+    rc = main(["denoise", str(src), "--sigma", "25", "--out", str(out), "--weights", str(w)])
+    assert rc == 0 and read_grey_png(out).shape == (40, 40)
+
+
+def test_cli_denoise_shipped_weights(tmp_path: Path, capsys) -> None:
+    """``torchfpi denoise`` works from the weights shipped with the package."""
+    assert 25.0 in available_sigmas("fpi_gd"), "shipped weights for sigma 25 are missing"
+    clean = _smooth_image(40, 40, 5)
+    src = tmp_path / "noisy.png"
+    write_grey_png(src, add_noise(clean, 25, [0]))
+    out = tmp_path / "out.png"
+    assert main(["denoise", str(src), "--sigma", "25", "--out", str(out)]) == 0
+    assert psnr(read_grey_png(out), clean) > psnr(read_grey_png(src), clean) + 3
+    assert "iterations" in capsys.readouterr().out
+
+
+def test_cli_denoise_errors(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "o.png"
+    assert main(["denoise", str(tmp_path / "none.png"), "--sigma", "25", "--out", str(out)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    txt = tmp_path / "a.txt"
+    txt.write_text("hello")
+    assert main(["denoise", str(txt), "--sigma", "25", "--out", str(out)]) == 1
+    assert "not a readable image" in capsys.readouterr().err
+    img = tmp_path / "i.png"
+    write_grey_png(img, _smooth_image(20, 20))
+    assert main(["denoise", str(img), "--sigma", "-3", "--out", str(out)]) == 2
+    assert "--sigma" in capsys.readouterr().err
+    assert main(["denoise", str(img), "--sigma", "37", "--out", str(out)]) == 2
+    assert "no fpi_gd weights for sigma 37" in capsys.readouterr().err
+    assert main(["train", "denoise", "--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    assert main(["denoise", str(img), "--sigma", "25", "--out", str(out), "--weights", str(bad)]) == 1
+    assert "not a torchfpi denoiser weights file" in capsys.readouterr().err
+
+
+def test_results_script_skips_finished_units(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "run_denoise.py"), "--data-root", str(data_dir),
+           "--sigmas", "25", "--methods", "noisy", "tv", "--out", str(out), "--tv-images", "2"]
+    first = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "sigma25.tv: psnr" in first.stdout
+    res = json.loads(out.read_text())
+    assert res["sigma25"]["noisy"]["complete"] and res["sigma25"]["tv"]["images"] == 2
+    assert "command" in res and "machine" in res
+    second = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "(skipped)" in second.stdout
+
+
+@pytest.mark.slow
+def test_implicit_training_uses_less_memory_than_unrolled() -> None:
+    from torchfpi.apps.denoise._memory import measure_training_memory
+
+    imp = measure_training_memory("fpi_gd", 20, batch_size=4, crop=48)
+    unr = measure_training_memory("unrolled", 20, batch_size=4, crop=48)
+    assert imp["peak_step_mib"] < unr["peak_step_mib"]
