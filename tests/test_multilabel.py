@@ -141,3 +141,13 @@ def test_cli_usage_errors(tmp_path, capsys):
     code = main(["train", "multilabel", "--dataset", "bookmarks", "--data-root", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and "bookmarks" in err.lower()
+
+
+def test_demo_smoke(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    code = main(["demo", "--epochs", "1", "--max-steps", "2", "--quiet", "--out-dir", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "test example-based F1" in out and "forward" in out and "backward" in out
+    assert (tmp_path / "training_curves.png").stat().st_size > 0
+    assert main(["demo", "--epochs", "0"]) == 2

@@ -26,13 +26,15 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--f1-weight", type=float, default=0.1,
+                   help="weight of the soft example-F1 term of the loss (default 0.1; 0: BCE only)")
     p.add_argument("--pretrain-epochs", type=int, default=0,
                    help="epochs of unary-only training before the structured model (default 0)")
     p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--hidden", type=int, default=1024, help="hidden width of the unary MLP")
-    p.add_argument("--energy-hidden", type=int, default=16, help="label-interaction units K")
-    p.add_argument("--unroll-steps", type=int, default=10, help="SPEN's unrolled steps T")
-    p.add_argument("--step-size", type=float, default=1.0, help="gradient step of SPEN / FPI_GD")
+    p.add_argument("--hidden", type=int, default=None, help="hidden width of the unary MLP (default 1024)")
+    p.add_argument("--energy-hidden", type=int, default=None, help="label-interaction units K (default: recipe)")
+    p.add_argument("--unroll-steps", type=int, default=None, help="SPEN's unrolled steps T (default 10)")
+    p.add_argument("--step-size", type=float, default=None, help="gradient step of SPEN / FPI_GD (default 1)")
     p.add_argument("--tol", type=float, default=1e-4, help="fixed-point tolerance (forward and backward)")
     p.add_argument("--max-iter", type=int, default=50, help="fixed-point iteration cap")
     p.add_argument("--data-root", default=None, help="data folder (default $TORCHFPI_DATA or ../shared/data)")
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     require("arff")
     import torch
 
-    from torchfpi.apps.multilabel import ModelConfig, TrainConfig, make_splits, train_multilabel
+    from torchfpi.apps.multilabel import TrainConfig, make_splits, train_multilabel
+    from torchfpi.apps.multilabel.recipes import model_config
     from torchfpi.data import load_multilabel
 
     if (args.train_arff is None) != (args.test_arff is None):
@@ -74,15 +77,23 @@ def run(args: argparse.Namespace) -> int:
             f"train and test files disagree: {train.num_features} vs {test.num_features} features, "
             f"{train.num_labels} vs {test.num_labels} labels"
         )
-    model_cfg = ModelConfig(
-        hidden=args.hidden,
-        energy_hidden=args.energy_hidden,
-        unroll_steps=args.unroll_steps,
-        step_size=args.step_size,
+    overrides = {
+        k: v
+        for k, v in dict(
+            hidden=args.hidden,
+            energy_hidden=args.energy_hidden,
+            unroll_steps=args.unroll_steps,
+            step_size=args.step_size,
+        ).items()
+        if v is not None
+    }
+    model_cfg = model_config(
+        args.model,
         tol=args.tol,
         backward_tol=args.tol,
         max_iter=args.max_iter,
         backward_max_iter=args.max_iter,
+        **overrides,
     )
     cfg = TrainConfig(
         dataset=args.dataset,
@@ -94,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         val_fraction=args.val_fraction,
         pretrain_epochs=args.pretrain_epochs,
+        f1_weight=args.f1_weight,
         device=str(device),
         model_cfg=model_cfg,
     )

@@ -44,6 +44,7 @@ class ModelConfig:
         energy_hidden: number K of label-interaction units (rows of ``C``) of the energy.
         energy_condition: add ``U h(x)`` to the interaction units' bias (x-dependent energy).
         energy_init_scale: scale of the random initial weights ``c`` of the interaction units.
+        energy_space: ``"prob"``: the interaction term acts on ``σ(z)``; ``"logit"``: on ``z``.
         update_hidden: width of FPI_NN's update network.
         tau: weight of the quadratic term of the energy.
         step_size: gradient step α of SPEN and FPI_GD.
@@ -58,6 +59,7 @@ class ModelConfig:
     energy_hidden: int = 16
     energy_condition: bool = False
     energy_init_scale: float = 0.0
+    energy_space: str = "prob"
     update_hidden: int = 128
     tau: float = 1.0
     step_size: float = 1.0
@@ -98,18 +100,23 @@ class LabelEnergy(nn.Module):
     Shapes: ``z`` and ``s`` are ``(B, L)``; the result is ``(B,)``.
     """
 
-    def __init__(self, num_labels: int, hidden: int = 16, tau: float = 1.0, init_scale: float = 0.0) -> None:
+    def __init__(
+        self, num_labels: int, hidden: int = 16, tau: float = 1.0, init_scale: float = 0.0, space: str = "prob"
+    ) -> None:
         super().__init__()
         if tau <= 0:
             raise ValueError(f"LabelEnergy: tau must be > 0, got {tau}")
+        if space not in ("prob", "logit"):
+            raise ValueError(f"LabelEnergy: space must be 'prob' or 'logit', got {space!r}")
         self.tau = tau
+        self.space = space
         self.C = nn.Linear(num_labels, hidden)
         self.c = nn.Parameter(init_scale * torch.randn(hidden) / hidden**0.5)
         nn.init.normal_(self.C.weight, std=0.1)
         nn.init.zeros_(self.C.bias)
 
     def forward(self, z: torch.Tensor, s: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = torch.sigmoid(z)
+        y = torch.sigmoid(z) if self.space == "prob" else z
         pre = self.C(y) if bias is None else self.C(y) + bias
         global_term = torch.nn.functional.softplus(pre) @ self.c
         return 0.5 * self.tau * (z * z).sum(1) - (z * s).sum(1) + global_term
@@ -142,7 +149,9 @@ class MultiLabelModel(nn.Module):
         self.unary = UnaryMLP(num_features, num_labels, cfg)
         self.last_solution: Any = None
         if kind in ("spen", "fpi_gd"):
-            self.energy = LabelEnergy(num_labels, cfg.energy_hidden, cfg.tau, cfg.energy_init_scale)
+            self.energy = LabelEnergy(
+                num_labels, cfg.energy_hidden, cfg.tau, cfg.energy_init_scale, cfg.energy_space
+            )
             if cfg.energy_condition:
                 self.energy_u = nn.Linear(cfg.hidden, cfg.energy_hidden)
         if kind == "fpi_nn":

@@ -42,6 +42,10 @@ class TrainConfig:
         patience: stop after this many epochs without a better validation F1.
         batch_size, lr, weight_decay: Adam options.
         val_fraction, split_seed: the validation split carved from the training set.
+        f1_weight: weight λ of a soft example-F1 term added to the loss,
+            ``BCE(z, y) + λ mean(1 - 2 <σ(z), y> / (Σσ(z) + Σy))`` (0: plain BCE).
+        energy_lr_mult: learning-rate multiplier of the structured part (energy, update network):
+            its weights must move further from their initialisation than the unary net's.
         pretrain_epochs: structured models first train their unary MLP alone for this many
             epochs (0: train end-to-end from scratch).
         device: torch device string.
@@ -59,6 +63,8 @@ class TrainConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     pretrain_epochs: int = 0
+    f1_weight: float = 0.0
+    energy_lr_mult: float = 1.0
     device: str = "cpu"
     model_cfg: ModelConfig = field(default_factory=ModelConfig)
 
@@ -98,6 +104,16 @@ def make_splits(train: Any, test: Any, val_fraction: float = 0.1, split_seed: in
     return Splits(
         xf[tr], yf[tr], xf[va], yf[va], torch.from_numpy(test.features), torch.from_numpy(test.labels)
     )
+
+
+def multilabel_loss(z: torch.Tensor, y: torch.Tensor, f1_weight: float = 0.0) -> torch.Tensor:
+    """Mean binary cross-entropy of logits ``z`` (B, L), plus ``f1_weight`` times (1 - soft F1)."""
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y)
+    if f1_weight:
+        p = torch.sigmoid(z)
+        soft_f1 = 2 * (p * y).sum(1) / (p.sum(1) + y.sum(1)).clamp_min(1e-6)
+        loss = loss + f1_weight * (1 - soft_f1).mean()
+    return loss
 
 
 @torch.no_grad()
@@ -158,7 +174,10 @@ def train_multilabel(
     gen = seed_everything(cfg.seed)
     dev = torch.device(cfg.device)
     model = MultiLabelModel(cfg.model, splits.x_train.shape[1], splits.y_train.shape[1], cfg.model_cfg).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    unary = [p for n, p in model.named_parameters() if n.startswith("unary.")]
+    structured = [p for n, p in model.named_parameters() if not n.startswith("unary.")]
+    groups = [{"params": unary}] + ([{"params": structured, "lr": cfg.lr * cfg.energy_lr_mult}] if structured else [])
+    opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: List[Dict[str, Any]] = []
     best: Dict[str, Any] = {"val_f1": -1.0, "epoch": -1, "threshold": 0.5}
     start_epoch = 0
@@ -196,7 +215,7 @@ def train_multilabel(
         batches = range(0, n, cfg.batch_size)
         bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, file=sys.stderr) if tqdm else batches
         t0 = time.perf_counter()
-        loss_sum, fwd, bwd = 0.0, [], []
+        loss_sum, fwd, bwd, conv = 0.0, [], [], []
         for i in bar:
             idx = perm[i : i + cfg.batch_size]
             x, y = splits.x_train[idx].to(dev), splits.y_train[idx].to(dev)
@@ -204,7 +223,7 @@ def train_multilabel(
                 z = model.unary(x)[0]
             else:
                 z = model(x)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y)
+            loss = multilabel_loss(z, y, cfg.f1_weight)
             finite_or_raise(loss.detach(), f"training loss at epoch {epoch}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -214,6 +233,7 @@ def train_multilabel(
             sol = model.last_solution if (model.kind in ("fpi_gd", "fpi_nn") and not pretraining) else None
             if sol is not None:
                 fwd.append(float(sol.iterations.float().mean()))
+                conv.append(float(sol.converged.float().mean()))
                 b = _backward_iterations(sol)
                 if b is not None:
                     bwd.append(b)
@@ -231,6 +251,7 @@ def train_multilabel(
             "pretraining": pretraining,
             "train_forward_iterations": float(np.mean(fwd)) if fwd else None,
             "train_backward_iterations": float(np.mean(bwd)) if bwd else None,
+            "train_converged_fraction": float(np.mean(conv)) if conv else None,
             "val_forward_iterations": val["forward_iterations"],
         }
         history.append(rec)
@@ -248,6 +269,7 @@ def train_multilabel(
             f"val F1 {rec['val_f1']:.2f} (th {th:.2f}) {epoch_s:.1f}s"
             + (f" fwd it {rec['train_forward_iterations']:.1f}" if rec["train_forward_iterations"] else "")
             + (f" bwd it {rec['train_backward_iterations']:.1f}" if rec["train_backward_iterations"] else "")
+            + (f" converged {100 * rec['train_converged_fraction']:.1f}%" if conv else "")
             + (" [pretrain]" if pretraining else "")
         )
         if checkpoint is not None:

@@ -1,0 +1,29 @@
+"""The options each model runs with in the results grid, the demo and the CLI defaults.
+
+Chosen on the validation split (seed 0) of Bibtex; the same for every dataset. All models share
+the budget :data:`BUDGET` (epoch cap, early-stopping patience, batch size, Adam learning rate, and the loss:
+binary cross-entropy plus 0.1 times a soft example-F1 term, which lifted the MLP's validation F1
+by about one point as much as the structured models').
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from torchfpi.apps.multilabel.models import ModelConfig
+
+BUDGET: Dict[str, Any] = dict(epochs=40, patience=6, batch_size=128, lr=1e-3, f1_weight=0.1)
+
+MODEL_OPTIONS: Dict[str, Dict[str, Any]] = {
+    "mlp": {},
+    "spen": dict(energy_hidden=64, energy_condition=True, energy_init_scale=1.0, unroll_steps=10),
+    "fpi_nn": dict(update_hidden=128),
+    "fpi_gd": dict(energy_hidden=64, energy_condition=True, energy_init_scale=1.0),
+}
+
+
+def model_config(model: str, **overrides: Any) -> ModelConfig:
+    """The :class:`ModelConfig` of ``model``'s recipe, with ``overrides`` applied."""
+    if model not in MODEL_OPTIONS:
+        raise ValueError(f"model: expected one of {list(MODEL_OPTIONS)}, got '{model}'")
+    return ModelConfig(**{**MODEL_OPTIONS[model], **overrides})
