@@ -18,6 +18,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from torchfpi._errors import FixedPointError
+
 
 def _is_float(t: object) -> bool:
     return isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())
@@ -78,7 +80,7 @@ class _VJP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, fn, n_cot, n_explicit, wrt, *tensors):  # type: ignore[override]
+    def forward(ctx, fn, n_cot, n_explicit, wrt, strict, *tensors):  # type: ignore[override]
         cots = tensors[:n_cot]
         primals = tensors[n_cot:]
         explicit = primals[:n_explicit]
@@ -91,6 +93,15 @@ class _VJP(torch.autograd.Function):
             everything = list(copies) + list(implicit)
             targets = [everything[i] for i in wrt]
             grads = _grad(outs, targets, cots, create_graph=False)
+        if strict:
+            for i, g in zip(wrt, grads):
+                if g is None and i >= n_explicit:
+                    raise FixedPointError(
+                        "f no longer uses a tensor it used during the forward solve (shape "
+                        f"{tuple(everything[i].shape)}): its parameters were replaced between forward "
+                        "and backward (e.g. by torch.func.functional_call, or reassigned). Pass such "
+                        "tensors to fixed_point as explicit inputs instead"
+                    )
         result = tuple(
             torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, targets)
         )
@@ -116,16 +127,16 @@ class _VJP(torch.autograd.Function):
             grads = _grad(outs, targets, cots_, create_graph=True)
             return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, targets))
 
-        needs = ctx.needs_input_grad[4:]
+        needs = ctx.needs_input_grad[5:]
         wrt2 = tuple(i for i in range(len(tensors)) if needs[i])
         if not wrt2:
-            return (None, None, None, None) + (None,) * len(tensors)
+            return (None, None, None, None, None) + (None,) * len(tensors)
         del n_implicit
-        res = _VJP.apply(vjp_fn, len(grad_outputs), n_cot + n_explicit, wrt2, *grad_outputs, *tensors)
+        res = _VJP.apply(vjp_fn, len(grad_outputs), n_cot + n_explicit, wrt2, False, *grad_outputs, *tensors)
         out: List[Optional[Tensor]] = [None] * len(tensors)
         for i, g in zip(wrt2, res):
             out[i] = g
-        return (None, None, None, None, *out)
+        return (None, None, None, None, None, *out)
 
 
 def vjp(
@@ -134,6 +145,11 @@ def vjp(
     explicit: Sequence[object],
     implicit: Sequence[Tensor],
     wrt: Sequence[int],
+    strict: bool = False,
 ) -> Tuple[Tensor, ...]:
-    """Differentiable VJP of ``fn`` at ``explicit`` (see :class:`_VJP`)."""
-    return _VJP.apply(fn, len(cotangents), len(explicit), tuple(wrt), *cotangents, *explicit, *implicit)
+    """Differentiable VJP of ``fn`` at ``explicit`` (see :class:`_VJP`).
+
+    With ``strict``, an implicit leaf that ``fn`` no longer reaches raises instead of getting a
+    silent zero gradient.
+    """
+    return _VJP.apply(fn, len(cotangents), len(explicit), tuple(wrt), strict, *cotangents, *explicit, *implicit)

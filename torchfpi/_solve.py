@@ -202,8 +202,29 @@ class _Problem:
         return zf
 
     # -- backward --------------------------------------------------------------------------
+    def record_graph(self, zs: Tensor, tensors: Sequence[Tensor], needs: Sequence[bool]) -> Tuple[Tensor, Tensor, List[Tensor]]:
+        """One call of f at z* with grad, on detached copies: the graph the backward VJPs use.
+
+        Recorded in the forward, so the backward differentiates exactly the function the forward
+        solved, even if f's parameters are swapped afterwards (``torch.func.functional_call``).
+        """
+        with torch.enable_grad():
+            zd = zs.detach().requires_grad_(True)
+            td = [
+                t.detach().requires_grad_(True) if (needs[i] and _is_float(t)) else t.detach()
+                for i, t in enumerate(tensors)
+            ]
+            y = self.fn(zd, *td)
+        return y, zd, td
+
     def backward(
-        self, g: Tensor, zs: Tensor, tensors: Sequence[Tensor], params: Sequence[Tensor], needs: Sequence[bool]
+        self,
+        g: Tensor,
+        zs: Tensor,
+        tensors: Sequence[Tensor],
+        params: Sequence[Tensor],
+        needs: Sequence[bool],
+        graph: Tuple[Tensor, Tensor, List[Tensor]],
     ) -> List[Optional[Tensor]]:
         n_t = len(tensors)
         wrt = [i for i, need in enumerate(needs) if need]
@@ -212,14 +233,8 @@ class _Problem:
             return out
         strategy = self.strategy
         if not torch.is_grad_enabled():
-            # First-order backward: one recorded call of f, then VJPs on that graph only.
-            with torch.enable_grad():
-                zd = zs.detach().requires_grad_(True)
-                td = [
-                    t.detach().requires_grad_(True) if (needs[i] and _is_float(t)) else t.detach()
-                    for i, t in enumerate(tensors)
-                ]
-                y = self.fn(zd, *td)
+            # First-order backward: VJPs on the one graph of f recorded at z* in the forward.
+            y, zd, td = graph
 
             def vjp_z(u: Tensor) -> Tensor:
                 r = _grad([y], [zd], [u], create_graph=False)[0]
@@ -257,7 +272,7 @@ class _Problem:
                 u, bstats = sol.value, sol.stats  # type: ignore[assignment]
             else:
                 u, bstats = strategy.solve(vjp_z, g)  # type: ignore[union-attr]
-            grads = list(vjp(fn_t, [u], [zs, *tensors], params, wrt=[1 + i for i in wrt]))
+            grads = list(vjp(fn_t, [u], [zs, *tensors], params, wrt=[1 + i for i in wrt], strict=True))
         self.record.backward = bstats
         for i, gr in zip(wrt, grads):
             out[i] = gr
@@ -335,6 +350,7 @@ class _FixedPointFunction(torch.autograd.Function):
         zf = problem.solve(z0f, fz1, rest[:n_t])
         ctx.problem = problem
         ctx.n_t = n_t
+        ctx.graph = problem.record_graph(zf, rest[:n_t], ctx.needs_input_grad[3 : 3 + n_t])
         ctx.save_for_backward(zf, *rest)
         return zf
 
@@ -343,7 +359,7 @@ class _FixedPointFunction(torch.autograd.Function):
         zs, *rest = ctx.saved_tensors
         n_t = ctx.n_t
         needs = ctx.needs_input_grad[3:]
-        grads = ctx.problem.backward(g, zs, rest[:n_t], rest[n_t:], needs)
+        grads = ctx.problem.backward(g, zs, rest[:n_t], rest[n_t:], needs, ctx.graph)
         return (None, None, None, *grads)
 
 

@@ -1,0 +1,224 @@
+"""FPI_NN and FPI_GD layers, energies, contraction tools (float64 where exactness matters)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from problems import GRAD_RTOL, SOLVER_TOL, spd
+from torch.autograd import gradcheck, gradgradcheck
+from torch.func import functional_call
+
+import torchfpi
+from torchfpi.energies import ICNNEnergy, MultiLabelEnergy, QuadraticEnergy
+
+
+def _params_call(layer, x):
+    """(fn, args) for gradcheck w.r.t. x and every parameter of ``layer``.
+
+    The parameters are rebound to the gradcheck inputs for good (not just during the call, as
+    ``functional_call`` does): a double backward recomputes f after the call has returned.
+    """
+    named = list(layer.named_parameters())
+    names = [n for n, _ in named]
+    params = tuple(p.detach().clone().requires_grad_() for _, p in named)
+
+    def fn(x, *ps):
+        for name, p in zip(names, ps):
+            *path, attr = name.split(".")
+            mod = layer
+            for part in path:
+                mod = getattr(mod, part)
+            mod._parameters.pop(attr, None)
+            setattr(mod, attr, p)
+        return layer(x)
+
+    return fn, (x, *params)
+
+
+def test_fpigd_quadratic_reaches_closed_form_with_exact_gradients(gen, dtype):
+    A = spd(4, gen, dtype, cond=4.0)
+    layer = torchfpi.FPIGD(QuadraticEnergy(4, A=A), step_size=0.4, init=lambda b: torch.zeros_like(b),
+                           tol=SOLVER_TOL, max_iter=1000)
+    b = torch.randn(3, 4, generator=gen, dtype=dtype, requires_grad=True)
+    z = layer(b)
+    torch.testing.assert_close(z, torch.linalg.solve(A, b.detach().T).T, rtol=1e-9, atol=1e-9)
+    w = torch.randn(3, 4, generator=gen, dtype=dtype)
+    (g,) = torch.autograd.grad((z * w).sum(), b)
+    torch.testing.assert_close(g, w @ torch.linalg.inv(A), rtol=GRAD_RTOL, atol=GRAD_RTOL)
+
+
+def test_fpigd_learned_quadratic_parameter_gradient_closed_form(gen, dtype):
+    # z* = A^{-1} b with A = L L^T + eps I: dL/dA = -A^{-T} w z*^T summed over the batch.
+    energy = QuadraticEnergy(3, eps=0.5).to(dtype)
+    with torch.no_grad():
+        energy.L.copy_(torch.eye(3, dtype=dtype) + 0.1 * torch.randn(3, 3, generator=gen, dtype=dtype))
+    layer = torchfpi.FPIGD(energy, step_size=0.3, init=lambda b: torch.zeros_like(b), tol=SOLVER_TOL, max_iter=2000)
+    b = torch.randn(5, 3, generator=gen, dtype=dtype)
+    w = torch.randn(5, 3, generator=gen, dtype=dtype)
+    (gL,) = torch.autograd.grad((layer(b) * w).sum(), energy.L)
+    L = energy.L.detach().clone().requires_grad_()
+    A = L @ L.T + 0.5 * torch.eye(3, dtype=dtype)
+    (gL_ref,) = torch.autograd.grad((torch.linalg.solve(A, b.T).T * w).sum(), L)
+    torch.testing.assert_close(gL, gL_ref, rtol=GRAD_RTOL, atol=GRAD_RTOL)
+
+
+def test_gradcheck_and_gradgradcheck_fpinn_with_parameters(dtype):
+    layer = torchfpi.FPINN(torchfpi.MLPUpdate(3, 2, hidden=4, activation="tanh", spectral_norm=False), tol=SOLVER_TOL, max_iter=500).to(dtype)
+    layer.eval()  # freeze the spectral-norm power iteration between calls
+    fn, args = _params_call(layer, torch.randn(2, 2, dtype=dtype, requires_grad=True))
+    assert gradcheck(fn, args)
+    assert gradgradcheck(fn, args)
+
+
+def test_gradcheck_and_gradgradcheck_fpigd_with_parameters(dtype):
+    energy = MultiLabelEnergy(3, interactions=2, mu=1.0).to(dtype)
+    with torch.no_grad():
+        energy.C.weight.normal_(0, 0.3)
+        energy.c.normal_(0, 0.3)
+    layer = torchfpi.FPIGD(energy, step_size=0.5, learn_step_size=True, init=lambda s: torch.zeros_like(s),
+                           tol=SOLVER_TOL, max_iter=500).to(dtype)
+    fn, args = _params_call(layer, torch.randn(2, 3, dtype=dtype, requires_grad=True))
+    assert gradcheck(fn, args)
+    assert gradgradcheck(fn, args)
+
+
+def test_projected_fpigd_stays_in_box_and_gradients_where_inactive(gen, dtype):
+    A = spd(4, gen, dtype, cond=3.0)
+    layer = torchfpi.FPIGD(QuadraticEnergy(4, A=A), step_size=0.5, projection="box", box=(0.0, 1.0),
+                           init=lambda b: torch.full_like(b, 0.5), tol=SOLVER_TOL, max_iter=2000)
+    b = (3 * torch.randn(6, 4, generator=gen, dtype=dtype)).requires_grad_()
+    z = layer(b)
+    assert (z >= 0).all() and (z <= 1).all()
+    # Rows whose unconstrained minimiser lies strictly inside the box: gradient = A^{-1}.
+    b_in = (A @ torch.full((4,), 0.5, dtype=dtype) + 0.2 * torch.randn(4, generator=gen, dtype=dtype)).unsqueeze(0)
+    b_in.requires_grad_()
+    z_in = layer(b_in)
+    assert ((z_in > 0) & (z_in < 1)).all()
+    w = torch.randn(1, 4, generator=gen, dtype=dtype)
+    (g,) = torch.autograd.grad((z_in * w).sum(), b_in)
+    torch.testing.assert_close(g, w @ torch.linalg.inv(A), rtol=GRAD_RTOL, atol=GRAD_RTOL)
+
+
+def test_icnn_is_convex_and_fpigd_finds_its_minimiser(gen, dtype):
+    torch.manual_seed(1)
+    energy = ICNNEnergy(5, 3, hidden=(16, 16), mu=1.0).to(dtype)
+    x = torch.randn(4, 3, dtype=dtype)
+    z1, z2 = torch.randn(4, 5, dtype=dtype), torch.randn(4, 5, dtype=dtype)
+    for t in torch.linspace(0.05, 0.95, 10, dtype=dtype):
+        lhs = energy(t * z1 + (1 - t) * z2, x)
+        rhs = t * energy(z1, x) + (1 - t) * energy(z2, x)
+        assert (lhs <= rhs + 1e-12).all()
+    layer = torchfpi.FPIGD(energy, step_size=0.2, init=lambda x: torch.zeros(x.shape[0], 5, dtype=dtype),
+                           tol=1e-12, max_iter=3000)
+    with torch.no_grad():
+        z = layer(x)
+    grad = torchfpi.energy_grad(energy, z, x)
+    assert grad.abs().max() < 1e-9
+    # Any perturbation raises the energy (unique minimiser of a strongly convex function).
+    for _ in range(5):
+        assert (energy(z + 1e-3 * torch.randn_like(z), x) > energy(z, x)).all()
+
+
+def test_contraction_check_warns_only_for_large_steps(gen, dtype):
+    A = spd(4, gen, dtype, cond=4.0)  # largest eigenvalue 4: steps below 0.5 contract
+    b = torch.randn(2, 4, generator=gen, dtype=dtype)
+    good = torchfpi.FPIGD(QuadraticEnergy(4, A=A), step_size=0.3, init=lambda b: torch.zeros_like(b), tol=1e-10, max_iter=500)
+    good(b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = good.contraction_check(b)
+    assert (r < 1).all()
+    bad = torchfpi.FPIGD(QuadraticEnergy(4, A=A), step_size=0.7, init=lambda b: torch.zeros_like(b),
+                         max_iter=5, on_failure="ignore")
+    with pytest.warns(torchfpi.ConvergenceWarning, match="smaller step_size"):
+        r = bad.contraction_check(b, z=torch.linalg.solve(A, b.T).T)
+    assert (r > 1).all()
+
+
+def test_energy_trace_decreases(gen, dtype):
+    A = spd(4, gen, dtype, cond=4.0)
+    layer = torchfpi.FPIGD(QuadraticEnergy(4, A=A), step_size=0.2, record_energy=True,
+                           init=lambda b: torch.zeros_like(b), tol=1e-10, max_iter=500)
+    layer(torch.randn(3, 4, generator=gen, dtype=dtype))
+    tr = layer.energy_trace
+    assert tr is not None and tr.shape[1] == 3
+    assert (tr[1:] <= tr[:-1] + 1e-12).all()
+
+
+def test_jacobian_regularisation_reduces_spectral_radius():
+    torch.manual_seed(0)
+    update = torchfpi.MLPUpdate(8, 4, hidden=32, gamma=1.0, spectral_norm=False, activation="tanh")
+    with torch.no_grad():
+        update.Wz.mul_(3.0)
+    x = torch.randn(32, 4)
+    z = torch.randn(32, 8)
+
+    def radius():
+        return float(torchfpi.spectral_radius(update, z, x).mean())
+
+    before = radius()
+    opt = torch.optim.Adam(update.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = torchfpi.jacobian_penalty(update, z, x).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = radius()
+    assert after < 0.7 * before
+
+
+def test_fpinn_conv_update_trains_one_step():
+    layer = torchfpi.FPINN(torchfpi.ConvUpdate(1, 1, hidden=4), tol=1e-4, max_iter=100)
+    x = torch.randn(2, 1, 8, 8)
+    out = layer(x)
+    assert out.shape == (2, 1, 8, 8)
+    out.square().mean().backward()
+    assert layer.f.Wz.grad is not None and torch.isfinite(layer.f.Wz.grad).all()
+    assert layer.last_solution.backward.converged.all()
+
+
+def test_fpinn_mlp_is_contractive_by_construction():
+    layer = torchfpi.FPINN(torchfpi.MLPUpdate(16, 8, hidden=64, gamma=0.9), tol=1e-6, max_iter=200)
+    x = torch.randn(8, 8)
+    z = layer(x)
+    r = torchfpi.spectral_radius(layer.f, z.detach(), x)
+    assert (r <= 0.9 + 1e-3).all()
+
+
+def test_energy_grad_checks_energy_shape():
+    with pytest.raises(ValueError, match=r"one value per sample, shape \(2,\); got \(\)"):
+        torchfpi.energy_grad(lambda z: z.sum(), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: torchfpi.FPIGD(lambda z: z.sum(1), step_size=0), "step_size"),
+        (lambda: torchfpi.FPIGD(lambda z: z.sum(1), projection="sphere"), "projection"),
+        (lambda: torchfpi.FPIGD(lambda z: z.sum(1), projection="box", box=(1.0, 0.0)), "box"),
+        (lambda: torchfpi.MLPUpdate(2, 2, activation="gelu"), "activation"),
+        (lambda: torchfpi.MLPUpdate(2, 2, gamma=1.5), "gamma"),
+        (lambda: torchfpi.ConvUpdate(1, 1, kernel_size=2), "kernel_size"),
+        (lambda: ICNNEnergy(2, 2, hidden=()), "hidden"),
+        (lambda: QuadraticEnergy(2, A=torch.eye(3)), "A: expected shape"),
+    ],
+)
+def test_layer_option_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_functional_call_first_order_and_loud_double_backward(dtype):
+    energy = MultiLabelEnergy(3, interactions=2).to(dtype)
+    layer = torchfpi.FPIGD(energy, step_size=0.5, init=lambda s: torch.zeros_like(s), tol=1e-10).to(dtype)
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for _, p in layer.named_parameters())
+    x = torch.randn(2, 3, dtype=dtype, requires_grad=True)
+    fn = lambda x, *ps: functional_call(layer, dict(zip(names, ps)), (x,))  # noqa: E731
+    assert gradcheck(fn, (x, *params))
+    out = fn(x, *params)
+    # A differentiable backward recomputes f, which now uses the module's own parameters again.
+    with pytest.raises(torchfpi.FixedPointError, match="no longer uses a tensor"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)
