@@ -24,9 +24,12 @@ from torchfpi.apps._common import atomic_write_json, data_root, machine_info, re
 from torchfpi.apps.flow import _ops
 from torchfpi.apps.flow.baselines import dis, farneback, horn_schunck
 from torchfpi.apps.flow.train import load_weights
+from torchfpi.apps.flow.variational import VariationalFlow
 from torchfpi.data.flo import end_point_error, flow_to_color, valid_mask
 
-METHODS = ("fpi_gd", "horn_schunck", "farneback", "dis")
+METHODS = ("fpi_gd", "horn_schunck", "farneback", "dis", "fpi_gd_init")
+# fpi_gd_init: the same model at its hand-set initial values before training (an ablation that
+# shows what training on synthetic pairs changed; never used to choose anything)
 
 
 def main(argv=None) -> int:
@@ -53,6 +56,7 @@ def main(argv=None) -> int:
     results["protocol"] = ("Middlebury 'other' training pairs with ground truth (frame10 -> frame11), grey "
                            "frames; EPE averaged over pixels with known truth; no tuning on these pairs")
     model = load_weights(Path(args.weights)) if "fpi_gd" in methods else None
+    init_model = VariationalFlow(model.config if model is not None else None)
     if model is not None:
         results["fpi_gd_params"] = model.describe()
         results["fpi_gd_config"] = model.extra_state()
@@ -73,6 +77,9 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 if m == "fpi_gd":
                     fl, info = model(g1, g2)
+                    est = fl[0].permute(1, 2, 0).numpy()
+                elif m == "fpi_gd_init":
+                    fl, info = init_model(g1, g2)
                     est = fl[0].permute(1, 2, 0).numpy()
                 elif m == "horn_schunck":
                     fl, info = horn_schunck(g1, g2)
@@ -110,6 +117,8 @@ def _figure(path: Path, seq: str, frame: np.ndarray, gt: np.ndarray, flows: dict
     scale = float(np.sqrt((gt[mask] ** 2).sum(1)).max())
     panels = [("frame10", frame), ("ground truth", flow_to_color(gt, scale))]
     for m, est in flows.items():
+        if m.endswith("_init"):
+            continue
         panels.append((f"{m}  EPE {methods[m]['per_sequence'][seq]['epe']:.3f}", flow_to_color(est, scale)))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8))
     for ax, (title, img) in zip(axes, panels):

@@ -147,6 +147,26 @@ class VariationalFlow(nn.Module):
             z = torch.where(colour, (1 - omega) * z + omega * new, z)
         return z
 
+    def energy(self, z: torch.Tensor, u0: torch.Tensor, d: torch.Tensor, wx: torch.Tensor,
+               wy: torch.Tensor, red: torch.Tensor | None = None) -> torch.Tensor:
+        """The learned energy ``E(z)`` of one warp, per sample ``(B,)`` (see the module docstring).
+
+        :meth:`step` is a preconditioned descent step on it: ``grad_z E(z*) = 0`` at its fixed
+        points (tested with ``torchfpi.energy_grad``). Same arguments as :meth:`step`.
+        """
+        p = self.params()
+        ix, iy, it, ixx, ixy, iyy, ixt, iyt = d.unbind(1)
+        du, dv = z[:, 0] - u0[:, 0], z[:, 1] - u0[:, 1]
+
+        def rho(s: torch.Tensor, eps: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+            return (s * s + eps * eps) ** a
+
+        data = rho(it + ix * du + iy * dv, p["eps_d"], p["a_d"]) + p["gamma"] * (
+            rho(ixt + ixx * du + ixy * dv, p["eps_d"], p["a_d"]) + rho(iyt + ixy * du + iyy * dv, p["eps_d"], p["a_d"]))
+        smooth = (wx * rho(z[..., :, 1:] - z[..., :, :-1], p["eps_s"], p["a_s"])).flatten(1).sum(1) + (
+            wy * rho(z[..., 1:, :] - z[..., :-1, :], p["eps_s"], p["a_s"])).flatten(1).sum(1)
+        return data.flatten(1).sum(1) + p["lambda"] * smooth
+
     # -- the coarse-to-fine scheme -------------------------------------------------------------
     def _data_terms(self, a: torch.Tensor, b: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         bw, inside = _ops.warp(b, flow, mode="bicubic")
