@@ -62,7 +62,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, size=args.size, lr=args.lr,
                       max_motion=args.max_motion, val_pairs=args.val_pairs, val_every=args.val_every,
                       seed=args.seed)
-    command = "torchfpi " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("torchfpi") else ""
+    command = "torchfpi " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     summary = train(Path(args.out), cfg, FlowConfig(max_iter=args.max_iter), data_root=root,
                     resume=args.resume, quiet=args.quiet, command=command)
     if not args.quiet:
