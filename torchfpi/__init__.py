@@ -6,6 +6,7 @@
 True
 """
 
+from torchfpi import energies  # noqa: E402  (public sub-module of energy building blocks)
 from torchfpi._backward import (
     AndersonBackward,
     DenseBackward,
@@ -21,7 +22,6 @@ from torchfpi._partial import energy_grad
 from torchfpi._solution import Solution, SolveStats, Status
 from torchfpi._solve import FPILayer, fixed_point
 from torchfpi._solvers import FPI, Anderson
-from torchfpi import energies  # noqa: E402  (public sub-module of energy building blocks)
 
 __version__ = "0.1.0"
 

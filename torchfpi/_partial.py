@@ -31,8 +31,8 @@ def energy_grad(energy: Callable[..., Tensor], z: Tensor, *inputs: Any) -> Tenso
     Example:
         >>> import torch, torchfpi
         >>> z = torch.tensor([[1.0, -2.0]])
-        >>> torchfpi.energy_grad(lambda z: 0.5 * (z ** 2).sum(1), z)
-        tensor([[ 1., -2.]])
+        >>> torchfpi.energy_grad(lambda z: 0.5 * (z ** 2).sum(1), z).tolist()
+        [[1.0, -2.0]]
     """
     create = torch.is_grad_enabled()
     with torch.enable_grad():

@@ -86,18 +86,22 @@ class _Structure:
         self.sizes = [int(torch.Size(s).numel()) for s in self.shapes]
         self.batch = int(parts[0].shape[0]) if batched else 1
 
-    def pack(self, z: object, who: str = "z0") -> Tensor:
+    def pack(self, z: object) -> Tensor:
         parts = z if isinstance(z, tuple) else (z,)
         flats = []
-        for i, (p, shape) in enumerate(zip(parts, self.shapes)):
-            flats.append(p.reshape(p.shape[0], -1) if self.batched else p.reshape(1, -1))
+        for p in parts:
+            if self.batched and p.dim() == 2:
+                flats.append(p)  # already flat: no view node in the graph
+            else:
+                flats.append(p.reshape(p.shape[0], -1) if self.batched else p.reshape(1, -1))
         return flats[0] if len(flats) == 1 else torch.cat(flats, dim=1)
 
     def unpack(self, flat: Tensor) -> State:
         b = flat.shape[0]
         chunks = flat.split(self.sizes, dim=1) if len(self.sizes) > 1 else (flat,)
         parts = tuple(
-            c.reshape(b, *s) if self.batched else c.reshape(s) for c, s in zip(chunks, self.shapes)
+            (c if len(s) == 1 and c.dim() == 2 else c.reshape(b, *s)) if self.batched else c.reshape(s)
+            for c, s in zip(chunks, self.shapes)
         )
         return parts if self.is_tuple else parts[0]
 
@@ -173,7 +177,7 @@ class _Problem:
         st = self.structure
         out = self.f(st.unpack(zf), *args)
         st.check_output(out, zf.shape[0])
-        return st.pack(out, "f's output")
+        return st.pack(out)
 
     def _sliced(self, tensors: Sequence[Tensor], idx: Optional[Tensor]) -> Sequence[Tensor]:
         if idx is None:

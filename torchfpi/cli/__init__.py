@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import List, Optional, Sequence
+from typing import List, NoReturn, Optional, Sequence
 
 _COMMAND_MODULES = ("_demo", "_gradcheck", "_multilabel", "_denoise", "_flow", "_bench")
 
@@ -22,7 +22,7 @@ _COMMAND_MODULES = ("_demo", "_gradcheck", "_multilabel", "_denoise", "_flow", "
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line usage error (exit 2) instead of the full usage dump."""
 
-    def error(self, message: str) -> "argparse.NoReturn":  # type: ignore[name-defined]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
