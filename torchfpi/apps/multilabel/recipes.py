@@ -16,9 +16,9 @@ BUDGET: Dict[str, Any] = dict(epochs=40, patience=6, batch_size=128, lr=1e-3, f1
 
 MODEL_OPTIONS: Dict[str, Dict[str, Any]] = {
     "mlp": {},
-    "spen": dict(energy_hidden=64, energy_condition=True, energy_init_scale=1.0, unroll_steps=10),
+    "spen": dict(energy_hidden=128, energy_condition=True, energy_init_scale=3.0, unroll_steps=10),
     "fpi_nn": dict(update_hidden=128),
-    "fpi_gd": dict(energy_hidden=64, energy_condition=True, energy_init_scale=1.0),
+    "fpi_gd": dict(energy_hidden=128, energy_condition=True, energy_init_scale=3.0),
 }
 
 
