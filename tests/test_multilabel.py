@@ -151,3 +151,25 @@ def test_demo_smoke(tmp_path, capsys):
     assert "test example-based F1" in out and "forward" in out and "backward" in out
     assert (tmp_path / "training_curves.png").stat().st_size > 0
     assert main(["demo", "--epochs", "0"]) == 2
+
+
+def test_bounded_energy_contracts_and_validates():
+    from torchfpi.apps.multilabel import LabelEnergy
+
+    cfg = ModelConfig(hidden=16, energy_hidden=8, energy_init_scale=50.0, energy_max_norm=5.0, tol=1e-6)
+    model = MultiLabelModel("fpi_gd", 20, 6, cfg)
+    with torch.no_grad():
+        model.energy.C.weight.mul_(100.0)  # far outside the bound: the forward rescales it
+    x = (torch.rand(5, 20) < 0.3).float()
+    with torch.no_grad():
+        for _ in range(50):  # training-mode calls advance the power iteration
+            model._bounded_energy_weights()
+        model.eval()
+        W, c = model._bounded_energy_weights()
+        model(x)
+    assert torch.linalg.matrix_norm(W, ord=2) <= 1.0 + 1e-4 and c.norm() <= 5.0 + 1e-5
+    assert bool(model.last_solution.converged.all())
+    with pytest.raises(ValueError, match="space must be"):
+        LabelEnergy(4, space="log")
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        LabelEnergy(4, tau=0.0)

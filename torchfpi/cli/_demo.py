@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--epochs: expected >= 1, got {args.epochs}")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max-steps: expected >= 1, got {args.max_steps}")
-    require("matplotlib")
+    for module in ("numpy", "matplotlib"):
+        require(module)
     from torchfpi.apps.multilabel import TrainConfig, make_splits, train_multilabel
     from torchfpi.apps.multilabel.recipes import BUDGET, model_config
     from torchfpi.data import load_embedded_bibtex

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     """Train and print the test F1."""
     from torchfpi.apps._common import UsageError, atomic_write_json, require, resolve_device
 
-    require("arff")
+    for module in ("numpy", "arff"):
+        require(module)
     import torch
 
     from torchfpi.apps.multilabel import TrainConfig, make_splits, train_multilabel
