@@ -68,16 +68,20 @@ def test_each_model_trains_a_step_on_real_bibtex(kind, tiny_bibtex):
         assert res["train_forward_iterations"] is None
 
 
-@pytest.mark.parametrize("kind", ["fpi_gd", "fpi_nn"])
-def test_fixed_point_models_reach_their_fixed_point(kind):
+@pytest.mark.parametrize("kind, energy_kind", [("fpi_gd", "label"), ("fpi_gd", "icnn"), ("fpi_nn", "label")])
+def test_fixed_point_models_reach_their_fixed_point(kind, energy_kind):
     torch.manual_seed(0)
-    model = MultiLabelModel(kind, 20, 6, ModelConfig(hidden=16, energy_hidden=4, update_hidden=8, tol=1e-6,
-                                                    energy_init_scale=1.0)).eval()
+    cfg = ModelConfig(hidden=16, energy_hidden=4, update_hidden=8, tol=1e-6, energy_init_scale=1.0,
+                      energy_kind=energy_kind)
+    model = MultiLabelModel(kind, 20, 6, cfg).eval()
     x = (torch.rand(5, 20) < 0.3).float()
     with torch.no_grad():
         z = model(x)
         s, h = model.unary(x)
-        f = model._gd_update(z, s, None) if kind == "fpi_gd" else model._nn_update(z, s, model.u(h))
+        if kind == "fpi_nn":
+            f = model._nn_update(z, s, model.u(h))
+        else:
+            f = model._gd_update(z, s, h if energy_kind == "icnn" else None)
     torch.testing.assert_close(f, z, atol=1e-4, rtol=1e-4)
     assert bool(model.last_solution.converged.all())
 
@@ -173,3 +177,12 @@ def test_bounded_energy_contracts_and_validates():
         LabelEnergy(4, space="log")
     with pytest.raises(ValueError, match="tau must be > 0"):
         LabelEnergy(4, tau=0.0)
+    with pytest.raises(ValueError, match="energy_kind"):
+        MultiLabelModel("fpi_gd", 4, 3, ModelConfig(energy_kind="dense"))
+
+
+def test_icnn_energy_trains_a_step(tiny_bibtex):
+    cfg = TrainConfig(model="fpi_gd", epochs=1, batch_size=32,
+                      model_cfg=ModelConfig(hidden=32, energy_hidden=8, energy_kind="icnn"))
+    res = train_multilabel(cfg, tiny_bibtex, log=lambda m: None, max_steps=2)
+    assert res["train_backward_iterations"] >= 1

@@ -45,6 +45,8 @@ class ModelConfig:
         energy_condition: add ``U h(x)`` to the interaction units' bias (x-dependent energy).
         energy_init_scale: scale of the random initial weights ``c`` of the interaction units.
         energy_space: ``"prob"``: the interaction term acts on ``σ(z)``; ``"logit"``: on ``z``.
+        energy_kind: ``"label"`` (:class:`LabelEnergy`) or ``"icnn"`` (:class:`ICNNLabelEnergy`,
+            convex in z, so its minimiser is unique).
         energy_max_norm: if > 0, rescale ``C`` to spectral norm <= 1 and ``c`` to Euclidean norm
             <= this value in every forward. With ``"prob"`` space, τ = 1 and step 1 the gradient
             step then contracts by construction when the value is below about 5 (see
@@ -65,6 +67,7 @@ class ModelConfig:
     energy_init_scale: float = 0.0
     energy_space: str = "prob"
     energy_max_norm: float = 0.0
+    energy_kind: str = "label"
     update_hidden: int = 128
     tau: float = 1.0
     step_size: float = 1.0
@@ -143,6 +146,25 @@ class LabelEnergy(nn.Module):
         return 0.5 * self.tau * (z * z).sum(1) - (z * s).sum(1) + global_term
 
 
+class ICNNLabelEnergy(nn.Module):
+    """``E(z; s, h) = -<z, s> + ICNN(z, h)``, with :class:`torchfpi.energies.ICNNEnergy` (μ = τ).
+
+    Convex in z for every input and τ-strongly convex, so the minimiser is unique; the gradient
+    step with step size α contracts while α (τ + λ_max(∇²ICNN)) < 2.
+
+    Shapes: ``z``, ``s``: ``(B, L)``; ``h``: ``(B, H)``; result ``(B,)``.
+    """
+
+    def __init__(self, num_labels: int, input_dim: int, hidden: int = 64, tau: float = 1.0) -> None:
+        super().__init__()
+        from torchfpi.energies import ICNNEnergy
+
+        self.icnn = ICNNEnergy(num_labels, input_dim, hidden=(hidden,), mu=tau)
+
+    def forward(self, z: torch.Tensor, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.icnn(z, h) - (z * s).sum(1)
+
+
 def energy_grad(energy: nn.Module, z: torch.Tensor, *inputs: Any) -> torch.Tensor:
     """``∇_z E(z; inputs)`` for the unrolled SPEN, a node of the graph when grad mode is on."""
     create = torch.is_grad_enabled()
@@ -169,7 +191,11 @@ class MultiLabelModel(nn.Module):
         self.cfg = cfg = cfg or ModelConfig()
         self.unary = UnaryMLP(num_features, num_labels, cfg)
         self.last_solution: Any = None
-        if kind in ("spen", "fpi_gd"):
+        if cfg.energy_kind not in ("label", "icnn"):
+            raise ValueError(f"energy_kind: expected 'label' or 'icnn', got {cfg.energy_kind!r}")
+        if kind in ("spen", "fpi_gd") and cfg.energy_kind == "icnn":
+            self.energy = ICNNLabelEnergy(num_labels, cfg.hidden, cfg.energy_hidden, cfg.tau)
+        elif kind in ("spen", "fpi_gd"):
             self.energy = LabelEnergy(
                 num_labels, cfg.energy_hidden, cfg.tau, cfg.energy_init_scale, cfg.energy_space
             )
@@ -229,9 +255,11 @@ class MultiLabelModel(nn.Module):
         s, h = self.unary(x)
         if self.kind == "mlp":
             return s
-        if self.kind in ("spen", "fpi_gd"):
+        if self.kind in ("spen", "fpi_gd") and self.cfg.energy_kind == "icnn":
+            extra: tuple[Any, ...] = (h,)
+        elif self.kind in ("spen", "fpi_gd"):
             bias = self.energy_u(h) if self.cfg.energy_condition else None
-            extra: tuple[Any, ...] = (bias,)
+            extra = (bias,)
             if self.cfg.energy_max_norm > 0:
                 extra = (bias, *self._bounded_energy_weights())
         if self.kind == "spen":
