@@ -23,11 +23,12 @@ import torch
 from torchfpi.apps._common import atomic_write_json, data_root, machine_info, read_json
 from torchfpi.apps.flow import _ops
 from torchfpi.apps.flow.baselines import dis, farneback, horn_schunck
+from torchfpi.apps.flow.refine import load_refined
 from torchfpi.apps.flow.train import load_weights
 from torchfpi.apps.flow.variational import VariationalFlow
 from torchfpi.data.flo import end_point_error, flow_to_color, valid_mask
 
-METHODS = ("fpi_gd", "horn_schunck", "farneback", "dis", "fpi_gd_init")
+METHODS = ("fpi_gd", "fpi_nn", "horn_schunck", "farneback", "dis", "fpi_gd_init")
 # fpi_gd_init: the same model at its hand-set initial values before training (an ablation that
 # shows what training on synthetic pairs changed; never used to choose anything)
 
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--weights", default=str(Path(__file__).resolve().parents[1] / "torchfpi/weights/flow_fpi_gd.pt"))
+    parser.add_argument("--nn-weights", default=str(Path(__file__).resolve().parents[1] / "torchfpi/weights/flow_fpi_nn.pt"))
     parser.add_argument("--out", default="results/flow.json")
     parser.add_argument("--figures", default="results")
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -56,6 +58,7 @@ def main(argv=None) -> int:
     results["protocol"] = ("Middlebury 'other' training pairs with ground truth (frame10 -> frame11), grey "
                            "frames; EPE averaged over pixels with known truth; no tuning on these pairs")
     model = load_weights(Path(args.weights)) if "fpi_gd" in methods else None
+    nn_model = load_refined(Path(args.nn_weights)) if "fpi_nn" in methods else None
     init_model = VariationalFlow(model.config if model is not None else None)
     if model is not None:
         results["fpi_gd_params"] = model.describe()
@@ -78,6 +81,9 @@ def main(argv=None) -> int:
                 if m == "fpi_gd":
                     fl, info = model(g1, g2)
                     est = fl[0].permute(1, 2, 0).numpy()
+                elif m == "fpi_nn":
+                    fl, info = nn_model(g1, g2)
+                    est = fl[0].permute(1, 2, 0).numpy()
                 elif m == "fpi_gd_init":
                     fl, info = init_model(g1, g2)
                     est = fl[0].permute(1, 2, 0).numpy()
@@ -92,6 +98,8 @@ def main(argv=None) -> int:
             if info:
                 rec["iterations"] = info["iterations"]
                 rec["solves"] = info["solves"]
+                if "refine_iterations" in info:
+                    rec["refine_iterations"] = info["refine_iterations"]
             entry["per_sequence"][seq] = rec
             flo_cache.parent.mkdir(parents=True, exist_ok=True)
             np.save(flo_cache, est.astype(np.float32))

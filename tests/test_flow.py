@@ -316,3 +316,28 @@ def test_step_fixed_point_is_stationary_point_of_energy():
         g = torchfpi.energy_grad(model.energy, z, u0, d, wx, wy)
         assert float(g.norm()) < 1e-6 * float(g0.norm())
         assert float(model.energy(z, u0, d, wx, wy)) < float(model.energy(u0, u0, d, wx, wy))
+
+
+def test_fpi_nn_refinement_starts_at_base_and_trains(tmp_path):
+    from torchfpi.apps.flow.refine import RefinedFlow, load_refined, save_refined
+
+    gen = torch.Generator().manual_seed(2)
+    f1, f2, gt = make_batch(2, 32, 32, gen, TextureBank(None), max_motion=2.0)
+    model = RefinedFlow(VariationalFlow(FlowConfig(max_iter=10)))
+    with torch.no_grad():
+        zgd, _ = model.base(f1, f2)
+    flow = model.refine(zgd, f1, f2)
+    assert torch.allclose(flow, zgd)  # zero-initialised last layer: z* = z_gd
+    loss = batch_epe(flow, gt).mean()
+    loss.backward()
+    last = model.update.net[-1].weight
+    assert last.grad is not None and float(last.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in model.base.parameters())
+    torch.optim.SGD(model.update.parameters(), lr=1e-2).step()
+    with torch.no_grad():
+        moved = model.refine(zgd, f1, f2)
+    assert not torch.allclose(moved, zgd)
+    save_refined(model, tmp_path / "nn.pt")
+    back = load_refined(tmp_path / "nn.pt")
+    with torch.no_grad():
+        assert torch.allclose(back.refine(zgd, f1, f2), moved, atol=1e-5)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "flow_fpi_gd.pt"
+DEFAULT_NN_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "flow_fpi_nn.pt"
 
 
 def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAction) -> None:
@@ -18,17 +19,20 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.add_argument("--out", default=None, help="write the flow as a Middlebury .flo file")
     p.add_argument("--png", default=None, help="write a colour-wheel visualisation PNG")
     p.add_argument("--weights", default=None, help=f"weights file (default: the shipped {DEFAULT_WEIGHTS.name})")
-    p.add_argument("--method", choices=("fpi_gd", "horn_schunck"), default="fpi_gd",
-                   help="learned fixed-point model (default) or the Horn-Schunck FPI baseline")
+    p.add_argument("--method", choices=("fpi_gd", "fpi_nn", "horn_schunck"), default="fpi_gd",
+                   help="learned variational FPI model (default), its FPI_NN refinement, or Horn-Schunck")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=run_flow)
 
     t = train.add_parser("flow", help="train the learned variational flow model on synthetic pairs")
+    t.add_argument("--model", choices=("fpi_gd", "fpi_nn"), default="fpi_gd",
+                   help="fpi_gd: the variational energy model; fpi_nn: its FPI_NN refinement (needs --base)")
+    t.add_argument("--base", default=str(DEFAULT_WEIGHTS), help="fpi_gd weights refined by --model fpi_nn")
     t.add_argument("--out", default="runs/flow", help="output folder (checkpoint.pt, best.pt, train.json)")
     t.add_argument("--steps", type=int, default=150, help="optimiser steps")
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--size", type=int, default=96, help="side of the synthetic training images")
-    t.add_argument("--lr", type=float, default=0.03)
+    t.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.03 for fpi_gd, 1e-3 for fpi_nn)")
     t.add_argument("--max-motion", type=float, default=6.0, help="largest synthetic translation (pixels)")
     t.add_argument("--val-pairs", type=int, default=16)
     t.add_argument("--val-every", type=int, default=25)
@@ -55,14 +59,31 @@ def run_train(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     if args.size < 32:
         raise UsageError(f"--size: expected at least 32, got {args.size}")
+    if args.lr is None:
+        args.lr = 0.03 if args.model == "fpi_gd" else 1e-3
     if not args.lr > 0 or not args.max_motion > 0:
         raise UsageError(f"--lr and --max-motion must be positive, got {args.lr} and {args.max_motion}")
     torch.set_num_threads(args.threads)
     root = None if args.procedural else data_root(args.data_root)
+    command = "torchfpi " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.model == "fpi_nn":
+        from torchfpi.apps.flow.refine import train_refine
+        from torchfpi.apps.flow.train import load_weights
+
+        base = Path(args.base)
+        if not base.exists():
+            raise FileNotFoundError(2, "No such file or directory", str(base))
+        summary = train_refine(Path(args.out), load_weights(base), steps=args.steps, size=args.size,
+                               val_pairs=args.val_pairs, val_every=args.val_every, seed=args.seed,
+                               max_motion=args.max_motion, data_root=root, quiet=args.quiet,
+                               lr=args.lr, command=command)
+        if not args.quiet:
+            b = summary["best"]
+            print(f"best synthetic validation EPE {b['val_epe']:.4f} at step {b['step']}: {Path(args.out) / 'best_nn.pt'}")
+        return 0
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, size=args.size, lr=args.lr,
                       max_motion=args.max_motion, val_pairs=args.val_pairs, val_every=args.val_every,
                       seed=args.seed)
-    command = "torchfpi " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     summary = train(Path(args.out), cfg, FlowConfig(max_iter=args.max_iter), data_root=root,
                     resume=args.resume, quiet=args.quiet, command=command)
     if not args.quiet:
@@ -91,6 +112,13 @@ def run_flow(args: argparse.Namespace) -> int:
             from torchfpi.apps.flow.baselines import horn_schunck
 
             flow, info = horn_schunck(f1, f2)
+        elif args.method == "fpi_nn":
+            from torchfpi.apps.flow.refine import load_refined
+
+            weights = Path(args.weights) if args.weights else DEFAULT_NN_WEIGHTS
+            if not weights.exists():
+                raise FileNotFoundError(2, "No such file or directory", str(weights))
+            flow, info = load_refined(weights)(f1, f2)
         else:
             from torchfpi.apps.flow.train import load_weights
 
