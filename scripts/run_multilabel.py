@@ -90,6 +90,13 @@ def write_markdown(results: Dict[str, Any], path: Path) -> None:
                 f"{fmt(s['train_backward_iterations_mean'])} | "
                 f"{fmt(PAPER.get(ds, {}).get(model))} |"
             )
+    timing = results.get("timing", {})
+    if timing:
+        lines += ["", "Training step time (median ms per batch of 128, models interleaved step by step "
+                  "on the same machine, after warm-up):", "",
+                  "| dataset | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
+        for ds, t in timing.items():
+            lines.append(f"| {ds} | " + " | ".join(f"{t[m]['step_s_median'] * 1e3:.0f}" for m in MODELS) + " |")
     lines += [
         "",
         "fwd/bwd iters: mean forward and backward fixed-point iterations per training batch "
@@ -98,6 +105,40 @@ def write_markdown(results: Dict[str, Any], path: Path) -> None:
         "",
     ]
     atomic_write_bytes(path, "\n".join(lines).encode())
+
+
+def time_models(data: Any, dataset: str, steps: int = 20, batch_size: int = 128) -> Dict[str, Any]:
+    """Median seconds per training step (forward + backward + Adam) of each model on one batch size.
+
+    The models take turns step by step, so that the load of a shared machine affects them alike;
+    the models are freshly initialised (FPI iteration counts grow during training, so the grid's
+    per-epoch times are the numbers that matter; this table only removes the machine's load).
+    """
+    from torchfpi.apps.multilabel import MultiLabelModel
+    from torchfpi.apps.multilabel.train import multilabel_loss
+
+    torch.manual_seed(0)
+    models, opts = {}, {}
+    for name in MODELS:
+        models[name] = MultiLabelModel(name, data.x_train.shape[1], data.y_train.shape[1], model_config(name))
+        opts[name] = torch.optim.Adam(models[name].parameters(), lr=BUDGET["lr"])
+    times: Dict[str, List[float]] = {name: [] for name in MODELS}
+    n = data.x_train.shape[0]
+    for step in range(steps + 2):  # the first two steps warm up
+        idx = torch.randint(0, n, (batch_size,))
+        x, y = data.x_train[idx], data.y_train[idx]
+        for name in MODELS:
+            t0 = time.perf_counter()
+            loss = multilabel_loss(models[name](x), y, BUDGET["f1_weight"])
+            opts[name].zero_grad()
+            loss.backward()
+            opts[name].step()
+            if step >= 2:
+                times[name].append(time.perf_counter() - t0)
+    return {
+        name: {"step_s_median": sorted(t)[len(t) // 2], "steps": len(t), "batch_size": batch_size}
+        for name, t in times.items()
+    }
 
 
 def main(argv: List[str]) -> int:
@@ -142,6 +183,16 @@ def main(argv: List[str]) -> int:
                 write_markdown(results, out.with_suffix(".md"))
                 print(f"done {ds}/{model}/seed {seed}: test F1 {res['test_f1']:.2f} "
                       f"({res['wall_s']:.0f} s)", flush=True)
+        timing = results.setdefault("timing", {})
+        if ds not in timing and set(args.models) == set(MODELS):
+            if data is None:
+                data = make_splits(load_multilabel(ds, "train", root=args.data_root),
+                                   load_multilabel(ds, "test", root=args.data_root))
+            timing[ds] = time_models(data, ds)
+            atomic_write_json(results, out)
+            write_markdown(results, out.with_suffix(".md"))
+            print(f"timing {ds}: " + ", ".join(f"{k} {v['step_s_median'] * 1e3:.0f} ms/step"
+                                               for k, v in timing[ds].items()), flush=True)
     # Keep the table in sync even when every unit was skipped.
     atomic_write_json(copy.deepcopy(results), out)
     write_markdown(results, out.with_suffix(".md"))
