@@ -168,6 +168,7 @@ class _Problem:
         self.absolute = absolute
         self.compact = compact
         self.record = record
+        self._checked_batch = -1  # f's output structure is fully checked once per batch size
 
     # -- the map on flat states ------------------------------------------------------------
     def fn(self, zf: Tensor, *tensors: Tensor) -> Tensor:
@@ -176,7 +177,11 @@ class _Problem:
             args[slot] = t
         st = self.structure
         out = self.f(st.unpack(zf), *args)
-        st.check_output(out, zf.shape[0])
+        if self._checked_batch != zf.shape[0] or not isinstance(out, (Tensor, tuple)):
+            st.check_output(out, zf.shape[0])
+            self._checked_batch = zf.shape[0]
+        elif isinstance(out, Tensor) and (out.shape[0] != zf.shape[0] or out.dtype != st.dtype):
+            st.check_output(out, zf.shape[0])
         return st.pack(out)
 
     def _sliced(self, tensors: Sequence[Tensor], idx: Optional[Tensor]) -> Sequence[Tensor]:

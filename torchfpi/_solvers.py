@@ -135,7 +135,7 @@ class Anderson:
         ptr: int = state["ptr"]  # type: ignore[assignment]
         m = self.m
         g = fz - z
-        res64 = residual.to(torch.float64)
+        res64 = residual.to(device=z.device, dtype=torch.float64)
         # Restart where the residual blew up relative to the best one seen.
         restart = res64 > self.restart * best
         best = torch.minimum(best, torch.nan_to_num(res64, nan=math.inf))
@@ -219,63 +219,89 @@ def _iterate(
         ``(z_star, stats)``: ``z_star`` is ``(B, N)``; converged samples hold ``f(z_k)`` at the
         iteration where they converged, the others the best image seen.
     """
+    # Per-sample bookkeeping lives on the CPU in float64: a handful of tiny ops per iteration
+    # instead of device kernels, and one device-to-host transfer of two norms per sample.
     B = z0.shape[0]
     device, dtype = z0.device, z0.dtype
-    z_out = torch.empty_like(z0)
-    res_out = torch.full((B,), math.nan, dtype=dtype, device=device)
-    it_out = torch.zeros(B, dtype=torch.int64, device=device)
-    st_out = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int64, device=device)
+    cpu, f64 = torch.device("cpu"), torch.float64
+    z_out = z0 if not compact else z0.clone()
+    res_out = torch.full((B,), math.nan, dtype=f64)
+    it_out = torch.zeros(B, dtype=torch.int64)
+    st_out = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int64)
     traces = []
-    idx: Optional[Tensor] = None
+    idx: Optional[Tensor] = None  # CPU indices of the working rows (None: all rows)
+    idx_dev: Optional[Tensor] = None
     zw = z0
-    best_r = torch.full((B,), math.inf, dtype=dtype, device=device)
+    best_r = torch.full((B,), math.inf, dtype=f64)
     best_f = z0
-    min_abs = torch.full((B,), math.inf, dtype=dtype, device=device)
-    active = torch.ones(B, dtype=torch.bool, device=device)
+    min_abs = torch.full((B,), math.inf, dtype=f64)
+    active = torch.ones(B, dtype=torch.bool)
     all_active = True
+    held: Optional[Tensor] = None  # diverged samples, kept still in the full-batch mode
     state: Optional[State] = None
-    tiny = torch.finfo(dtype).tiny
-    nan = torch.tensor(math.nan, dtype=dtype, device=device)
     k = 0
+    lim = torch.full((B,), math.inf, dtype=f64)  # DIVERGENCE_FACTOR * smallest |residual|
     for k in range(1, max_iter + 1):
-        fz = first_fz if (k == 1 and first_fz is not None) else call(zw, idx)
-        abs_r = torch.linalg.vector_norm(fz - zw, dim=1)
+        fz = first_fz if (k == 1 and first_fz is not None) else call(zw, idx_dev)
+        abs_dev = torch.linalg.vector_norm(fz - zw, dim=1)
         if absolute:
-            r = abs_r
-            ok = torch.isfinite(abs_r)
+            a = abs_dev.detach().to(cpu, f64)
+            both = a
+            r = a
         else:
-            nf = torch.linalg.vector_norm(fz, dim=1)
-            r = abs_r / (nf + _REL_EPS)
-            ok = torch.isfinite(nf) & torch.isfinite(abs_r)
-        conv = (r < tol) & ok
-        div = ~ok | (abs_r > DIVERGENCE_FACTOR * min_abs.clamp_min(tiny))
-        div = div & ~conv
-        min_abs = torch.minimum(min_abs, torch.nan_to_num(abs_r, nan=math.inf))
-        improved = r < best_r
-        best_r = torch.where(improved, r, best_r)
-        best_f = fz if k == 1 else torch.where(improved.unsqueeze(1), fz, best_f)
-        finished = conv | div
+            both = torch.stack([abs_dev, torch.linalg.vector_norm(fz, dim=1)]).detach().to(cpu, f64)
+            a = both[0]
+            r = a / (both[1] + _REL_EPS)
+        # Fast path: one test for "something happens to some sample". NaN and Inf compare False
+        # in a < lim (lim starts at Inf), so non-finite residuals are flagged too; an overflowing
+        # ||f(z)|| makes r = 0 < tol and is sorted out below.
+        event = (r < tol) | ~(a < lim)
+        worse = r >= best_r
         if not all_active:
-            finished = finished & active
-        rd = r.detach()
-        traces.append((idx, rd if all_active else torch.where(active, rd, nan)))
-        flags = torch.stack([finished.any(), (~ok & active).any()]).tolist()
-        if flags[1]:
-            rows = (~ok & active).nonzero().squeeze(1)
-            if not (torch.isfinite(fz[rows]).all() and torch.isfinite(zw[rows]).all()):
-                raise FixedPointError(_nonfinite_message(what, k))
+            event &= active
+            worse &= active
+        flags = torch.stack([event.any(), worse.any()]).tolist()
+        best_r = torch.fmin(best_r, r)
+        min_abs = torch.fmin(min_abs, a)
+        lim = min_abs * DIVERGENCE_FACTOR
+        traces.append((idx, r if all_active else r.masked_fill(~active, math.nan)))
+        if k == 1 or not flags[1]:
+            best_f = fz
+        else:
+            best_f = torch.where(worse.to(device).unsqueeze(1), best_f, fz)
+        any_finished = False
         if flags[0]:
-            sel = finished.nonzero().squeeze(1)
-            gidx = sel if idx is None else idx[sel]
-            csel = conv[sel]
-            z_out[gidx] = torch.where(csel.unsqueeze(1), fz[sel], best_f[sel])
-            res_out[gidx] = torch.where(csel, rd[sel], best_r[sel].detach())
-            it_out[gidx] = k
-            st_out[gidx] = torch.where(
-                csel,
-                torch.tensor(int(Status.CONVERGED), device=device),
-                torch.tensor(int(Status.DIVERGED), device=device),
-            )
+            ok = torch.isfinite(both).all(0) if both.dim() == 2 else torch.isfinite(both)
+            if not bool(ok.all()):
+                rows = (~ok & active).nonzero().squeeze(1).to(device)
+                if rows.numel() and not (torch.isfinite(fz[rows]).all() and torch.isfinite(zw[rows]).all()):
+                    raise FixedPointError(_nonfinite_message(what, k))
+            conv = (r < tol) & ok
+            finished = event & (conv | ~ok | (a > DIVERGENCE_FACTOR * min_abs) | torch.isnan(a))
+            any_finished = bool(finished.any())
+        if any_finished:
+            diverged = finished & ~conv
+            any_diverged = bool(diverged.any())
+            if idx is None and not compact:
+                # Full batch: masks, no index bookkeeping. Converged samples keep being
+                # evaluated (their result is stored); diverged ones are held still.
+                fin_dev = finished.to(device).unsqueeze(1)
+                val = torch.where(conv.to(device).unsqueeze(1), fz, best_f) if any_diverged else fz
+                z_out = torch.where(fin_dev, val, z_out)
+                res_out = torch.where(finished, torch.where(conv, r, best_r), res_out)
+                it_out = torch.where(finished, k, it_out)
+                st_out = torch.where(finished, torch.where(conv, int(Status.CONVERGED), int(Status.DIVERGED)), st_out)
+                if any_diverged:
+                    held = diverged if held is None else held | diverged
+            else:
+                sel = finished.nonzero().squeeze(1)
+                gidx = sel if idx is None else idx[sel]
+                csel = conv[sel]
+                sel_dev, gidx_dev = sel.to(device), gidx.to(device)
+                z_out[gidx_dev] = torch.where(csel.to(device).unsqueeze(1), fz[sel_dev], best_f[sel_dev])
+                res_out[gidx] = torch.where(csel, r[sel], best_r[sel])
+                it_out[gidx] = k
+                st_out[gidx] = torch.where(csel, int(Status.CONVERGED), int(Status.DIVERGED))
             active = active & ~finished
             all_active = False
             if not bool(active.any()):
@@ -283,30 +309,41 @@ def _iterate(
         if state is None:
             state = solver.init(zw, fz)  # type: ignore[attr-defined]
         z_next = solver.step(state, zw, fz, r)  # type: ignore[attr-defined]
-        if flags[0] and compact:
+        if any_finished and compact:
             keep = active.nonzero().squeeze(1)
-            zw = z_next[keep]
-            state = _select(state, keep)
-            best_f, best_r, min_abs = best_f[keep], best_r[keep], min_abs[keep]
+            keep_dev = keep.to(device)
+            zw = z_next[keep_dev]
+            state = _select(state, keep_dev)
+            best_f, best_r, min_abs, lim = best_f[keep_dev], best_r[keep], min_abs[keep], lim[keep]
             idx = keep if idx is None else idx[keep]
-            active = torch.ones(keep.shape[0], dtype=torch.bool, device=device)
+            idx_dev = idx.to(device)
+            active = torch.ones(keep.shape[0], dtype=torch.bool)
             all_active = True
-        elif all_active:
+        elif held is None:
             zw = z_next
         else:
-            zw = torch.where(active.unsqueeze(1), z_next, zw)
+            zw = torch.where(held.to(device).unsqueeze(1), zw, z_next)
     else:
         k = max_iter
     if bool(active.any()):
         sel = active.nonzero().squeeze(1)
         gidx = sel if idx is None else idx[sel]
-        z_out[gidx] = best_f[sel]
-        res_out[gidx] = best_r[sel].detach()
+        if idx is None and not compact:
+            z_out = torch.where(active.to(device).unsqueeze(1), best_f, z_out)
+        else:
+            z_out[gidx.to(device)] = best_f[sel.to(device)]
+        res_out[gidx] = best_r[sel]
         it_out[gidx] = k
-    trace = torch.full((len(traces), B), math.nan, dtype=dtype, device=device)
+    trace = torch.full((len(traces), B), math.nan, dtype=f64)
     for t, (tidx, tr) in enumerate(traces):
         if tidx is None:
             trace[t] = tr
         else:
             trace[t, tidx] = tr
-    return z_out, SolveStats(iterations=it_out, residual=res_out, status=st_out, trace=trace)
+    stats = SolveStats(
+        iterations=it_out.to(device),
+        residual=res_out.to(device, dtype),
+        status=st_out.to(device),
+        trace=trace.to(device, dtype),
+    )
+    return z_out, stats
