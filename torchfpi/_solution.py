@@ -94,8 +94,10 @@ class Solution:
     @property
     def stats(self) -> SolveStats:
         """Forward :class:`SolveStats`."""
-        assert self._record.stats is not None  # set by the solve before a Solution exists
-        return self._record.stats
+        stats = self._record.stats
+        if stats is None:  # pragma: no cover - the solve sets it before a Solution exists
+            raise RuntimeError("Solution.stats: the forward solve recorded no statistics")
+        return stats
 
     @property
     def backward(self) -> Optional[SolveStats]:

@@ -52,9 +52,8 @@ class QuadraticEnergy(nn.Module):
 
     def matrix(self) -> Tensor:
         """The SPD matrix A."""
-        if self.A_fixed is not None:
+        if self.L is None:
             return self.A_fixed
-        assert self.L is not None
         return self.L @ self.L.T + self.eps * torch.eye(self.L.shape[0], dtype=self.L.dtype, device=self.L.device)
 
     def forward(self, z: Tensor, b: Tensor) -> Tensor:
