@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""CUDA correctness checks and GPU timings of torchfpi, in under 5 minutes.
+
+Prepared for a session with a GPU; runs anywhere with ``--device cpu`` (to prove it works).
+
+    python scripts/gpu_check.py                        # CUDA: checks + timings -> $OUT or benchmarks/results/gpu
+    python scripts/gpu_check.py --device cpu --quick   # the same code path on the CPU, tiny sizes
+
+Part 1 (correctness, float32 and float64 on the device, each compared with a float64 CPU
+reference): forward solve, gradients of every exact backward mode, compaction, a double
+backward, FPI_GD with autograd inside f, errors raised on the device. Part 2 (timings): the
+benchmark harness (``torchfpi.bench``) on the device with wall-clock timing synchronised
+after every half, CUDA peak memory, and the memory sweep. Writes ``gpu_check.json`` plus
+the harness's ``results.json``/``results.md`` and exits 1 if a correctness check fails.
+Each part stops early if ``--budget-s`` would be exceeded (the JSON records what ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import torch
+
+import torchfpi
+from torchfpi.bench import Config, build, run_benchmark
+from torchfpi.bench._harness import gradient_error, reference_gradients
+
+
+def _check(results: List[Dict[str, Any]], name: str, fn: Callable[[], Dict[str, Any]]) -> None:
+    t0 = time.perf_counter()
+    try:
+        info = fn()
+        ok = bool(info.pop("ok"))
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, then the next check runs
+        ok, info = False, {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc(limit=3)}
+    info.update(name=name, ok=ok, seconds=round(time.perf_counter() - t0, 3))
+    results.append(info)
+    print(f"[{'ok' if ok else 'FAIL'}] {name} ({info['seconds']:.1f} s) "
+          + ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("name", "ok", "seconds", "trace")),
+          flush=True)
+
+
+def correctness(device: torch.device, quick: bool) -> List[Dict[str, Any]]:
+    results: List[Dict[str, Any]] = []
+    cpu = torch.device("cpu")
+
+    def grads_vs_reference(problem: str, dtype: torch.dtype, limit: float) -> Callable[[], Dict[str, Any]]:
+        def fn() -> Dict[str, Any]:
+            ref, _ = reference_gradients(build(problem, quick=quick, dtype=torch.float64, device=cpu))
+            inst = build(problem, quick=quick, dtype=dtype, device=device)
+            tol = 1e-5 if dtype == torch.float32 else 1e-11
+            errors = {}
+            for mode in ("fpi", "anderson", "unroll"):
+                for solver in ("fpi", "anderson"):
+                    sol = torchfpi.fixed_point(inst.f, inst.z0, *inst.inputs, solver=solver, backward=mode,
+                                               tol=tol, max_iter=2000, on_failure="raise")
+                    assert sol.value.device.type == device.type
+                    g = torch.autograd.grad((sol.value * inst.weight).sum(), inst.params)
+                    assert all(t.device.type == device.type for t in g)
+                    errors[f"{solver}/{mode}"] = gradient_error(g, ref)
+            worst = max(errors.values())
+            return {"ok": worst < limit, "worst_error": f"{worst:.1e}", "limit": limit,
+                    "errors": {k: f"{v:.1e}" for k, v in errors.items()}}
+        return fn
+
+    for problem in ("mlp", "conv", "multilabel", "mixed"):
+        _check(results, f"{problem} float32 gradients vs float64 CPU reference",
+               grads_vs_reference(problem, torch.float32, 2e-3))
+    _check(results, "mlp float64 gradients vs float64 CPU reference", grads_vs_reference("mlp", torch.float64, 1e-8))
+
+    def compaction() -> Dict[str, Any]:
+        inst = build("mixed", quick=quick, device=device)
+        a = torchfpi.fixed_point(inst.f, inst.z0, *inst.inputs, tol=1e-5, max_iter=1000, compact=True)
+        b = torchfpi.fixed_point(inst.f, inst.z0, *inst.inputs, tol=1e-5, max_iter=1000, compact=False)
+        ga = torch.autograd.grad((a.value * inst.weight).sum(), inst.params)
+        gb = torch.autograd.grad((b.value * inst.weight).sum(), inst.params)
+        same_it = bool(torch.equal(a.iterations, b.iterations))
+        diff = float((a.value - b.value).abs().max())
+        err = gradient_error(ga, gb)
+        return {"ok": same_it and diff < 1e-5 and err < 1e-4 and bool(a.converged.all()),
+                "same_iterations": same_it, "value_diff": f"{diff:.1e}", "grad_diff": f"{err:.1e}",
+                "iterations": f"{int(a.iterations.min())}..{int(a.iterations.max())}"}
+
+    _check(results, "compaction gives the per-sample result of the full batch", compaction)
+
+    def double_backward() -> Dict[str, Any]:
+        def second(dev: torch.device) -> torch.Tensor:
+            x = torch.linspace(-1, 1, 6, dtype=torch.float64, device=dev).reshape(2, 3).requires_grad_(True)
+            sol = torchfpi.fixed_point(lambda z, x: 0.5 * torch.tanh(z) + x, torch.zeros_like(x), x,
+                                       tol=1e-12, max_iter=500)
+            (g,) = torch.autograd.grad(sol.value.pow(2).sum(), x, create_graph=True)
+            (h,) = torch.autograd.grad(g.sum(), x)
+            return h.cpu()
+
+        a, b = second(device), second(cpu)
+        diff = float((a - b).abs().max() / b.abs().max())
+        return {"ok": diff < 1e-8, "relative_diff": f"{diff:.1e}"}
+
+    _check(results, "double backward on the device matches the CPU", double_backward)
+
+    def fpigd_layer() -> Dict[str, Any]:
+        from torchfpi.energies import MultiLabelEnergy
+
+        layer = torchfpi.FPIGD(MultiLabelEnergy(12, 4), step_size=0.1, projection="box",
+                               init=lambda s: torch.full_like(s, 0.5), tol=1e-5, max_iter=500).to(device)
+        s = torch.randn(8, 12, device=device, requires_grad=True)
+        y = layer(s)
+        y.sum().backward()
+        grads_ok = s.grad is not None and all(p.grad is not None for p in layer.parameters() if p.requires_grad)
+        return {"ok": bool(layer.last_solution.converged.all()) and grads_ok and y.device.type == device.type,
+                "iterations": int(layer.last_solution.iterations.max())}
+
+    _check(results, "FPIGD layer (autograd inside f) on the device", fpigd_layer)
+
+    def errors_on_device() -> Dict[str, Any]:
+        z0 = torch.zeros(2, 3, device=device)
+        try:
+            torchfpi.fixed_point(lambda z: z + float("nan"), z0)
+        except torchfpi.FixedPointError as exc:
+            nan_ok = "NaN" in str(exc)
+        else:
+            nan_ok = False
+        try:
+            torchfpi.fixed_point(lambda z: 1.5 * z + 1, z0, max_iter=20, on_failure="raise")
+        except torchfpi.FixedPointError:
+            raise_ok = True
+        else:
+            raise_ok = False
+        return {"ok": nan_ok and raise_ok, "nan_raises": nan_ok, "divergence_raises": raise_ok}
+
+    _check(results, "NaN and non-convergence raise on the device", errors_on_device)
+    return results
+
+
+def main(argv: List[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", help="device to check (default cuda)")
+    p.add_argument("--quick", action="store_true", help="tiny problem sizes")
+    p.add_argument("--out", default=None, help="output folder (default $OUT/gpu_check or benchmarks/results/gpu)")
+    p.add_argument("--budget-s", type=float, default=270.0, help="stop starting new work after this many seconds")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip-timings", action="store_true")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "gpu_check" if os.environ.get("OUT")
+                                           else Path("benchmarks/results/gpu"))
+    out.mkdir(parents=True, exist_ok=True)
+    report: Dict[str, Any] = {"device": str(device), "command": " ".join(sys.argv),
+                              "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                              "torch": torch.__version__, "torchfpi": torchfpi.__version__}
+    report["checks"] = correctness(device, args.quick)
+    report["correctness_seconds"] = round(time.perf_counter() - start, 1)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    left = args.budget_s - (time.perf_counter() - start)
+    if not args.skip_timings and left > 30:
+        cfg = (Config.quick_config if args.quick else Config)(
+            device=str(device), repeats=args.repeats, threads=None,
+            sweep=(10, 50, 100, 200) if not args.quick else (5, 10),
+            problems=("mlp", "conv", "multilabel", "mixed"),
+        )
+        t0 = time.perf_counter()
+        try:
+            res = run_benchmark(cfg, out, command=report["command"], progress=lambda m: print(m, flush=True))
+            report["timings"] = {n: {"ratio_vs_torchdeq": r.get("ratio_vs_torchdeq"), "f_ms": r["f_ms"],
+                                     "methods": {m: {k: v[k] for k in ("total_ms", "over_floor", "grad_rel_error",
+                                                                        "peak_memory_mb")}
+                                                 for m, v in r["methods"].items()}}
+                                 for n, r in res["problems"].items()}
+            report["claims"] = res["claims"]
+        except Exception as exc:  # noqa: BLE001 - keep the correctness report
+            report["timings_error"] = f"{type(exc).__name__}: {exc}"
+        report["timing_seconds"] = round(time.perf_counter() - t0, 1)
+    else:
+        report["timings_skipped"] = f"budget left {left:.0f} s"
+    report["total_seconds"] = round(time.perf_counter() - start, 1)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    failed = [c["name"] for c in report["checks"] if not c["ok"]]
+    print(f"{len(report['checks']) - len(failed)}/{len(report['checks'])} checks passed; "
+          f"{report['total_seconds']} s; wrote {out / 'gpu_check.json'}")
+    if failed:
+        print("FAILED: " + "; ".join(failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

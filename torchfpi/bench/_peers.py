@@ -1,0 +1,231 @@
+"""The methods under test: torchfpi's solvers and backward modes, TorchDEQ 0.1.0, plain autograd.
+
+Every method gets the same :class:`~torchfpi.bench._problems.Instance` (same ``f``, ``z0``,
+inputs, dtype), the same tolerance ``tol`` on the same relative residual
+``||f(z) - z|| / (||f(z)|| + 1e-9)`` (TorchDEQ's ``stop_mode="rel"`` is this formula), and
+the same iteration budget. torchfpi stops each sample when it reaches ``tol``; TorchDEQ and
+the unrolled loop stop when the batch maximum does, so in all of them every sample meets the
+tolerance.
+
+A run is split in two timed halves: :meth:`Method.forward` returns z* (with its graph or
+backward node), then the harness calls ``torch.autograd.grad`` on ``L = <w, z*>``.
+``Run.counts()`` is read after the backward, when the backward statistics exist.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from torchfpi.bench._problems import Instance
+
+_REL_EPS = 1e-9
+
+
+def relative_residual(fz: Tensor, z: Tensor) -> Tensor:
+    """Per-sample ``||f(z) - z|| / (||f(z)|| + 1e-9)``, ``(B,)``."""
+    a = (fz - z).flatten(1)
+    return torch.linalg.vector_norm(a, dim=1) / (torch.linalg.vector_norm(fz.flatten(1), dim=1) + _REL_EPS)
+
+
+@dataclass
+class Run:
+    """The forward result of one method: z* and how to read its iteration counts later."""
+
+    value: Tensor
+    counts: Callable[[], Tuple[int, int]]
+    """``() -> (forward iterations, backward iterations)``, batch calls of f and of the VJP."""
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to compute z* and its gradient.
+
+    Attributes:
+        name: label in tables, e.g. ``"torchfpi fpi/fpi"``.
+        family: ``"torchfpi"``, ``"torchdeq"`` or ``"autograd"``.
+        exact: whether the gradient is exact up to the solver tolerances.
+        run: ``run(instance, tol, max_iter) -> Run`` (the forward half).
+    """
+
+    name: str
+    family: str
+    exact: bool
+    run: Callable[[Instance, float, int], Run]
+    needs: str = ""
+    """An import the method needs (``"torchdeq"``), empty if none."""
+    max_state: Optional[int] = None
+    """Skip the method on states with more entries (batch included) than this."""
+    per_sample_only: bool = False
+
+
+# -- torchfpi ------------------------------------------------------------------------------------
+
+
+def _torchfpi(solver: object, backward: object, compact: bool = False) -> Callable[[Instance, float, int], Run]:
+    import torchfpi
+
+    def run(inst: Instance, tol: float, max_iter: int) -> Run:
+        sol = torchfpi.fixed_point(
+            inst.f,
+            inst.z0,
+            *inst.inputs,
+            solver=solver,
+            backward=backward,
+            tol=tol,
+            max_iter=max_iter,
+            on_failure="ignore",
+            compact=compact,
+        )
+
+        def counts() -> Tuple[int, int]:
+            fwd = int(sol.iterations.max())
+            if compact:
+                # Rows of f evaluated, in full-batch equivalents.
+                fwd_rows = float(sol.iterations.sum()) / inst.batch
+            else:
+                fwd_rows = float(fwd)
+            bstats = sol.backward
+            if isinstance(backward, str) and backward == "onestep":
+                bwd = 0
+            elif isinstance(backward, str) and backward == "unroll":
+                bwd = fwd
+            elif bstats is None:
+                bwd = 0
+            else:
+                bwd = int(bstats.iterations.max())
+            run_.extra["forward_rows"] = fwd_rows
+            return fwd, bwd
+
+        run_ = Run(sol.value, counts, {"converged": float(sol.converged.float().mean())})
+        return run_
+
+    return run
+
+
+# -- plain autograd --------------------------------------------------------------------------------
+
+
+def _unrolled(inst: Instance, tol: float, max_iter: int) -> Run:
+    """Backpropagation through the recorded loop, stopped when every sample reaches ``tol``."""
+    z = inst.z0
+    k = 0
+    for k in range(1, max_iter + 1):  # noqa: B007 - k is the count after the loop
+        fz = inst.f(z, *inst.inputs)
+        with torch.no_grad():
+            done = bool((relative_residual(fz, z) < tol).all())
+        z = fz
+        if done:
+            break
+    return Run(z, lambda: (k, k))
+
+
+def unrolled_fixed(iterations: int) -> Callable[[Instance, float, int], Run]:
+    """Plain autograd through exactly ``iterations`` steps (the memory sweep)."""
+
+    def run(inst: Instance, tol: float, max_iter: int) -> Run:
+        z = inst.z0
+        for _ in range(iterations):
+            z = inst.f(z, *inst.inputs)
+        return Run(z, lambda: (iterations, iterations))
+
+    return run
+
+
+# -- TorchDEQ 0.1.0 --------------------------------------------------------------------------------
+
+
+def _torchdeq(solver: str, ift: bool) -> Callable[[Instance, float, int], Run]:
+    def run(inst: Instance, tol: float, max_iter: int) -> Run:
+        from torchdeq import get_deq
+
+        deq = get_deq(
+            core="indexing",
+            f_solver=solver,
+            b_solver=solver,
+            f_max_iter=max_iter,
+            b_max_iter=max_iter,
+            f_tol=tol,
+            b_tol=tol,
+            f_stop_mode="rel",
+            b_stop_mode="rel",
+            ift=ift,
+            grad=1,
+        )
+        counter = {"forward": 0, "backward": 0}
+        inputs = inst.inputs
+
+        def func(z: Tensor) -> Tensor:
+            if not torch.is_grad_enabled():
+                counter["forward"] += 1
+            return inst.f(z, *inputs)
+
+        def writer(info: Dict[str, Tensor]) -> None:
+            counter["backward"] = _torchdeq_steps(info, tol, max_iter)
+
+        z_out, info = deq(func, inst.z0, backward_writer=writer)
+        return Run(
+            z_out[-1],
+            lambda: (counter["forward"], counter["backward"]),
+            {"torchdeq_forward_best_step": float(info["nstep"].max())},
+        )
+
+    return run
+
+
+def _torchdeq_steps(info: Dict[str, Tensor], tol: float, max_iter: int) -> int:
+    """Iterations TorchDEQ's solver ran: the first step whose batch-max residual met ``tol``.
+
+    Its stats pad the trace after an early stop with the lowest residual, so the first trace
+    entry below ``tol`` (per its batch-max rule) is where it stopped.
+    """
+    trace = info.get("rel_trace")
+    if trace is None or trace.dim() != 2:
+        return max_iter
+    worst = trace.max(dim=0).values  # (T,) batch max per step
+    hits = (worst < tol).nonzero()
+    # trace[0] is TorchDEQ's initial 1e8 placeholder, so index t is step t.
+    return int(hits[0]) if hits.numel() else max_iter
+
+
+# -- the catalogue ---------------------------------------------------------------------------------
+
+
+def methods(include_torchdeq: bool = True) -> List[Method]:
+    """The default method list (the order of the tables)."""
+    import torchfpi
+
+    out = [
+        Method("torchfpi fpi/fpi", "torchfpi", True, _torchfpi("fpi", "fpi")),
+        Method("torchfpi fpi/anderson", "torchfpi", True, _torchfpi("fpi", "anderson")),
+        Method("torchfpi anderson/fpi", "torchfpi", True, _torchfpi("anderson", "fpi")),
+        Method("torchfpi anderson/anderson", "torchfpi", True, _torchfpi("anderson", "anderson")),
+        Method("torchfpi fpi/neumann10", "torchfpi", False, _torchfpi("fpi", torchfpi.NeumannBackward(10))),
+        Method("torchfpi fpi/onestep", "torchfpi", False, _torchfpi("fpi", "onestep")),
+        Method("torchfpi fpi/unroll", "torchfpi", True, _torchfpi("fpi", "unroll")),
+        Method("torchfpi fpi/dense", "torchfpi", True, _torchfpi("fpi", "dense"), max_state=4096),
+        Method("torchfpi fpi/fpi compact", "torchfpi", True, _torchfpi("fpi", "fpi", compact=True), per_sample_only=True),
+        Method("autograd unrolled", "autograd", True, _unrolled),
+    ]
+    if include_torchdeq:
+        out += [
+            Method("torchdeq fpi/implicit", "torchdeq", True, _torchdeq("fixed_point_iter", True), needs="torchdeq"),
+            Method("torchdeq anderson/implicit", "torchdeq", True, _torchdeq("anderson", True), needs="torchdeq"),
+            Method("torchdeq fpi/1-step", "torchdeq", False, _torchdeq("fixed_point_iter", False), needs="torchdeq"),
+        ]
+    return out
+
+
+MAIN = "torchfpi fpi/fpi"
+"""torchfpi's exact default, compared with :data:`PEER`."""
+PEER = "torchdeq fpi/implicit"
+"""TorchDEQ's exact (implicit) mode with the same solver."""
+ANDERSON = "torchfpi anderson/fpi"
+COMPACT = "torchfpi fpi/fpi compact"
+
+__all__ = ["Method", "Run", "methods", "relative_residual", "unrolled_fixed", "MAIN", "PEER", "math"]

@@ -1,0 +1,258 @@
+"""Benchmark problems: one fixed-point map ``f(z, *inputs)`` per problem, shared by every method.
+
+Each problem is built deterministically from a seed, so the float32 instance that the methods
+run on and the float64 instance that the reference gradient is computed on hold the same
+numbers. The inputs handed to ``f`` are leaf tensors (the layer's injected input and its
+effective weights), so all methods differentiate exactly the same function with respect to
+exactly the same tensors, and the loss is the fixed linear functional ``L = <w, z*>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Tuple, Union
+
+import torch
+from torch import Tensor
+
+Map = Callable[..., Tensor]
+
+
+@dataclass
+class Instance:
+    """A problem ready to run: the map, the start, the inputs and the loss weights.
+
+    Attributes:
+        name: problem name.
+        f: the map ``f(z, *inputs) -> z_like``, ``z`` ``(B, *S)``.
+        z0: ``(B, *S)`` initial iterate (no gradient).
+        inputs: explicit inputs of ``f``; the floating ones are leaves requiring grad.
+        params: the tensors whose gradients are measured (here: ``inputs`` that require grad,
+            plus module parameters that ``f`` captures, if any).
+        weight: ``(B, *S)`` loss weights, ``L = (weight * z*).sum()``.
+        per_sample: ``f`` treats samples independently (compaction is allowed).
+        description: one line for the report.
+        sizes: the size knobs used to build it.
+    """
+
+    name: str
+    f: Map
+    z0: Tensor
+    inputs: Tuple[Tensor, ...]
+    params: List[Tensor]
+    weight: Tensor
+    per_sample: bool
+    description: str
+    sizes: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return int(self.z0.shape[0])
+
+    @property
+    def state_numel(self) -> int:
+        """Entries of the whole state, batch included."""
+        return int(self.z0.numel())
+
+
+def _leaf(t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return t.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
+
+
+def _loss_weight(shape: Tuple[int, ...], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+# Sizes: full (the published benchmark) and quick (tests, smoke runs).
+SIZES: Dict[str, Dict[str, Dict[str, object]]] = {
+    "mlp": {
+        "full": {"batch": 128, "dim": 256, "hidden": 256, "gamma": 0.9},
+        "quick": {"batch": 8, "dim": 16, "hidden": 16, "gamma": 0.5},
+    },
+    "conv": {
+        "full": {"batch": 4, "channels": 16, "hidden": 32, "height": 32, "width": 32, "gamma": 0.9},
+        "quick": {"batch": 2, "channels": 3, "hidden": 4, "height": 6, "width": 6, "gamma": 0.9},
+    },
+    "multilabel": {
+        "full": {"batch": 128, "labels": 159, "interactions": 16, "step_size": 0.1, "mu": 1.0, "score_scale": 0.5},
+        "quick": {"batch": 8, "labels": 12, "interactions": 4, "step_size": 0.1, "mu": 1.0, "score_scale": 0.5},
+    },
+    "mixed": {
+        "full": {"batch": 128, "dim": 256, "fast": 0.3, "slow": 0.95, "slow_fraction": 0.125},
+        "quick": {"batch": 8, "dim": 16, "fast": 0.3, "slow": 0.95, "slow_fraction": 0.25},
+    },
+}
+PROBLEMS = tuple(SIZES)
+
+
+def _mlp(sizes: Dict[str, object], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
+    from torchfpi import MLPUpdate
+
+    b, d, h = int(sizes["batch"]), int(sizes["dim"]), int(sizes["hidden"])  # type: ignore[arg-type]
+    torch.manual_seed(int(gen.initial_seed()))
+    update = MLPUpdate(d, d, hidden=h, gamma=float(sizes["gamma"]), activation="relu").double().eval()  # type: ignore[arg-type]
+    x = torch.randn(b, d, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        inj, Wz, Wo, bo = update.prepare(x)
+    update = update.to(device=device, dtype=dtype)
+    inputs = tuple(_leaf(t, dtype, device) for t in (inj, Wz, Wo, bo))
+    return Instance(
+        name="mlp",
+        f=update.step,
+        z0=torch.zeros(b, d, dtype=dtype, device=device),
+        inputs=inputs,
+        params=list(inputs),
+        weight=_loss_weight((b, d), gen, dtype, device),
+        per_sample=True,
+        description=(
+            f"DEQ MLP layer torchfpi.MLPUpdate: z = W_o relu(inj + {sizes['gamma']} W_z z) + b_o, "
+            f"spectrally normalised weights, B={b}, d={d}, hidden={h}"
+        ),
+        sizes=dict(sizes),
+    )
+
+
+def _conv(sizes: Dict[str, object], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
+    from torchfpi import ConvUpdate
+
+    b, c, h = int(sizes["batch"]), int(sizes["channels"]), int(sizes["hidden"])  # type: ignore[arg-type]
+    hh, ww = int(sizes["height"]), int(sizes["width"])  # type: ignore[arg-type]
+    torch.manual_seed(int(gen.initial_seed()))
+    update = ConvUpdate(c, c, hidden=h, gamma=float(sizes["gamma"])).double().eval()  # type: ignore[arg-type]
+    x = torch.randn(b, c, hh, ww, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        inj, Wz, Wo, bo = update.prepare(x)
+    update = update.to(device=device, dtype=dtype)
+    inputs = tuple(_leaf(t, dtype, device) for t in (inj, Wz, Wo, bo))
+    return Instance(
+        name="conv",
+        f=update.step,
+        z0=torch.zeros(b, c, hh, ww, dtype=dtype, device=device),
+        inputs=inputs,
+        params=list(inputs),
+        weight=_loss_weight((b, c, hh, ww), gen, dtype, device),
+        per_sample=True,
+        description=(
+            f"convolutional DEQ layer torchfpi.ConvUpdate (3x3 convs, relu, gamma {sizes['gamma']}): "
+            f"state B={b} x {c} x {hh} x {ww}, hidden {h} channels"
+        ),
+        sizes=dict(sizes),
+    )
+
+
+def multilabel_gd_map(step_size: float, mu: float) -> Map:
+    r"""The FPI_GD map of :class:`torchfpi.energies.MultiLabelEnergy` with a box projection.
+
+    ``f(y, s, C_w, C_b, c) = clamp(y - a grad_y E(y, s), 0, 1)`` with
+    ``E = -<s, y> + c^T softplus(C_w y + C_b) + mu/2 ||y - 1/2||^2``, the gradient taken by
+    autograd inside ``f`` (as FPI_GD does), with ``create_graph`` whenever the caller records a
+    graph, so VJPs of ``f`` are second derivatives of ``E``.
+    """
+    import torch.nn.functional as F
+
+    def energy(y: Tensor, s: Tensor, Cw: Tensor, Cb: Tensor, c: Tensor) -> Tensor:
+        return -(s * y).sum(1) + F.softplus(F.linear(y, Cw, Cb)) @ c + 0.5 * mu * ((y - 0.5) ** 2).sum(1)
+
+    def f(y: Tensor, s: Tensor, Cw: Tensor, Cb: Tensor, c: Tensor) -> Tensor:
+        outer = torch.is_grad_enabled()
+        with torch.enable_grad():
+            yy = y if y.requires_grad else y.detach().requires_grad_(True)
+            e = energy(yy, s, Cw, Cb, c)
+            (g,) = torch.autograd.grad(e.sum(), yy, create_graph=outer)
+        if not outer:
+            g = g.detach()
+        return torch.clamp(y - step_size * g, 0.0, 1.0)
+
+    return f
+
+
+def _multilabel(sizes: Dict[str, object], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
+    b, n_l, k = int(sizes["batch"]), int(sizes["labels"]), int(sizes["interactions"])  # type: ignore[arg-type]
+    a, mu = float(sizes["step_size"]), float(sizes["mu"])  # type: ignore[arg-type]
+    s = float(sizes["score_scale"]) * torch.randn(b, n_l, generator=gen, dtype=torch.float64)  # type: ignore[arg-type]
+    Cw = torch.randn(k, n_l, generator=gen, dtype=torch.float64) / n_l**0.5
+    Cb = 0.1 * torch.randn(k, generator=gen, dtype=torch.float64)
+    c = torch.rand(k, generator=gen, dtype=torch.float64)
+    inputs = tuple(_leaf(t, dtype, device) for t in (s, Cw, Cb, c))
+    return Instance(
+        name="multilabel",
+        f=multilabel_gd_map(a, mu),
+        z0=torch.full((b, n_l), 0.5, dtype=dtype, device=device),
+        inputs=inputs,
+        params=list(inputs),
+        weight=_loss_weight((b, n_l), gen, dtype, device),
+        per_sample=True,
+        description=(
+            f"FPI_GD on the multi-label energy (torchfpi.energies.MultiLabelEnergy form): "
+            f"y = clamp(y - {a} grad E(y, s), 0, 1), B={b}, L={n_l} labels, {k} interactions"
+        ),
+        sizes=dict(sizes),
+    )
+
+
+def _mixed(sizes: Dict[str, object], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
+    b, d = int(sizes["batch"]), int(sizes["dim"])  # type: ignore[arg-type]
+    n_slow = max(1, round(b * float(sizes["slow_fraction"])))  # type: ignore[arg-type]
+    # Orthogonal weights and small injections keep tanh near its linear range, so the
+    # contraction factor of sample i is close to r_i: the rates really differ per sample.
+    Wz = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
+    Wo = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
+    inj = 0.1 * torch.randn(b, d, generator=gen, dtype=torch.float64)
+    bo = 0.1 * torch.randn(d, generator=gen, dtype=torch.float64)
+    rate = torch.full((b, 1), float(sizes["fast"]), dtype=torch.float64)  # type: ignore[arg-type]
+    slow = torch.randperm(b, generator=gen)[:n_slow]
+    rate[slow] = float(sizes["slow"])  # type: ignore[arg-type]
+
+    def f(z: Tensor, inj: Tensor, rate: Tensor, Wz: Tensor, Wo: Tensor, bo: Tensor) -> Tensor:
+        return rate * (torch.tanh(inj + z @ Wz.T) @ Wo.T + bo)
+
+    inputs = (
+        _leaf(inj, dtype, device),
+        rate.to(device=device, dtype=dtype),  # a constant: no gradient
+        *(_leaf(t, dtype, device) for t in (Wz, Wo, bo)),
+    )
+    return Instance(
+        name="mixed",
+        f=f,
+        z0=torch.zeros(b, d, dtype=dtype, device=device),
+        inputs=inputs,
+        params=[t for t in inputs if t.requires_grad],
+        weight=_loss_weight((b, d), gen, dtype, device),
+        per_sample=True,
+        description=(
+            f"mixed-rate batch: z = r_i (W_o tanh(inj + W_z z) + b_o), W orthogonal, r_i = "
+            f"{sizes['fast']} for {b - n_slow} samples and {sizes['slow']} for {n_slow}; B={b}, d={d}"
+        ),
+        sizes=dict(sizes),
+    )
+
+
+_BUILDERS = {"mlp": _mlp, "conv": _conv, "multilabel": _multilabel, "mixed": _mixed}
+
+
+def build(
+    name: str,
+    *,
+    quick: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    seed: int = 0,
+    overrides: Dict[str, object] | None = None,
+) -> Instance:
+    """Build problem ``name`` (one of :data:`PROBLEMS`) deterministically from ``seed``.
+
+    The numbers are drawn in float64 on the CPU and then cast, so instances of different
+    dtypes or devices describe the same problem.
+
+    Raises:
+        ValueError: unknown problem name or size override.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"problem: expected one of {list(PROBLEMS)}, got {name!r}")
+    sizes = dict(SIZES[name]["quick" if quick else "full"])
+    for key, value in (overrides or {}).items():
+        if key not in sizes:
+            raise ValueError(f"{name}: unknown size {key!r}; expected one of {sorted(sizes)}")
+        sizes[key] = value
+    gen = torch.Generator().manual_seed(seed)
+    return _BUILDERS[name](sizes, gen, dtype, torch.device(device))
