@@ -93,10 +93,10 @@ def read_arff(
         ValueError: if neither or both of ``label_names`` and ``num_labels`` are given.
 
     Example:
-        >>> import tempfile, os
+        >>> import tempfile, pathlib
         >>> text = "@relation t\\n@attribute f0 numeric\\n@attribute y0 {0,1}\\n@data\\n{0 2.5,1 1}\\n{}\\n"
         >>> with tempfile.TemporaryDirectory() as d:
-        ...     p = os.path.join(d, "t.arff"); _ = open(p, "w").write(text)
+        ...     p = pathlib.Path(d) / "t.arff"; _ = p.write_text(text)
         ...     data = read_arff(p, num_labels=1)
         >>> data.features.tolist(), data.labels.tolist()
         ([[2.5], [0.0]], [[1.0], [0.0]])

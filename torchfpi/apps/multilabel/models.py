@@ -15,12 +15,21 @@ logits ``z`` are inferred from ``s``:
 
 The label energy (:class:`LabelEnergy`) lives on logits ``z ∈ R^L`` with ``y = σ(z)``:
 
-    E(z; s) = τ/2 ||z||² - <z, s> + Σ_k c_k softplus(C_k · σ(z) + b_k)
+    E(z; x) = τ/2 ||z||² - <z, s(x)> + Σ_k c_k softplus(C_k · σ(z) + b_k + (U h(x))_k)
 
 The first two terms alone give ``z* = s / τ`` (the MLP when τ = 1); the third is SPEN's global
-label-interaction energy on the relaxed labels ``σ(z) ∈ (0, 1)``. Working on logits keeps every
-label differentiable (a box projection on ``y`` would zero the gradient of saturated labels) and
-lets the loss be the usual binary cross-entropy on ``z``.
+label-interaction energy on the relaxed labels ``σ(z) ∈ (0, 1)``, optionally with an
+input-dependent bias ``U h(x)`` (``energy_condition``). Working on logits keeps every label
+differentiable (a box projection on ``y`` would zero the gradient of saturated labels) and lets
+the loss be the usual one on logits. ``energy_kind="icnn"`` swaps the interaction term for an
+input-convex network (:class:`ICNNLabelEnergy`).
+
+Example:
+    >>> import torch
+    >>> model = MultiLabelModel("fpi_gd", num_features=20, num_labels=5,
+    ...                         cfg=ModelConfig(hidden=16, energy_hidden=4)).eval()
+    >>> z = model(torch.rand(3, 20)); z.shape, bool(model.last_solution.converged.all())
+    (torch.Size([3, 5]), True)
 """
 
 from __future__ import annotations
