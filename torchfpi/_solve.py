@@ -169,19 +169,28 @@ class _Problem:
         self.compact = compact
         self.record = record
         self._checked_batch = -1  # f's output structure is fully checked once per batch size
+        self._plain = (
+            not structure.is_tuple
+            and structure.batched
+            and len(structure.shapes[0]) == 1
+            and len(tensor_slots) == len(template)
+        )
 
     # -- the map on flat states ------------------------------------------------------------
     def fn(self, zf: Tensor, *tensors: Tensor) -> Tensor:
-        args = list(self.template)
-        for slot, t in zip(self.tensor_slots, tensors):
-            args[slot] = t
         st = self.structure
-        out = self.f(st.unpack(zf), *args)
-        if self._checked_batch != zf.shape[0] or not isinstance(out, (Tensor, tuple)):
-            st.check_output(out, zf.shape[0])
-            self._checked_batch = zf.shape[0]
-        elif isinstance(out, Tensor) and (out.shape[0] != zf.shape[0] or out.dtype != st.dtype):
-            st.check_output(out, zf.shape[0])
+        if self._plain:
+            # Common case (a flat (B, N) state, every input a tensor): call f directly.
+            out = self.f(zf, *tensors)
+            if self._checked_batch == zf.shape[0] and isinstance(out, Tensor) and out.shape == zf.shape and out.dtype == zf.dtype:
+                return out
+        else:
+            args = list(self.template)
+            for slot, t in zip(self.tensor_slots, tensors):
+                args[slot] = t
+            out = self.f(st.unpack(zf), *args)
+        st.check_output(out, zf.shape[0])
+        self._checked_batch = zf.shape[0]
         return st.pack(out)
 
     def _sliced(self, tensors: Sequence[Tensor], idx: Optional[Tensor]) -> Sequence[Tensor]:
@@ -372,6 +381,21 @@ class _FixedPointFunction(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
+def _check_finite(z0f: Tensor, inputs: Sequence[Tuple[int, Tensor]]) -> None:
+    """Raise :class:`FixedPointError` if z0 or a floating input holds NaN or Inf.
+
+    One reduction per tensor and one host sync in all: a sum is finite iff every entry is,
+    unless finite entries overflow it, in which case the exact elementwise test decides.
+    """
+    named = [("z0", z0f)] + [(f"inputs[{i}]", t) for i, t in inputs]
+    sums = torch.stack([t.detach().sum().to(torch.float64).cpu() for _, t in named])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for name, t in named:
+        if not bool(torch.isfinite(t).all()):
+            raise FixedPointError(f"fixed_point: {name} contains NaN or Inf (at iteration 0, before solving)")
+
+
 def fixed_point(
     f: Callable[..., Any],
     z0: State,
@@ -458,17 +482,10 @@ def fixed_point(
         raise TypeError(f"batched: expected a bool, got {type(batched).__name__}")
     structure = _Structure(z0, batched)
     z0f = structure.pack(z0).detach()
-    if not bool(torch.isfinite(z0f).all()):
-        raise FixedPointError("fixed_point: z0 contains NaN or Inf (at iteration 0, before solving)")
     template = list(inputs)
     slots = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
     tensors = [inputs[i] for i in slots]
-    for i in slots:
-        t = inputs[i]
-        if _is_float(t) and not bool(torch.isfinite(t).all()):
-            raise FixedPointError(
-                f"fixed_point: inputs[{i}] contains NaN or Inf (at iteration 0, before solving)"
-            )
+    _check_finite(z0f, [(i, inputs[i]) for i in slots if _is_float(inputs[i])])
     record = _Record()
     problem = _Problem(
         f,

@@ -146,7 +146,8 @@ class Anderson:
         F[:, ptr] = fz
         G[:, ptr] = g
         valid[:, ptr] = True
-        row = torch.bmm(G, g.unsqueeze(2)).squeeze(2).to(torch.float64)  # (B, m): <G_i, g>
+        # (B, m): <G_i, g>. A broadcast multiply-sum beats bmm's batched mat-vec on CPU.
+        row = (G * g.unsqueeze(1)).sum(2).to(torch.float64)
         H[:, ptr, :] = row
         H[:, :, ptr] = row
         both = valid.unsqueeze(2) & valid.unsqueeze(1)
@@ -260,7 +261,7 @@ def _iterate(
         if not all_active:
             event &= active
             worse &= active
-        flags = torch.stack([event.any(), worse.any()]).tolist()
+        flags = torch.stack([event, worse]).any(1).tolist()
         best_r = torch.fmin(best_r, r)
         min_abs = torch.fmin(min_abs, a)
         lim = min_abs * DIVERGENCE_FACTOR
