@@ -43,7 +43,13 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     t.add_argument("--val-images", type=int, default=40)
     t.add_argument("--val-every", type=int, default=50)
     t.add_argument("--unroll-steps", type=int, default=None, help="unrolled model: steps T")
-    t.add_argument("--init", default=None, help="weights file to start from (fine-tuning)")
+    t.add_argument("--tol", type=float, default=None,
+                   help="fpi_gd / fpi_nn: forward and backward tolerance (default 1e-3)")
+    t.add_argument("--max-iter", type=int, default=None,
+                   help="fpi_gd / fpi_nn: forward iteration limit (backward: twice this)")
+    t.add_argument("--init", default=None,
+                   help="weights file to start from (fine-tuning); for an energy trained at "
+                   "another sigma the data weight is rescaled by (sigma_init / sigma)^2")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--budget-minutes", type=float, default=40.0)
     t.add_argument("--threads", type=int, default=1)
@@ -99,6 +105,17 @@ def run_train(args: argparse.Namespace) -> int:
         if args.model != "unrolled":
             raise UsageError("--unroll-steps: only for --model unrolled")
         model_config["steps"] = args.unroll_steps
+    for name in ("tol", "max_iter"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if args.model == "unrolled":
+            raise UsageError(f"--{name.replace('_', '-')}: not for --model unrolled (use --unroll-steps)")
+        if not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
+    for name in ("tol", "max_iter"):
+        if getattr(args, name) is not None:
+            model_config[name] = getattr(args, name)
     cfg = TrainConfig(model=args.model, sigma=sigma, steps=args.steps, batch_size=args.batch_size,
                       crop=args.crop, lr=args.lr, val_images=args.val_images,
                       val_every=args.val_every, seed=args.seed,
@@ -108,9 +125,19 @@ def run_train(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint or f"runs/denoise/{args.model}_s{sigma:g}.pt")
     init_state = None
     if args.init is not None:
+        import math
+
         blob = torch.load(args.init, map_location="cpu", weights_only=False)
-        init_state = blob["state_dict"]
-        model_config.update(blob["config"])
+        if blob.get("kind") != args.model:
+            raise UsageError(f"--init: '{args.init}' holds a {blob.get('kind')} model, not {args.model}")
+        init_state = dict(blob["state_dict"])
+        merged = {**blob["config"], **model_config}  # explicit flags win over the file's config
+        model_config.clear()
+        model_config.update(merged)
+        key = "energy.log_data_weight"
+        if key in init_state and float(blob.get("sigma", sigma)) != sigma:
+            # MAP scaling: the data weight of an energy goes as 1 / sigma^2.
+            init_state[key] = init_state[key] + 2.0 * math.log(float(blob["sigma"]) / sigma)
     progress = not args.quiet and sys.stderr.isatty()
     export = train(cfg, root / "denoise" / "Train400", ckpt, resume=args.resume,
                    progress=progress, log=(lambda s: None) if args.quiet else print,

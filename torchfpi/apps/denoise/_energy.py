@@ -72,10 +72,10 @@ class FoEEnergy(nn.Module):
         self,
         n_filters: int = 24,
         kernel_size: int = 5,
-        n_mixture: int = 2,
+        n_mixture: int = 1,
         data_weight: float = 1.0,
-        penalty_weight: float = 0.01,
-        penalty_scale: float = 0.05,
+        penalty_weight: float = 0.0005,
+        penalty_scale: float = 0.06,
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1 or kernel_size < 3:

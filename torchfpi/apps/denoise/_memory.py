@@ -36,13 +36,23 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
     torch.manual_seed(0)
     n = int(spec["iterations"])
     energy = FoEEnergy(**spec.get("energy", {}))
+    if spec.get("weights"):
+        state = torch.load(spec["weights"], map_location="cpu", weights_only=False)["state_dict"]
+        energy.load_state_dict({k[len("energy."):]: v for k, v in state.items() if k.startswith("energy.")})
     if spec["kind"] == "fpi_gd":
-        model = FPIGDDenoiser(energy, tol=1e-30, max_iter=n)
+        model = FPIGDDenoiser(energy, tol=float(spec.get("tol") or 1e-30), max_iter=n)
     else:
         model = UnrolledDenoiser(energy, steps=n)
     b, c = int(spec["batch_size"]), int(spec["crop"])
-    clean = torch.rand(b, 1, c, c)
-    noisy = clean + 0.1 * torch.randn(b, 1, c, c)
+    if spec.get("images"):  # real crops: the first 16 images of the folder
+        from torchfpi.apps.denoise._train import _to_tensor, random_batch
+        from torchfpi.data.images import load_folder
+
+        imgs = _to_tensor(load_folder(spec["images"], limit=16))
+        clean, noisy = random_batch(imgs, b, c, 25.0, torch.Generator().manual_seed(0))
+    else:
+        clean = torch.rand(b, 1, c, c)
+        noisy = clean + 0.1 * torch.randn(b, 1, c, c)
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
     before = _rss_kib()
     t0 = time.perf_counter()
@@ -54,23 +64,31 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
     sec = (time.perf_counter() - t0) / int(spec.get("steps", 2))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"peak_step_mib": (peak - before) / 1024.0, "seconds_per_step": sec,
-            "forward_iterations": model.last_info.iterations}
+            "forward_iterations": model.last_info.iterations,
+            "backward_iterations": model.last_info.backward_iterations()
+            if spec["kind"] == "fpi_gd" else None}
 
 
 def measure_training_memory(
     kind: str, iterations: int, batch_size: int = 8, crop: int = 64, steps: int = 2,
-    energy: Dict[str, Any] | None = None,
+    energy: Dict[str, Any] | None = None, weights: str | None = None, tol: float | None = None,
+    images: str | None = None,
 ) -> Dict[str, Any]:
     """Peak extra memory (MiB) and time of a training step of ``kind`` in a fresh subprocess.
 
     Args:
         kind: ``"fpi_gd"`` (implicit gradient) or ``"unrolled"`` (backprop through all steps).
         iterations: forward iterations of FPI_GD, and gradient steps of the unrolled model.
+        weights: optional weights file whose energy is loaded (else the initial energy).
+        tol: optional forward/backward tolerance of FPI_GD (then ``iterations`` is a limit).
+        images: optional folder of PNGs to crop the batch from (noise sigma 25), else random
+            images.
     """
     if kind not in ("fpi_gd", "unrolled"):
         raise ValueError(f"kind: expected 'fpi_gd' or 'unrolled', got '{kind}'")
     spec = {"kind": kind, "iterations": iterations, "batch_size": batch_size, "crop": crop,
-            "steps": steps, "energy": energy or {}}
+            "steps": steps, "energy": energy or {}, "weights": weights, "tol": tol,
+            "images": images}
     code = ("import json,sys; from torchfpi.apps.denoise._memory import _child; "
             "print(json.dumps(_child(json.loads(sys.argv[1]))))")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True,

@@ -70,7 +70,7 @@ class FPIGDDenoiser(nn.Module):
                                    backward_tol=tol, backward_max_iter=max_iter, on_failure="ignore")
             z = layer(yp)
             sol = layer.last_solution
-            info = SolveInfo(float(sol.iterations.float().mean()), float(sol.residual.mean()))
+            info = SolveInfo(float(sol.iterations.float().mean()), float(sol.residual.mean()), sol)
         else:
             z, info = solve(self.update, yp.detach().clone(), yp, tol=tol, max_iter=max_iter)
         self.last_info = info

@@ -170,6 +170,15 @@ def train(
 
         bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model} sigma {cfg.sigma:g}")
     fwd_its: List[float] = []
+    bwd_its: List[float] = []
+    skipped = 0
+    if step == 0:  # the starting point is a candidate too (it matters when fine-tuning)
+        val = evaluate(model, val_clean, val_noisy)
+        history.append({"step": 0, "elapsed": 0.0, "val_psnr": round(val["psnr"], 4),
+                        "val_iterations": val["iterations"]})
+        log(f"step 0 {history[-1]}")
+        best = {"psnr": val["psnr"], "step": 0}
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     while step < cfg.steps and elapsed < cfg.budget_minutes * 60:
         t0 = time.perf_counter()
         clean, noisy = random_batch(train_imgs, cfg.batch_size, cfg.crop, cfg.sigma, gen)
@@ -179,12 +188,21 @@ def train(
             raise FloatingPointError(f"training loss is not finite at step {step}")
         opt.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        sol = model.last_info.solution
+        # An unconverged forward or backward solve gives a wrong gradient: skip the update rather
+        # than let it corrupt the energy (a non-convex prior can get there; see docs/denoise.md).
+        bad = sol is not None and (not bool(sol.converged.all()) or (
+            sol.backward is not None and not bool(sol.backward.converged.all())))
+        if bad:
+            skipped += 1
+        else:
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
         step += 1
         elapsed += time.perf_counter() - t0
         fwd_its.append(model.last_info.iterations)
+        bwd_its.append(model.last_info.backward_iterations())
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.2e}", it=f"{fwd_its[-1]:.0f}")
@@ -192,8 +210,10 @@ def train(
             val = evaluate(model, val_clean, val_noisy)
             rec = {"step": step, "elapsed": round(elapsed, 1), "val_psnr": round(val["psnr"], 4),
                    "val_iterations": val["iterations"],
-                   "train_iterations": float(np.mean(fwd_its)) if fwd_its else 0.0}
-            fwd_its = []
+                   "train_iterations": float(np.mean(fwd_its)) if fwd_its else 0.0,
+                   "train_backward_iterations": float(np.nanmean(bwd_its))
+                   if np.isfinite(bwd_its).any() else None, "skipped_updates": skipped}
+            fwd_its, bwd_its = [], []
             history.append(rec)
             log(f"step {step} {rec}")
             if val["psnr"] > best["psnr"]:
