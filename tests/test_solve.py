@@ -221,3 +221,27 @@ def test_cuda_matches_cpu(gen):
     )
     assert dev.value.device.type == "cuda"
     torch.testing.assert_close(dev.value.cpu(), cpu.value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def host_backend(request, monkeypatch):
+    """Run the loop's bookkeeping with numpy and with the torch-only fallback."""
+    from torchfpi import _solvers
+
+    ops = _solvers._HostOps()
+    ops.np = request.param == "numpy"
+    monkeypatch.setattr(_solvers, "_HOST", ops)
+    return request.param
+
+
+def test_bookkeeping_backends_agree(host_backend, dtype):
+    scales = torch.tensor([0.1, 0.9, 3.0], dtype=dtype).unsqueeze(1)
+    for compact in (False, True):
+        with pytest.warns(torchfpi.ConvergenceWarning, match="1 of 3 samples diverged"):
+            sol = torchfpi.fixed_point(lambda z, s: s * z + 1, torch.zeros(3, 2, dtype=dtype), scales,
+                                       tol=1e-10, max_iter=400, compact=compact)
+        assert sol.status.tolist() == [Status.CONVERGED, Status.CONVERGED, Status.DIVERGED]
+        torch.testing.assert_close(sol.value[:2], (1 / (1 - scales[:2])).expand(2, 2))
+        assert sol.trace.dtype == dtype and torch.isnan(sol.trace[-1, 0])
+    with pytest.raises(torchfpi.FixedPointError, match="iteration 2"):
+        torchfpi.fixed_point(lambda z: torch.log(z - 0.5), torch.ones(2, 2, dtype=dtype))

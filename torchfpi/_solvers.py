@@ -25,6 +25,11 @@ from torchfpi._solution import SolveStats, Status
 
 State = Dict[str, object]
 
+try:  # numpy makes the per-sample bookkeeping ~5x cheaper; torch alone works too
+    import numpy as _np
+except ImportError:  # pragma: no cover - numpy is an optional companion of torch
+    _np = None
+
 _REL_EPS = 1e-9
 """Added to ||f(z)|| in the relative residual ||f(z) - z|| / (||f(z)|| + eps)."""
 
@@ -135,7 +140,7 @@ class Anderson:
         ptr: int = state["ptr"]  # type: ignore[assignment]
         m = self.m
         g = fz - z
-        res64 = residual.to(device=z.device, dtype=torch.float64)
+        res64 = torch.as_tensor(residual, dtype=torch.float64).to(z.device)
         # Restart where the residual blew up relative to the best one seen.
         restart = res64 > self.restart * best
         best = torch.minimum(best, torch.nan_to_num(res64, nan=math.inf))
@@ -196,6 +201,57 @@ def _nonfinite_message(what: str, k: int) -> str:
     )
 
 
+class _HostOps:
+    """The few array operations of the loop's bookkeeping, on host (CPU) arrays.
+
+    numpy arrays when numpy is importable (each small op costs ~1 us instead of torch's ~5 us,
+    which matters once per iteration), else CPU float64 tensors with the same semantics.
+    """
+
+    def __init__(self) -> None:
+        self.np = _np is not None
+
+    def host(self, t: Tensor):  # noqa: ANN201
+        h = t.detach().to("cpu", torch.float64)
+        return h.numpy() if self.np else h
+
+    def full(self, n: int, value: float, kind: str):  # noqa: ANN201
+        if self.np:
+            return _np.full(n, value, dtype={"f": _np.float64, "i": _np.int64, "b": bool}[kind])
+        dt = {"f": torch.float64, "i": torch.int64, "b": torch.bool}[kind]
+        return torch.full((n,), value, dtype=dt)
+
+    def divide(self, a, b):  # noqa: ANN001, ANN201
+        if not self.np:
+            return a / b
+        with _np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            return a / b  # inf / inf -> nan is expected and handled
+
+    def fmin(self, a, b):  # noqa: ANN001, ANN201
+        return _np.fmin(a, b) if self.np else torch.fmin(a, b)
+
+    def where(self, m, a, b):  # noqa: ANN001, ANN201
+        if self.np:
+            return _np.where(m, a, b)
+        return torch.where(m, torch.as_tensor(a), torch.as_tensor(b))
+
+    def isfinite(self, a):  # noqa: ANN001, ANN201
+        return _np.isfinite(a) if self.np else torch.isfinite(a)
+
+    def isnan(self, a):  # noqa: ANN001, ANN201
+        return _np.isnan(a) if self.np else torch.isnan(a)
+
+    def nonzero(self, m):  # noqa: ANN001, ANN201
+        return _np.flatnonzero(m) if self.np else m.nonzero().squeeze(1)
+
+    def torch(self, a, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tensor:  # noqa: ANN001
+        t = torch.from_numpy(a) if self.np else a
+        return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
+
+
+_HOST = _HostOps()
+
+
 def _iterate(
     call: Callable[[Tensor, Optional[Tensor]], Tensor],
     z0: Tensor,
@@ -220,39 +276,40 @@ def _iterate(
         ``(z_star, stats)``: ``z_star`` is ``(B, N)``; converged samples hold ``f(z_k)`` at the
         iteration where they converged, the others the best image seen.
     """
-    # Per-sample bookkeeping lives on the CPU in float64: a handful of tiny ops per iteration
-    # instead of device kernels, and one device-to-host transfer of two norms per sample.
+    # Per-sample bookkeeping lives on the host in float64: a handful of tiny array ops per
+    # iteration instead of device kernels, and one device-to-host transfer of two norms per sample.
+    H = _HOST
     B = z0.shape[0]
-    device, dtype = z0.device, z0.dtype
-    cpu, f64 = torch.device("cpu"), torch.float64
+    device = z0.device
+    dtype = z0.dtype
     z_out = z0 if not compact else z0.clone()
-    res_out = torch.full((B,), math.nan, dtype=f64)
-    it_out = torch.zeros(B, dtype=torch.int64)
-    st_out = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int64)
+    res_out = H.full(B, math.nan, "f")
+    it_out = H.full(B, 0, "i")
+    st_out = H.full(B, int(Status.MAX_ITER), "i")
     traces = []
-    idx: Optional[Tensor] = None  # CPU indices of the working rows (None: all rows)
+    idx = None  # host indices of the working rows (None: all rows)
     idx_dev: Optional[Tensor] = None
     zw = z0
-    best_r = torch.full((B,), math.inf, dtype=f64)
+    best_r = H.full(B, math.inf, "f")
     best_f = z0
-    min_abs = torch.full((B,), math.inf, dtype=f64)
-    active = torch.ones(B, dtype=torch.bool)
+    min_abs = H.full(B, math.inf, "f")
+    lim = H.full(B, math.inf, "f")  # DIVERGENCE_FACTOR * smallest |residual| so far
+    active = H.full(B, True, "b")
     all_active = True
-    held: Optional[Tensor] = None  # diverged samples, kept still in the full-batch mode
+    held = None  # diverged samples, kept still in the full-batch mode
     state: Optional[State] = None
+    conv = None
     k = 0
-    lim = torch.full((B,), math.inf, dtype=f64)  # DIVERGENCE_FACTOR * smallest |residual|
     for k in range(1, max_iter + 1):
         fz = first_fz if (k == 1 and first_fz is not None) else call(zw, idx_dev)
         abs_dev = torch.linalg.vector_norm(fz - zw, dim=1)
         if absolute:
-            a = abs_dev.detach().to(cpu, f64)
-            both = a
-            r = a
+            both = H.host(abs_dev)
+            a = r = both
         else:
-            both = torch.stack([abs_dev, torch.linalg.vector_norm(fz, dim=1)]).detach().to(cpu, f64)
+            both = H.host(torch.stack([abs_dev, torch.linalg.vector_norm(fz, dim=1)]))
             a = both[0]
-            r = a / (both[1] + _REL_EPS)
+            r = H.divide(a, both[1] + _REL_EPS)
         # Fast path: one test for "something happens to some sample". NaN and Inf compare False
         # in a < lim (lim starts at Inf), so non-finite residuals are flagged too; an overflowing
         # ||f(z)|| makes r = 0 < tol and is sorted out below.
@@ -261,24 +318,23 @@ def _iterate(
         if not all_active:
             event &= active
             worse &= active
-        flags = torch.stack([event, worse]).any(1).tolist()
-        best_r = torch.fmin(best_r, r)
-        min_abs = torch.fmin(min_abs, a)
+        best_r = H.fmin(best_r, r)
+        min_abs = H.fmin(min_abs, a)
         lim = min_abs * DIVERGENCE_FACTOR
-        traces.append((idx, r if all_active else r.masked_fill(~active, math.nan)))
-        if k == 1 or not flags[1]:
+        traces.append((idx, r if all_active else H.where(active, r, math.nan)))
+        if k == 1 or not bool(worse.any()):
             best_f = fz
         else:
-            best_f = torch.where(worse.to(device).unsqueeze(1), best_f, fz)
+            best_f = torch.where(H.torch(worse, device).unsqueeze(1), best_f, fz)
         any_finished = False
-        if flags[0]:
-            ok = torch.isfinite(both).all(0) if both.dim() == 2 else torch.isfinite(both)
+        if bool(event.any()):
+            ok = H.isfinite(both).all(0) if both.ndim == 2 else H.isfinite(both)
             if not bool(ok.all()):
-                rows = (~ok & active).nonzero().squeeze(1).to(device)
+                rows = H.torch(H.nonzero(~ok & active), device)
                 if rows.numel() and not (torch.isfinite(fz[rows]).all() and torch.isfinite(zw[rows]).all()):
                     raise FixedPointError(_nonfinite_message(what, k))
             conv = (r < tol) & ok
-            finished = event & (conv | ~ok | (a > DIVERGENCE_FACTOR * min_abs) | torch.isnan(a))
+            finished = event & (conv | ~ok | (a > DIVERGENCE_FACTOR * min_abs) | H.isnan(a))
             any_finished = bool(finished.any())
         if any_finished:
             diverged = finished & ~conv
@@ -286,23 +342,23 @@ def _iterate(
             if idx is None and not compact:
                 # Full batch: masks, no index bookkeeping. Converged samples keep being
                 # evaluated (their result is stored); diverged ones are held still.
-                fin_dev = finished.to(device).unsqueeze(1)
-                val = torch.where(conv.to(device).unsqueeze(1), fz, best_f) if any_diverged else fz
+                fin_dev = H.torch(finished, device).unsqueeze(1)
+                val = torch.where(H.torch(conv, device).unsqueeze(1), fz, best_f) if any_diverged else fz
                 z_out = torch.where(fin_dev, val, z_out)
-                res_out = torch.where(finished, torch.where(conv, r, best_r), res_out)
-                it_out = torch.where(finished, k, it_out)
-                st_out = torch.where(finished, torch.where(conv, int(Status.CONVERGED), int(Status.DIVERGED)), st_out)
+                res_out = H.where(finished, H.where(conv, r, best_r), res_out)
+                it_out = H.where(finished, k, it_out)
+                st_out = H.where(finished, H.where(conv, int(Status.CONVERGED), int(Status.DIVERGED)), st_out)
                 if any_diverged:
                     held = diverged if held is None else held | diverged
             else:
-                sel = finished.nonzero().squeeze(1)
+                sel = H.nonzero(finished)
                 gidx = sel if idx is None else idx[sel]
                 csel = conv[sel]
-                sel_dev, gidx_dev = sel.to(device), gidx.to(device)
-                z_out[gidx_dev] = torch.where(csel.to(device).unsqueeze(1), fz[sel_dev], best_f[sel_dev])
-                res_out[gidx] = torch.where(csel, r[sel], best_r[sel])
+                sel_dev, gidx_dev = H.torch(sel, device), H.torch(gidx, device)
+                z_out[gidx_dev] = torch.where(H.torch(csel, device).unsqueeze(1), fz[sel_dev], best_f[sel_dev])
+                res_out[gidx] = H.where(csel, r[sel], best_r[sel])
                 it_out[gidx] = k
-                st_out[gidx] = torch.where(csel, int(Status.CONVERGED), int(Status.DIVERGED))
+                st_out[gidx] = H.where(csel, int(Status.CONVERGED), int(Status.DIVERGED))
             active = active & ~finished
             all_active = False
             if not bool(active.any()):
@@ -311,40 +367,40 @@ def _iterate(
             state = solver.init(zw, fz)  # type: ignore[attr-defined]
         z_next = solver.step(state, zw, fz, r)  # type: ignore[attr-defined]
         if any_finished and compact:
-            keep = active.nonzero().squeeze(1)
-            keep_dev = keep.to(device)
+            keep = H.nonzero(active)
+            keep_dev = H.torch(keep, device)
             zw = z_next[keep_dev]
             state = _select(state, keep_dev)
             best_f, best_r, min_abs, lim = best_f[keep_dev], best_r[keep], min_abs[keep], lim[keep]
             idx = keep if idx is None else idx[keep]
-            idx_dev = idx.to(device)
-            active = torch.ones(keep.shape[0], dtype=torch.bool)
+            idx_dev = H.torch(idx, device)
+            active = H.full(len(keep), True, "b")
             all_active = True
         elif held is None:
             zw = z_next
         else:
-            zw = torch.where(held.to(device).unsqueeze(1), zw, z_next)
+            zw = torch.where(H.torch(held, device).unsqueeze(1), zw, z_next)
     else:
         k = max_iter
     if bool(active.any()):
-        sel = active.nonzero().squeeze(1)
+        sel = H.nonzero(active)
         gidx = sel if idx is None else idx[sel]
         if idx is None and not compact:
-            z_out = torch.where(active.to(device).unsqueeze(1), best_f, z_out)
+            z_out = torch.where(H.torch(active, device).unsqueeze(1), best_f, z_out)
         else:
-            z_out[gidx.to(device)] = best_f[sel.to(device)]
+            z_out[H.torch(gidx, device)] = best_f[H.torch(sel, device)]
         res_out[gidx] = best_r[sel]
         it_out[gidx] = k
-    trace = torch.full((len(traces), B), math.nan, dtype=f64)
+    trace = H.full(len(traces) * B, math.nan, "f").reshape(len(traces), B)
     for t, (tidx, tr) in enumerate(traces):
         if tidx is None:
             trace[t] = tr
         else:
             trace[t, tidx] = tr
     stats = SolveStats(
-        iterations=it_out.to(device),
-        residual=res_out.to(device, dtype),
-        status=st_out.to(device),
-        trace=trace.to(device, dtype),
+        iterations=H.torch(it_out, device),
+        residual=H.torch(res_out, device, dtype),
+        status=H.torch(st_out, device),
+        trace=H.torch(trace, device, dtype),
     )
     return z_out, stats
