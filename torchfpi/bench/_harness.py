@@ -166,7 +166,8 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes allocated by ``fn()`` above what was allocated when it started.
 
     CUDA: the caching allocator's peak statistic. CPU: the running ``Total Allocated`` of
-    ``torch.profiler``'s memory events (every CPU tensor allocation and free inside ``fn``).
+    ``torch.profiler``'s memory events (every CPU tensor allocation and free inside ``fn``),
+    relative to its value when ``fn`` starts.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -196,12 +197,19 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
             events = json.load(fh).get("traceEvents", [])
     finally:
         os.unlink(path)
-    totals = [
-        e["args"]["Total Allocated"]
+    mem = [
+        e["args"]
         for e in events
         if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0
     ]
-    return int(max(totals, default=0))
+    if not mem:
+        return 0
+    # "Total Allocated" is the CPU allocator's running total *while profiling*, carried over
+    # between profiling sessions (tensors freed outside a session are never subtracted), so
+    # measure from the level just before the first event of this session.
+    mem.sort(key=lambda a: a.get("Ev Idx", 0))
+    base = mem[0]["Total Allocated"] - mem[0]["Bytes"]
+    return int(max(max(a["Total Allocated"] for a in mem) - base, 0))
 
 
 # -- the exact gradient ----------------------------------------------------------------------------
