@@ -21,6 +21,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.add_argument("--weights", default=None, help=f"weights file (default: the shipped {DEFAULT_WEIGHTS.name})")
     p.add_argument("--method", choices=("fpi_gd", "fpi_nn", "horn_schunck"), default="fpi_gd",
                    help="learned variational FPI model (default), its FPI_NN refinement, or Horn-Schunck")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=run_flow)
 
@@ -100,6 +101,10 @@ def run_flow(args: argparse.Namespace) -> int:
     from torchfpi.apps.flow import _ops
     from torchfpi.data.flo import write_flo, write_flow_png
 
+    if args.threads < 0:
+        raise UsageError(f"--threads: expected 0 (default) or a positive integer, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.out is None and args.png is None:
         raise UsageError("nothing to write: give --out FLOW.flo and/or --png FLOW.png")
     if args.out is not None and not str(args.out).endswith(".flo"):
