@@ -272,6 +272,9 @@ def test_cli_flow_writes_outputs(tmp_path, capsys):
     assert flow.shape == (40, 48, 2)
     assert flow[8:-8, 8:-8].mean(axis=(0, 1)).tolist() == pytest.approx([1.0, 0.5], abs=0.15)
     assert (tmp_path / "o.png").exists()
+    rc = main(["flow", str(p1), str(p2), "--method", "fpi_nn", "--quiet", "--out", str(tmp_path / "n.flo")])
+    assert rc == 0, capsys.readouterr().err
+    assert read_flo(tmp_path / "n.flo").shape == (40, 48, 2)
 
 
 def test_cli_flow_errors(tmp_path, capsys):
@@ -289,6 +292,8 @@ def test_cli_flow_errors(tmp_path, capsys):
     assert main(["flow", str(p1), str(p1)]) == 2
     assert "nothing to write" in capsys.readouterr().err
     assert main(["flow", str(p1), str(p1), "--out", str(tmp_path / "o.txt")]) == 2
+    assert main(["flow", str(p1), str(p1), "--png", "x.png", "--threads", "-1"]) == 2
+    assert "--threads" in capsys.readouterr().err
     assert main(["train", "flow", "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
 
