@@ -10,6 +10,7 @@ _COLUMNS = (
     ("forward ms", "forward_ms", "{:.1f}"),
     ("backward ms", "backward_ms", "{:.1f}"),
     ("total ms", "total_ms", "{:.1f}"),
+    ("min-max", "total_range", "{}"),
     ("fwd it", "forward_iterations", "{}"),
     ("bwd it", "backward_iterations", "{}"),
     ("floor ms", "floor_ms", "{:.1f}"),
@@ -43,6 +44,9 @@ def markdown(results: Dict[str, Any]) -> str:
     )
     cfg = results.get("config", {})
     lines.append(
+        f"Clock: {cfg.get('clock')} ('auto' = process CPU time on the CPU, synchronised wall time on CUDA)  "
+    )
+    lines.append(
         f"Setting: dtype {cfg.get('dtype')}, tol {cfg.get('tol')} (relative residual, every sample), "
         f"max_iter {cfg.get('max_iter')}, {cfg.get('repeats')} interleaved repeats after "
         f"{cfg.get('warmup')} warm-up, medians; quick={cfg.get('quick')}"
@@ -61,10 +65,14 @@ def markdown(results: Dict[str, Any]) -> str:
         )
         if "ratio_vs_torchdeq" in rec:
             lines.append(f"ratio_vs_torchdeq (torchfpi fpi/fpi over TorchDEQ fpi/implicit, total time): "
-                         f"**{rec['ratio_vs_torchdeq']:.2f}**")
+                         f"**{rec['ratio_vs_torchdeq']:.2f}** (ratio of medians), "
+                         f"**{rec.get('ratio_vs_torchdeq_paired', float('nan')):.2f}** (median of per-round ratios)")
         lines += ["", "| method | " + " | ".join(c[0] for c in _COLUMNS) + " |",
                   "|---" * (len(_COLUMNS) + 1) + "|"]
         for mname, mr in rec["methods"].items():
+            mr = dict(mr)
+            if "total_ms_min" in mr:
+                mr["total_range"] = f"{mr['total_ms_min']:.0f}-{mr['total_ms_max']:.0f}"
             cells = [_fmt(fmt, mr.get(key)) for _, key, fmt in _COLUMNS]
             lines.append(f"| {mname}{'' if mr['exact'] else ' (inexact)'} | " + " | ".join(cells) + " |")
     sweep = results.get("memory_sweep")
