@@ -103,6 +103,7 @@ def plots(results: Dict[str, Any], out: Path) -> List[Path]:
             ("iterations", "forward / backward iterations"),
             ("memory", "peak memory (MiB)"),
             ("error", "gradient relative error vs float64 reference"),
+            ("overhead", "time per iteration / one bare call: forward over f (dark), backward over VJP (light)"),
         )
         for key, title in panels:
             fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.2), squeeze=False)
@@ -123,9 +124,16 @@ def plots(results: Dict[str, Any], out: Path) -> List[Path]:
                 elif key == "memory":
                     ax.barh(y, [r.get("peak_memory_mb", 0.0) for r in ms], color="tab:green")
                     ax.set_xscale("log")
-                else:
+                elif key == "error":
                     ax.barh(y, [max(r["grad_rel_error"], 1e-12) for r in ms], color="tab:red")
                     ax.set_xscale("log")
+                else:
+                    fw = [r["forward_ms_per_iteration"] / rec["f_ms"] for r in ms]
+                    bw = [(r["backward_ms_per_iteration"] / rec["vjp_ms"]) if r["backward_iterations"] else 0.0
+                          for r in ms]
+                    ax.barh([i - 0.2 for i in y], fw, height=0.4, color="tab:blue")
+                    ax.barh([i + 0.2 for i in y], bw, height=0.4, color="tab:cyan")
+                    ax.axvline(1.0, color="k", lw=0.8)
                 ax.set_yticks(list(y))
                 ax.set_yticklabels(names, fontsize=7)
                 ax.invert_yaxis()
