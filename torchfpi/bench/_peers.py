@@ -100,6 +100,7 @@ def _torchfpi(solver: object, backward: object, compact: bool = False) -> Callab
             else:
                 bwd = int(bstats.iterations.max())
             run_.extra["forward_rows"] = fwd_rows
+            run_.extra["forward_iterations_mean"] = float(sol.iterations.double().mean())
             return fwd, bwd
 
         run_ = Run(sol.value, counts, {"converged": float(sol.converged.float().mean())})
