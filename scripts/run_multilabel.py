@@ -63,7 +63,8 @@ def write_markdown(results: Dict[str, Any], path: Path) -> None:
     lines: List[str] = [
         "# Multi-label classification: example-based F1 (%) on the test split",
         "",
-        f"Command: `{results['command']}`",
+        "Command: `python scripts/run_multilabel.py` (resumable; invocations that filled this file: "
+        + ", ".join(f"`{c}`" for c in results.get("commands", [results["command"]])) + ")",
         "",
         f"Machine: {results['machine'].get('cpu_model', results['machine'].get('processor'))}, "
         f"torch {results['machine']['torch']}, {results['threads']} thread(s). "
@@ -154,6 +155,9 @@ def main(argv: List[str]) -> int:
     out = Path(args.out)
     results: Dict[str, Any] = read_json(out, default={}) or {}
     results["command"] = "python scripts/run_multilabel.py" + (" " + " ".join(argv) if argv else "")
+    results.setdefault("commands", [])
+    if results["command"] not in results["commands"]:
+        results["commands"].append(results["command"])
     results["machine"] = machine_info()
     results["threads"] = args.threads
     results["budget"] = BUDGET

@@ -99,7 +99,7 @@ def _plot(history: list, path: Path) -> None:
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     axes[0].plot(epochs, [h["loss"] for h in history], marker="o")
-    axes[0].set(title="training loss (BCE)", xlabel="epoch")
+    axes[0].set(title="training loss (BCE + 0.1 soft-F1 term)", xlabel="epoch")
     axes[1].plot(epochs, [h["val_f1"] for h in history], marker="o", color="C1")
     axes[1].set(title="validation example F1 (%)", xlabel="epoch")
     for key, label in (("train_forward_iterations", "forward"), ("train_backward_iterations", "backward")):
