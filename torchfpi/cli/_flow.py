@@ -21,6 +21,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.add_argument("--weights", default=None, help=f"weights file (default: the shipped {DEFAULT_WEIGHTS.name})")
     p.add_argument("--method", choices=("fpi_gd", "fpi_nn", "horn_schunck"), default="fpi_gd",
                    help="learned variational FPI model (default), its FPI_NN refinement, or Horn-Schunck")
+    p.add_argument("--truth", default=None, help="ground-truth .flo file: also print the end-point error")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=run_flow)
@@ -43,14 +44,19 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     t.add_argument("--procedural", action="store_true", help="procedural noise textures instead of Train400")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--checkpoint-every", type=int, default=0,
+                   help="steps between checkpoints (default 0: at each validation)")
+    t.add_argument("--on-nonfinite", choices=("skip", "stop"), default="skip",
+                   help="a NaN/Inf loss or gradient skips the step (default) or stops training")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train the model; print the best validation EPE."""
+    """Train the model; print the best validation EPE. Runs unchanged under ``torchrun``."""
     import torch
 
+    from torchfpi.apps import _distributed
     from torchfpi.apps._common import UsageError, data_root
     from torchfpi.apps.flow.train import TrainConfig, train
     from torchfpi.apps.flow.variational import FlowConfig
@@ -58,38 +64,66 @@ def run_train(args: argparse.Namespace) -> int:
     for name in ("steps", "batch_size", "size", "val_pairs", "val_every", "max_iter", "threads"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every: expected 0 (at each validation) or a positive integer, got {args.checkpoint_every}")
     if args.size < 32:
         raise UsageError(f"--size: expected at least 32, got {args.size}")
     if args.lr is None:
         args.lr = 0.03 if args.model == "fpi_gd" else 1e-3
     if not args.lr > 0 or not args.max_motion > 0:
         raise UsageError(f"--lr and --max-motion must be positive, got {args.lr} and {args.max_motion}")
+    if args.procedural and args.data_root is not None:
+        raise UsageError("--procedural and --data-root contradict each other: procedural textures "
+                         "need no data; drop one of them")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: '{out}' is a file, expected a folder for checkpoint.pt, best.pt and train.json")
     torch.set_num_threads(args.threads)
     root = None if args.procedural else data_root(args.data_root)
     command = "torchfpi " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    if args.model == "fpi_nn":
-        from torchfpi.apps.flow.refine import train_refine
-        from torchfpi.apps.flow.train import load_weights
+    ctx = _distributed.setup(torch.device("cpu"))
+    try:
+        if ctx.distributed and args.batch_size % ctx.world_size:
+            raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world_size} "
+                             "processes of this torchrun: choose a multiple of --nproc_per_node")
+        if args.model == "fpi_nn":
+            return _train_refine(args, root, command, ctx)
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, size=args.size, lr=args.lr,
+                          max_motion=args.max_motion, val_pairs=args.val_pairs, val_every=args.val_every,
+                          seed=args.seed, checkpoint_every=args.checkpoint_every,
+                          on_nonfinite=args.on_nonfinite)
+        summary = train(out, cfg, FlowConfig(max_iter=args.max_iter), data_root=root,
+                        resume=args.resume, quiet=args.quiet, command=command, ctx=ctx)
+    finally:
+        _distributed.teardown(ctx)
+    if not args.quiet and ctx.is_main:
+        b = summary["best"]
+        print(f"best synthetic validation EPE {b['val_epe']:.4f} at step {b['step']}: {out / 'best.pt'}")
+    return 0
 
-        base = Path(args.base)
-        if not base.exists():
-            raise FileNotFoundError(2, "No such file or directory", str(base))
-        summary = train_refine(Path(args.out), load_weights(base), steps=args.steps, size=args.size,
-                               val_pairs=args.val_pairs, val_every=args.val_every, seed=args.seed,
-                               max_motion=args.max_motion, data_root=root, quiet=args.quiet,
-                               lr=args.lr, command=command)
-        if not args.quiet:
-            b = summary["best"]
-            print(f"best synthetic validation EPE {b['val_epe']:.4f} at step {b['step']}: {Path(args.out) / 'best_nn.pt'}")
-        return 0
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, size=args.size, lr=args.lr,
-                      max_motion=args.max_motion, val_pairs=args.val_pairs, val_every=args.val_every,
-                      seed=args.seed)
-    summary = train(Path(args.out), cfg, FlowConfig(max_iter=args.max_iter), data_root=root,
-                    resume=args.resume, quiet=args.quiet, command=command)
+
+def _train_refine(args: argparse.Namespace, root, command: str, ctx) -> int:
+    """``--model fpi_nn``: train the FPI_NN refinement of the ``--base`` model (one process)."""
+    from torchfpi.apps._common import UsageError
+    from torchfpi.apps.flow.refine import train_refine
+    from torchfpi.apps.flow.train import load_weights
+
+    if ctx.distributed:
+        raise UsageError("--model fpi_nn trains in one process (its data set is precomputed): "
+                         "run it without torchrun")
+    if args.resume:
+        raise UsageError("--resume: --model fpi_nn keeps no checkpoint (a run takes minutes): "
+                         "start it again without --resume")
+    base = Path(args.base)
+    if not base.exists():
+        raise FileNotFoundError(2, "No such file or directory", str(base))
+    summary = train_refine(Path(args.out), load_weights(base), steps=args.steps, size=args.size,
+                           val_pairs=args.val_pairs, val_every=args.val_every, seed=args.seed,
+                           max_motion=args.max_motion, data_root=root, quiet=args.quiet,
+                           lr=args.lr, command=command)
     if not args.quiet:
         b = summary["best"]
-        print(f"best synthetic validation EPE {b['val_epe']:.4f} at step {b['step']}: {Path(args.out) / 'best.pt'}")
+        print(f"best synthetic validation EPE {b['val_epe']:.4f} at step {b['step']}: {Path(args.out) / 'best_nn.pt'}")
     return 0
 
 
@@ -105,13 +139,22 @@ def run_flow(args: argparse.Namespace) -> int:
         raise UsageError(f"--threads: expected 0 (default) or a positive integer, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.out is None and args.png is None:
-        raise UsageError("nothing to write: give --out FLOW.flo and/or --png FLOW.png")
+    if args.out is None and args.png is None and args.truth is None:
+        raise UsageError("nothing to write: give --out FLOW.flo and/or --png FLOW.png (or --truth GT.flo for the error)")
     if args.out is not None and not str(args.out).endswith(".flo"):
         raise UsageError(f"--out: expected a path ending in .flo, got '{args.out}'")
     f1 = _ops.to_grey_tensor(_ops.read_image(args.frame1))
     f2 = _ops.to_grey_tensor(_ops.read_image(args.frame2))
     _ops.check_pair(f1, f2)
+    truth = None
+    if args.truth is not None:
+        from torchfpi.apps._common import DataError
+        from torchfpi.data.flo import read_flo
+
+        truth = read_flo(args.truth)
+        if truth.shape[:2] != tuple(f1.shape[-2:]):
+            raise DataError(f"--truth: '{args.truth}' is {truth.shape[0]}x{truth.shape[1]} (H x W) but the "
+                            f"frames are {f1.shape[-2]}x{f1.shape[-1]}: give the ground truth of this pair")
     with torch.no_grad():
         if args.method == "horn_schunck":
             from torchfpi.apps.flow.baselines import horn_schunck
@@ -139,4 +182,12 @@ def run_flow(args: argparse.Namespace) -> int:
         mag = flow[0].norm(dim=0)
         print(f"flow {tuple(flow.shape[-2:])}: mean |flow| {float(mag.mean()):.3f} px, max {float(mag.max()):.3f} px, "
               f"{info['iterations']} fixed-point iterations over {info['solves']} solves")
+    if truth is not None:
+        from torchfpi.data.flo import end_point_error
+
+        try:
+            epe = end_point_error(flow[0], truth)
+        except ValueError as exc:  # no known pixel in the ground truth
+            raise DataError(f"--truth: '{args.truth}': {exc}") from exc
+        print(f"end-point error {epe:.4f} px against {args.truth}")
     return 0

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 import torchfpi
 from torchfpi.apps import _common
+from torchfpi.apps._training import describe_exception
 from torchfpi.apps.flow import _ops
 from torchfpi.apps.flow.variational import VariationalFlow
 
@@ -109,7 +110,7 @@ def load_refined(path: Path) -> RefinedFlow:
     except FileNotFoundError:
         raise
     except Exception as exc:  # torch.load raises many types on a bad file
-        raise _common.DataError(f"'{path}': cannot read fpi_nn flow weights ({exc})") from exc
+        raise _common.DataError(f"'{path}': cannot read fpi_nn flow weights ({describe_exception(exc)})") from exc
     if not isinstance(blob, dict) or "update" not in blob:
         raise _common.DataError(f"'{path}': not a torchfpi fpi_nn flow weights file")
     base = VariationalFlow(FlowConfig(**blob["flow_config"]))

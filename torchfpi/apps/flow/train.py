@@ -15,6 +15,14 @@ from typing import Any, Dict, Optional
 import torch
 
 from torchfpi.apps import _common
+from torchfpi.apps._distributed import DistContext, wrap
+from torchfpi.apps._training import (
+    NonFiniteGuard,
+    describe_exception,
+    first_nonfinite,
+    load_checkpoint,
+    save_checkpoint,
+)
 from torchfpi.apps.flow.synthetic import TextureBank, batch_epe, default_texture_folder, make_batch
 from torchfpi.apps.flow.variational import FlowConfig, VariationalFlow
 
@@ -32,14 +40,22 @@ class TrainConfig:
     val_every: int = 25
     seed: int = 0
     textures: int = 400
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at each validation
+    on_nonfinite: str = "skip"  # NaN/Inf loss or gradient: "skip" the step or "stop"
 
 
-def evaluate(model: VariationalFlow, val: tuple) -> float:
-    """Mean EPE of ``model`` on a synthetic validation batch ``(frame1, frame2, flow)``."""
+def evaluate(model: VariationalFlow, val: tuple, ctx: Optional[DistContext] = None) -> float:
+    """Mean EPE of ``model`` on a synthetic validation batch ``(frame1, frame2, flow)``.
+
+    In a data-parallel run each process passes its shard and the mean is taken over all of them.
+    """
     f1, f2, gt = val
     with torch.no_grad():
         flow, _ = model(f1, f2)
-    return float(batch_epe(flow, gt).mean())
+    epe = batch_epe(flow, gt)
+    if ctx is None or not ctx.distributed:
+        return float(epe.mean())
+    return ctx.reduce_mean({"epe": float(epe.mean())}, weight=len(epe))["epe"]
 
 
 def load_weights(path: Path, device: Optional[torch.device] = None) -> VariationalFlow:
@@ -49,7 +65,7 @@ def load_weights(path: Path, device: Optional[torch.device] = None) -> Variation
     except FileNotFoundError:
         raise
     except Exception as exc:  # torch.load raises many types (pickle, zip, runtime) on a bad file
-        raise _common.DataError(f"'{path}': cannot read flow weights ({exc})") from exc
+        raise _common.DataError(f"'{path}': cannot read flow weights ({describe_exception(exc)})") from exc
     if not isinstance(blob, dict) or "model" not in blob or "flow_config" not in blob:
         raise _common.DataError(f"'{path}': not a torchfpi flow weights file (keys 'model', 'flow_config' missing)")
     model = VariationalFlow(FlowConfig(**blob["flow_config"]))
@@ -65,62 +81,96 @@ def save_weights(model: VariationalFlow, path: Path, extra: Optional[Dict[str, A
 
 def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] = None,
           data_root: Optional[Path] = None, resume: bool = False, quiet: bool = False,
-          command: str = "") -> Dict[str, Any]:
+          command: str = "", ctx: Optional[DistContext] = None) -> Dict[str, Any]:
     """Train, checkpointing to ``out_dir/checkpoint.pt``; the best-on-validation model goes to
     ``out_dir/best.pt``. Returns a summary dict (also written to ``out_dir/train.json``).
+
+    Data parallel (``ctx`` from :func:`torchfpi.apps._distributed.setup`): every process draws
+    the same global batch of ``config.batch_size`` pairs from the shared seed and trains on its
+    interleaved shard, so N processes take the same steps as one; the validation EPE is reduced
+    over the processes; only rank 0 logs and writes files. A NaN/Inf loss or gradient skips the
+    step (``config.on_nonfinite == "skip"``) or stops training (``"stop"``); a checkpoint with
+    non-finite weights is never written over a good one.
+
+    ``--resume`` restores model, optimiser, scheduler, every RNG state, the step, the history and
+    the best model so far; the continued run is bit-identical to an uninterrupted one (CPU).
     """
     from tqdm import tqdm
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = ctx or DistContext()
+    quiet = quiet or not ctx.is_main
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     gen = _common.seed_everything(config.seed)
     bank = TextureBank(default_texture_folder(data_root), limit=config.textures)
     val_gen = torch.Generator().manual_seed(10_000 + config.seed)
     val = make_batch(config.val_pairs, config.size, config.size, val_gen, bank, config.max_motion)
+    val_rows = ctx.shard(config.val_pairs, epoch=0, seed=config.seed, shuffle=False)
+    val = tuple(t[val_rows] for t in val)
     model = VariationalFlow(flow_config)
+    ddp_model = wrap(model, ctx)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.steps, 1))
-    step, history = 0, []
-    best = {"val_epe": evaluate(model, val), "step": 0, "params": model.describe()}
-    history.append({"step": 0, "val_epe": best["val_epe"]})
-    save_weights(model, out_dir / "best.pt", {"val_epe": best["val_epe"], "step": 0})
+    guard = NonFiniteGuard(config.on_nonfinite, ctx=ctx, log=lambda msg: None if quiet else print(msg, flush=True))
     ckpt = out_dir / "checkpoint.pt"
     if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = load_checkpoint(ckpt, required=("model", "optimizer", "scheduler", "rng", "generator", "step"))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         _common.set_rng_state(state["rng"])
         gen.set_state(state["generator"])
         step, history, best = state["step"], state["history"], state["best"]
+        guard.skipped = state.get("skipped", 0)
+    else:
+        step = 0
+        v0 = evaluate(model, val, ctx)
+        best = {"val_epe": v0, "step": 0, "params": model.describe()}
+        history = [{"step": 0, "val_epe": v0}]
+        if ctx.is_main:
+            save_weights(model, out_dir / "best.pt", {"val_epe": v0, "step": 0})
+    rows = ctx.shard(config.batch_size, epoch=0, seed=config.seed, shuffle=False)
     bar = tqdm(total=config.steps, initial=step, disable=quiet or not sys.stderr.isatty(), desc="train flow")
     t0 = time.time()
+    every = config.checkpoint_every or config.val_every
     while step < config.steps:
         f1, f2, gt = make_batch(config.batch_size, config.size, config.size, gen, bank, config.max_motion)
-        flow, info = model(f1, f2)
-        loss = batch_epe(flow, gt).mean()
-        _common.finite_or_raise(loss.detach(), "training loss")
+        flow, info = ddp_model(f1[rows], f2[rows])
+        epe = batch_epe(flow, gt[rows])
+        # DDP averages gradients over the processes: scale the local sum so that the result is
+        # the gradient of the mean over the global batch (with one process: the plain mean).
+        loss = epe.mean() if not ctx.distributed else epe.sum() * (ctx.world_size / config.batch_size)
         opt.zero_grad()
         loss.backward()
-        opt.step()
-        sched.step()
+        if guard.check(loss, model.parameters(), step + 1):
+            opt.step()
+            sched.step()
         step += 1
+        train_epe = ctx.reduce_mean({"epe": float(epe.detach().mean())}, weight=len(rows))["epe"]
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        if step % config.val_every == 0 or step == config.steps:
-            v = evaluate(model, val)
-            history.append({"step": step, "val_epe": v, "train_loss": float(loss.detach()), "params": model.describe()})
+        bar.set_postfix(loss=f"{train_epe:.3f}")
+        validate = step % config.val_every == 0 or step == config.steps
+        if validate:
+            v = evaluate(model, val, ctx)
+            history.append({"step": step, "val_epe": v, "train_loss": train_epe, "params": model.describe()})
             if not quiet:
-                print(f"step {step}: train EPE {float(loss.detach()):.4f}  val EPE {v:.4f}  {model.describe()}", flush=True)
+                print(f"step {step}: train EPE {train_epe:.4f}  val EPE {v:.4f}  {model.describe()}", flush=True)
             if v < best["val_epe"]:
                 best = {"val_epe": v, "step": step, "params": model.describe()}
-                save_weights(model, out_dir / "best.pt", {"val_epe": v, "step": step})
-            _common.atomic_torch_save({
+                if ctx.is_main and first_nonfinite(model.state_dict()) is None:
+                    save_weights(model, out_dir / "best.pt", {"val_epe": v, "step": step})
+        if validate or step % every == 0:
+            save_checkpoint({
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": _common.rng_state(), "generator": gen.get_state(), "step": step,
-                "history": history, "best": best}, ckpt)  # fmt: skip
+                "history": history, "best": best, "skipped": guard.skipped,
+                "metrics": {"train_epe": train_epe}}, ckpt, ctx)  # fmt: skip
     bar.close()
     summary = {"config": asdict(config), "flow_config": asdict(model.config), "best": best,
-               "history": history, "seconds": round(time.time() - t0, 1), "command": command,
+               "history": history, "skipped_steps": guard.skipped, "world_size": ctx.world_size,
+               "seconds": round(time.time() - t0, 1), "command": command,
                "machine": _common.machine_info()}
-    _common.atomic_write_json(summary, out_dir / "train.json")
+    if ctx.is_main:
+        _common.atomic_write_json(summary, out_dir / "train.json")
+    ctx.barrier()
     return summary
