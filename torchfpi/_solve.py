@@ -258,7 +258,7 @@ class _Problem:
                 r = _grad([y], [zd], [u], create_graph=False)[0]
                 return torch.zeros_like(u) if r is None else r
 
-            u, bstats = self._adjoint(vjp_z, g)
+            u, bstats = self._adjoint(vjp_z, g, zs, tensors)
             everything = list(td) + list(params)
             grads = _grad([y], [everything[i] for i in wrt], [u], create_graph=False)
         else:
@@ -299,13 +299,45 @@ class _Problem:
     def _fn_tuple(self, z: Tensor, *tensors: Tensor) -> Tuple[Tensor]:
         return (self.fn(z, *tensors),)
 
-    def _adjoint(self, vjp_z: Callable[[Tensor], Tensor], g: Tensor) -> Tuple[Tensor, Optional[SolveStats]]:
+    def _adjoint(
+        self,
+        vjp_z: Callable[[Tensor], Tensor],
+        g: Tensor,
+        zs: Optional[Tensor] = None,
+        tensors: Sequence[Tensor] = (),
+    ) -> Tuple[Tensor, Optional[SolveStats]]:
         strategy = self.strategy
         if strategy.solver is None:
             return strategy.solve(vjp_z, g)  # type: ignore[union-attr]
+        compact = self.compact and zs is not None
+        # With compaction, stopped samples leave the adjoint solve too: once the working rows
+        # fall to half the rows of the graph in use, f is recorded again on those rows only.
+        graph_rows: Optional[Tensor] = None  # rows of the graph in use (None: the full graph)
+        sub: Optional[Tuple[Tensor, Tensor]] = None
+        pos: Optional[Tensor] = None  # position of each working row inside graph_rows
 
         def call(uw: Tensor, idx: Optional[Tensor]) -> Tensor:
-            return g + vjp_z(uw)
+            nonlocal graph_rows, sub, pos
+            if idx is None:
+                return g + vjp_z(uw)
+            if graph_rows is None or 2 * idx.shape[0] <= graph_rows.shape[0]:
+                with torch.enable_grad():
+                    zd = zs[idx].detach().requires_grad_(True)  # type: ignore[index]
+                    y = self.fn(zd, *[t.detach() for t in self._sliced(tensors, idx)])
+                graph_rows, sub, pos = idx, (y, zd), None
+            elif pos is None or pos.shape[0] != idx.shape[0]:
+                lookup = torch.full((self.structure.batch,), -1, dtype=torch.long, device=idx.device)
+                lookup[graph_rows] = torch.arange(graph_rows.shape[0], device=idx.device)
+                pos = lookup[idx]
+            y, zd = sub  # type: ignore[misc]
+            if pos is None:
+                r = _grad([y], [zd], [uw], create_graph=False)[0]
+            else:
+                full = uw.new_zeros(y.shape)
+                full[pos] = uw
+                r = _grad([y], [zd], [full], create_graph=False)[0]
+                r = None if r is None else r[pos]
+            return g[idx] + (torch.zeros_like(uw) if r is None else r)
 
         u, stats = _iterate(
             call,
@@ -314,7 +346,7 @@ class _Problem:
             tol=self.backward_tol,
             max_iter=self.backward_max_iter,
             absolute=self.absolute,
-            compact=False,
+            compact=compact,
             what="backward fixed_point",
         )
         _report(stats, self.on_failure, "backward", self.backward_tol, self.backward_max_iter)
