@@ -78,8 +78,8 @@ def first_nonfinite(obj: Any, name: str = "") -> Optional[str]:
 class NonFiniteGuard:
     """Catch a NaN or Inf loss or gradient before it reaches the weights.
 
-    Call :meth:`check` after ``loss.backward()`` and take the optimiser step only when it
-    returns True.
+    Replace ``loss.backward()`` by :meth:`backward` (or call :meth:`check` after it) and take
+    the optimiser step only when it returns True.
 
     Args:
         policy: ``"skip"``: skip the step (gradients zeroed) and go on; ``"stop"``: raise
@@ -92,9 +92,10 @@ class NonFiniteGuard:
     Example:
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> guard = NonFiniteGuard(log=lambda msg: None)
-        >>> (w * float("nan")).sum().backward()
-        >>> guard.check(w.sum() * float("nan"), [w], step=1), guard.skipped
-        (False, 1)
+        >>> guard.backward((w * float("nan")).sum(), [w], step=1), guard.skipped, w.grad
+        (False, 1, None)
+        >>> guard.backward((w * 2).sum(), [w], step=2), w.grad
+        (True, tensor([2.]))
     """
 
     def __init__(self, policy: str = "skip", max_consecutive: int = 10,
@@ -110,8 +111,35 @@ class NonFiniteGuard:
         self.skipped = 0
         self.consecutive = 0
 
+    def backward(self, loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter], step: int) -> bool:
+        """``loss.backward()`` guarded: True when the loss and every gradient are finite (take the
+        optimiser step); False when the step must be skipped (gradients cleared).
+
+        A non-finite loss is caught before the backward pass (the decision is reduced over the
+        processes first, so that no rank enters DDP's gradient reduction alone). In a
+        single-process run, a backward fixed-point solve that fails on NaN/Inf
+        (:class:`~torchfpi.FixedPointError`) also counts as a non-finite step.
+
+        Raises:
+            NonFiniteError: with policy ``"stop"``, or after ``max_consecutive`` skips in a row.
+        """
+        from torchfpi._errors import FixedPointError
+
+        params = list(parameters)
+        what = "" if bool(torch.isfinite(loss.detach()).all()) else f"the loss is {float(loss.detach().flatten()[0])}"
+        what = self._reduce(what, "another process met a non-finite loss")
+        if what:
+            return self._skip(what, params, step)
+        try:
+            loss.backward()
+        except (FixedPointError, FloatingPointError) as exc:
+            if self.ctx.distributed:  # the other ranks are inside the gradient reduction
+                raise
+            return self._skip(f"the backward pass failed ({str(exc).splitlines()[0][:120]})", params, step)
+        return self.check(loss, params, step)
+
     def check(self, loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter], step: int) -> bool:
-        """True when ``loss`` and every gradient are finite (take the step); False to skip it.
+        """After ``loss.backward()``: True when ``loss`` and every gradient are finite; False to skip.
 
         Raises:
             NonFiniteError: with policy ``"stop"``, or after ``max_consecutive`` skips in a row.
@@ -125,14 +153,20 @@ class NonFiniteGuard:
                 if not bool(torch.isfinite(p.grad).all()):
                     what = "a gradient holds NaN/Inf"
                     break
-        flag = torch.tensor([1.0 if what else 0.0], dtype=torch.float64)
-        if self.ctx.distributed:
-            flag = self.ctx.all_reduce_sum(flag)
-            if float(flag) > 0 and not what:
-                what = "another process met a non-finite loss or gradient"
-        if float(flag) == 0:
+        what = self._reduce(what, "another process met a non-finite loss or gradient")
+        if not what:
             self.consecutive = 0
             return True
+        return self._skip(what, params, step)
+
+    def _reduce(self, what: str, elsewhere: str) -> str:
+        """Make the verdict common to every process (a no-op in a single process)."""
+        if not self.ctx.distributed:
+            return what
+        flag = self.ctx.all_reduce_sum(torch.tensor([1.0 if what else 0.0], dtype=torch.float64))
+        return what or (elsewhere if float(flag) > 0 else "")
+
+    def _skip(self, what: str, params: Sequence[torch.nn.Parameter], step: int) -> bool:
         self.skipped += 1
         self.consecutive += 1
         for p in params:

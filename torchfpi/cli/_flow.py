@@ -46,6 +46,8 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--checkpoint-every", type=int, default=0,
                    help="steps between checkpoints (default 0: at each validation)")
+    t.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="model and data precision (float64: runs match across process counts)")
     t.add_argument("--on-nonfinite", choices=("skip", "stop"), default="skip",
                    help="a NaN/Inf loss or gradient skips the step (default) or stops training")
     t.add_argument("--quiet", action="store_true")
@@ -91,7 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, size=args.size, lr=args.lr,
                           max_motion=args.max_motion, val_pairs=args.val_pairs, val_every=args.val_every,
                           seed=args.seed, checkpoint_every=args.checkpoint_every,
-                          on_nonfinite=args.on_nonfinite)
+                          on_nonfinite=args.on_nonfinite, dtype=args.dtype)
         summary = train(out, cfg, FlowConfig(max_iter=args.max_iter), data_root=root,
                         resume=args.resume, quiet=args.quiet, command=command, ctx=ctx)
     finally:

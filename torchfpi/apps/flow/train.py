@@ -6,6 +6,7 @@ Middlebury test pairs is seen.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +43,7 @@ class TrainConfig:
     textures: int = 400
     checkpoint_every: int = 0  # steps between checkpoints; 0: at each validation
     on_nonfinite: str = "skip"  # NaN/Inf loss or gradient: "skip" the step or "stop"
+    dtype: str = "float32"  # "float64" for runs that must match across process counts to 1e-6
 
 
 def evaluate(model: VariationalFlow, val: tuple, ctx: Optional[DistContext] = None) -> float:
@@ -106,8 +108,9 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
     val_gen = torch.Generator().manual_seed(10_000 + config.seed)
     val = make_batch(config.val_pairs, config.size, config.size, val_gen, bank, config.max_motion)
     val_rows = ctx.shard(config.val_pairs, epoch=0, seed=config.seed, shuffle=False)
-    val = tuple(t[val_rows] for t in val)
-    model = VariationalFlow(flow_config)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[config.dtype]
+    val = tuple(t[val_rows].to(dtype) for t in val)
+    model = VariationalFlow(flow_config).to(dtype)
     ddp_model = wrap(model, ctx)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.steps, 1))
@@ -133,20 +136,22 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
     bar = tqdm(total=config.steps, initial=step, disable=quiet or not sys.stderr.isatty(), desc="train flow")
     t0 = time.time()
     every = config.checkpoint_every or config.val_every
+    train_epe = float(history[-1].get("train_loss", float("nan")))
     while step < config.steps:
         f1, f2, gt = make_batch(config.batch_size, config.size, config.size, gen, bank, config.max_motion)
-        flow, info = ddp_model(f1[rows], f2[rows])
-        epe = batch_epe(flow, gt[rows])
+        flow, info = ddp_model(f1[rows].to(dtype), f2[rows].to(dtype))
+        epe = batch_epe(flow, gt[rows].to(dtype))
         # DDP averages gradients over the processes: scale the local sum so that the result is
         # the gradient of the mean over the global batch (with one process: the plain mean).
         loss = epe.mean() if not ctx.distributed else epe.sum() * (ctx.world_size / config.batch_size)
         opt.zero_grad()
-        loss.backward()
-        if guard.check(loss, model.parameters(), step + 1):
+        taken = guard.backward(loss, list(model.parameters()), step + 1)
+        if taken:
             opt.step()
             sched.step()
         step += 1
-        train_epe = ctx.reduce_mean({"epe": float(epe.detach().mean())}, weight=len(rows))["epe"]
+        step_epe = ctx.reduce_mean({"epe": float(epe.detach().mean())}, weight=len(rows))["epe"]
+        train_epe = step_epe if taken else train_epe  # a skipped step's loss is not a result
         bar.update(1)
         bar.set_postfix(loss=f"{train_epe:.3f}")
         validate = step % config.val_every == 0 or step == config.steps
@@ -164,7 +169,7 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": _common.rng_state(), "generator": gen.get_state(), "step": step,
                 "history": history, "best": best, "skipped": guard.skipped,
-                "metrics": {"train_epe": train_epe}}, ckpt, ctx)  # fmt: skip
+                "metrics": {"train_epe": train_epe} if math.isfinite(train_epe) else {}}, ckpt, ctx)  # fmt: skip
     bar.close()
     summary = {"config": asdict(config), "flow_config": asdict(model.config), "best": best,
                "history": history, "skipped_steps": guard.skipped, "world_size": ctx.world_size,

@@ -1,0 +1,215 @@
+"""Training under faults: SIGKILL then --resume, NaN/Inf guard, and a 2-process torchrun run of a
+real ``torchfpi train`` command matching one process.
+
+The runs are tiny (32x32 synthetic flow pairs, 3 sweeps per solve) and deterministic on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchfpi.apps._distributed import DistContext
+from torchfpi.apps._training import (
+    NonFiniteError,
+    NonFiniteGuard,
+    first_nonfinite,
+    load_checkpoint,
+    save_checkpoint,
+)
+from torchfpi.cli import main
+
+TINY = ["train", "flow", "--procedural", "--size", "32", "--val-pairs", "2", "--max-iter", "3", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """``train flow --threads 1`` sets torch's thread count of this process: put it back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _state(run: Path) -> dict:
+    return torch.load(run / "checkpoint.pt", weights_only=False)
+
+
+def _history(run: Path) -> list:
+    return json.loads((run / "train.json").read_text())["history"]
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+        assert ka == kb and all(torch.equal(sa[n], sb[n]) for n in sa)
+    assert a["scheduler"] == b["scheduler"]
+    assert a["best"] == b["best"]
+
+
+# ---------------------------------------------------------------- SIGKILL and --resume
+def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path):
+    args = [*TINY, "--batch-size", "1", "--steps", "10", "--val-every", "4", "--checkpoint-every", "1",
+            "--seed", "3"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main([*args, "--out", str(ref)]) == 0
+
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "torchfpi", *args, "--out", str(run)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    deadline = time.time() + 60
+    while not (run / "checkpoint.pt").exists():
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+        assert time.time() < deadline, "no checkpoint within 60 s"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    log.close()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = _state(run)["step"]
+    assert 1 <= killed_at < 10 and not (run / "train.json").exists()
+
+    assert main([*args, "--out", str(run), "--resume"]) == 0
+    assert _history(run) == _history(ref)
+    _assert_same_state(_state(run), _state(ref))
+    best_run = torch.load(run / "best.pt", weights_only=True)
+    best_ref = torch.load(ref / "best.pt", weights_only=True)
+    assert best_run["step"] == best_ref["step"]
+    assert all(torch.equal(best_run["model"][k], best_ref["model"][k]) for k in best_ref["model"])
+
+
+def test_resume_restores_every_rng_and_the_step(tmp_path):
+    args = [*TINY, "--batch-size", "1", "--val-every", "2", "--seed", "1"]
+    assert main([*args, "--steps", "2", "--out", str(tmp_path)]) == 0
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert set(state) >= {"model", "optimizer", "scheduler", "rng", "generator", "step", "history", "best"}
+    assert set(state["rng"]) >= {"python", "torch", "numpy"}
+    assert state["step"] == 2
+
+
+# ---------------------------------------------------------------- NaN / Inf guard
+def test_guard_skips_then_stops_after_consecutive_non_finite_steps():
+    w = torch.nn.Parameter(torch.ones(3))
+    logged = []
+    guard = NonFiniteGuard("skip", max_consecutive=2, log=logged.append)
+    (w * 2).sum().backward()
+    assert guard.check((w * 2).sum(), [w], step=1) and w.grad is not None
+    w.grad = torch.tensor([1.0, float("inf"), 0.0])
+    assert not guard.check(torch.tensor(1.0), [w], step=2)
+    assert w.grad is None and guard.skipped == 1
+    assert "step 2: a gradient holds NaN/Inf: step skipped" in logged[0]
+    with pytest.raises(NonFiniteError, match=r"training stopped at step 3: the loss is nan \(2 non-finite steps in a row\)"):
+        guard.check(torch.tensor(float("nan")), [w], step=3)
+
+
+def test_guard_stop_policy_and_bad_policy():
+    with pytest.raises(NonFiniteError, match="step 7: the loss is inf; the last good checkpoint is kept"):
+        NonFiniteGuard("stop").check(torch.tensor(float("inf")), [], step=7)
+    from torchfpi.apps._common import UsageError
+
+    with pytest.raises(UsageError, match="--on-nonfinite: expected one of"):
+        NonFiniteGuard("ignore")
+
+
+def test_checkpoint_with_nan_weights_never_replaces_a_good_one(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    good = {"model": {"w": torch.ones(2)}, "optimizer": {}, "step": 1, "metrics": {"loss": 0.5}}
+    assert save_checkpoint(good, path)
+    before = path.read_bytes()
+    bad = {"model": {"w": torch.tensor([1.0, float("nan")])}, "optimizer": {}, "step": 2}
+    with pytest.raises(NonFiniteError, match="not writing checkpoint .*: model.w is NaN or Inf; the previous checkpoint is kept"):
+        save_checkpoint(bad, path)
+    with pytest.raises(NonFiniteError, match="metrics.loss"):
+        save_checkpoint({**good, "metrics": {"loss": float("inf")}}, path)
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)["step"] == 1
+    assert not save_checkpoint(good, tmp_path / "other.pt", DistContext(rank=1, world_size=2))
+    assert not (tmp_path / "other.pt").exists()
+    assert first_nonfinite({"a": [1.0, torch.zeros(1, dtype=torch.int64)]}) is None
+
+
+def _poison_training_loss(monkeypatch, at_call: int):
+    """Make the ``at_call``-th training loss of the flow trainer NaN (validation untouched)."""
+    import torchfpi.apps.flow.train as flow_train
+
+    real, calls = flow_train.batch_epe, []
+
+    def poisoned(flow, truth):
+        out = real(flow, truth)
+        if out.requires_grad:
+            calls.append(1)
+            if len(calls) == at_call:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(flow_train, "batch_epe", poisoned)
+
+
+def test_nan_loss_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    _poison_training_loss(monkeypatch, at_call=2)
+    argv = [*TINY, "--batch-size", "1", "--steps", "3", "--val-every", "3", "--checkpoint-every", "1"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "train.json").read_text())
+    assert summary["skipped_steps"] == 1
+    assert first_nonfinite(_state(tmp_path)["model"]) is None
+
+
+def test_nan_loss_with_stop_policy_exits_1_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    _poison_training_loss(monkeypatch, at_call=3)
+    argv = [*TINY, "--batch-size", "1", "--steps", "5", "--val-every", "5", "--checkpoint-every", "1"]
+    assert main([*argv, "--on-nonfinite", "stop", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("torchfpi: error: training stopped at step 3: the loss is nan; the last good checkpoint is "
+                   "kept: lower --lr, or resume from it with --resume")
+    state = _state(tmp_path)
+    assert state["step"] == 2 and first_nonfinite(state["model"]) is None
+
+
+# ---------------------------------------------------------------- torchrun, 2 gloo processes
+def _torchrun(tmp_path: Path, nproc: int, argv: list) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "torchfpi", *argv]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    argv = [*TINY, "--batch-size", "2", "--steps", "3", "--val-every", "3", "--dtype", "float64"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = _torchrun(tmp_path, 2, [*argv, "--out", str(two)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert main([*argv, "--out", str(one)]) == 0
+    a, b = _state(two), _state(one)
+    assert a["step"] == b["step"] == 3
+    from torchfpi.apps.flow.variational import VariationalFlow
+
+    start = VariationalFlow().double().state_dict()
+    for k in b["model"]:
+        assert a["model"][k].dtype == torch.float64
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+    assert max(float((b["model"][k] - start[k]).abs()) for k in start) > 1e-3  # it trained
+    ha, hb = _history(two), _history(one)
+    assert [h["step"] for h in ha] == [h["step"] for h in hb]
+    for x, y in zip(ha, hb):
+        assert x["val_epe"] == pytest.approx(y["val_epe"], abs=1e-9)
+    summary = json.loads((two / "train.json").read_text())
+    assert summary["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_batch_not_divisible_is_a_usage_error(tmp_path):
+    done = _torchrun(tmp_path, 2, [*TINY, "--batch-size", "3", "--steps", "1", "--out", str(tmp_path / "x")])
+    assert done.returncode != 0
+    assert "--batch-size 3 is not divisible by the 2 processes" in done.stderr
+    # torchrun reports the failed children with its own traceback; none comes from torchfpi
+    assert "torchfpi/" not in done.stderr
