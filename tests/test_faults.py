@@ -213,3 +213,37 @@ def test_torchrun_batch_not_divisible_is_a_usage_error(tmp_path):
     assert "--batch-size 3 is not divisible by the 2 processes" in done.stderr
     # torchrun reports the failed children with its own traceback; none comes from torchfpi
     assert "torchfpi/" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_killed_then_resumed_ends_like_one_uninterrupted_process(tmp_path):
+    argv = [*TINY, "--batch-size", "2", "--steps", "8", "--val-every", "4", "--checkpoint-every", "1",
+            "--dtype", "float64"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "torchfpi", *argv, "--out", str(two)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 90
+    while not (two / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
+    proc.wait(timeout=30)
+    assert _state(two)["step"] < 8
+    done = _torchrun(tmp_path, 2, [*argv, "--out", str(two), "--resume"])
+    assert done.returncode == 0, done.stderr
+    assert main([*argv, "--out", str(one)]) == 0
+    a, b = _state(two), _state(one)
+    assert a["step"] == b["step"] == 8
+    for k in b["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+
+
+def test_training_helpers_doctests():
+    import doctest
+
+    import torchfpi.apps._training as module
+
+    assert doctest.testmod(module).failed == 0

@@ -111,12 +111,17 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
     dtype = {"float32": torch.float32, "float64": torch.float64}[config.dtype]
     val = tuple(t[val_rows].to(dtype) for t in val)
     model = VariationalFlow(flow_config).to(dtype)
-    ddp_model = wrap(model, ctx)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.steps, 1))
     guard = NonFiniteGuard(config.on_nonfinite, ctx=ctx, log=lambda msg: None if quiet else print(msg, flush=True))
     ckpt = out_dir / "checkpoint.pt"
-    if resume and ckpt.exists():
+    found = resume and ckpt.exists()
+    if resume and ctx.distributed:
+        seen = int(ctx.all_reduce_sum(torch.tensor([float(found)], dtype=torch.float64)))
+        if 0 < seen < ctx.world_size:
+            raise _common.DataError(f"--resume: '{ckpt}' exists for {seen} of {ctx.world_size} processes: "
+                                    "put --out on a file system every machine sees, or copy the checkpoint")
+    if found:
         state = load_checkpoint(ckpt, required=("model", "optimizer", "scheduler", "rng", "generator", "step"))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -132,6 +137,7 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
         history = [{"step": 0, "val_epe": v0}]
         if ctx.is_main:
             save_weights(model, out_dir / "best.pt", {"val_epe": v0, "step": 0})
+    ddp_model = wrap(model, ctx)  # after loading: DDP starts by broadcasting rank 0's weights
     rows = ctx.shard(config.batch_size, epoch=0, seed=config.seed, shuffle=False)
     bar = tqdm(total=config.steps, initial=step, disable=quiet or not sys.stderr.isatty(), desc="train flow")
     t0 = time.time()
