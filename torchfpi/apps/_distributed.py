@@ -113,7 +113,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def teardown(ctx: DistContext) -> None:
-    """Leave the process group."""
+def teardown(ctx: DistContext, sync: bool = True) -> None:
+    """Leave the process group.
+
+    With ``sync`` (the normal end of a run) every process first waits at a barrier: a process
+    that destroys its gloo group while a peer still exchanges messages can make that peer abort
+    (SIGABRT, "terminate called without an active exception"). Pass ``sync=False`` on an error
+    path, where a peer may never reach the barrier.
+    """
     if ctx.distributed and dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()

@@ -89,15 +89,17 @@ def run_train(args: argparse.Namespace) -> int:
             raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world_size} "
                              "processes of this torchrun: choose a multiple of --nproc_per_node")
         if args.model == "fpi_nn":
-            return _train_refine(args, root, command, ctx)
+            return _train_refine(args, root, command, ctx)  # single process: nothing to tear down
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, size=args.size, lr=args.lr,
                           max_motion=args.max_motion, val_pairs=args.val_pairs, val_every=args.val_every,
                           seed=args.seed, checkpoint_every=args.checkpoint_every,
                           on_nonfinite=args.on_nonfinite, dtype=args.dtype)
         summary = train(out, cfg, FlowConfig(max_iter=args.max_iter), data_root=root,
                         resume=args.resume, quiet=args.quiet, command=command, ctx=ctx)
-    finally:
-        _distributed.teardown(ctx)
+    except BaseException:
+        _distributed.teardown(ctx, sync=False)
+        raise
+    _distributed.teardown(ctx)
     if not args.quiet and ctx.is_main:
         b = summary["best"]
         print(f"best synthetic validation EPE {b['val_epe']:.4f} at step {b['step']}: {out / 'best.pt'}")
