@@ -428,6 +428,37 @@ def _check_finite(z0f: Tensor, inputs: Sequence[Tuple[int, Tensor]]) -> None:
             raise FixedPointError(f"fixed_point: {name} contains NaN or Inf (at iteration 0, before solving)")
 
 
+def _validate_options(
+    solver: object,
+    backward: object,
+    tol: object,
+    max_iter: object,
+    backward_tol: object,
+    backward_max_iter: object,
+    on_failure: object,
+    residual: object,
+    compact: object,
+    batched: object,
+) -> Tuple[object, Backward, float, int, float, int]:
+    """Check every option of :func:`fixed_point`; return (solver, strategy, tol, max_iter,
+    backward_tol, backward_max_iter) with the ``None`` defaults resolved."""
+    solver_obj = _resolve_solver(solver)
+    strategy = resolve_backward(backward)
+    tol_ = _check_tol("tol", tol)
+    max_iter_ = _check_max_iter("max_iter", max_iter)
+    btol = tol_ if backward_tol is None else _check_tol("backward_tol", backward_tol)
+    bmax = max_iter_ if backward_max_iter is None else _check_max_iter("backward_max_iter", backward_max_iter)
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure: expected one of {list(ON_FAILURE)}, got {on_failure!r}")
+    if residual not in RESIDUALS:
+        raise ValueError(f"residual: expected one of {list(RESIDUALS)}, got {residual!r}")
+    if not isinstance(compact, bool):
+        raise TypeError(f"compact: expected a bool, got {type(compact).__name__}")
+    if not isinstance(batched, bool):
+        raise TypeError(f"batched: expected a bool, got {type(batched).__name__}")
+    return solver_obj, strategy, tol_, max_iter_, btol, bmax
+
+
 def fixed_point(
     f: Callable[..., Any],
     z0: State,
@@ -498,20 +529,9 @@ def fixed_point(
     """
     if not callable(f):
         raise TypeError(f"f: expected a callable (function or nn.Module), got {type(f).__name__}")
-    solver_obj = _resolve_solver(solver)
-    strategy = resolve_backward(backward)
-    tol = _check_tol("tol", tol)
-    max_iter = _check_max_iter("max_iter", max_iter)
-    btol = tol if backward_tol is None else _check_tol("backward_tol", backward_tol)
-    bmax = max_iter if backward_max_iter is None else _check_max_iter("backward_max_iter", backward_max_iter)
-    if on_failure not in ON_FAILURE:
-        raise ValueError(f"on_failure: expected one of {list(ON_FAILURE)}, got {on_failure!r}")
-    if residual not in RESIDUALS:
-        raise ValueError(f"residual: expected one of {list(RESIDUALS)}, got {residual!r}")
-    if not isinstance(compact, bool):
-        raise TypeError(f"compact: expected a bool, got {type(compact).__name__}")
-    if not isinstance(batched, bool):
-        raise TypeError(f"batched: expected a bool, got {type(batched).__name__}")
+    solver_obj, strategy, tol, max_iter, btol, bmax = _validate_options(
+        solver, backward, tol, max_iter, backward_tol, backward_max_iter, on_failure, residual, compact, batched
+    )
     structure = _Structure(z0, batched)
     z0f = structure.pack(z0).detach()
     template = list(inputs)
@@ -601,18 +621,9 @@ class FPILayer(nn.Module):
         self.f = f
         self.init = init
         # Validate the options now rather than at the first call.
-        _resolve_solver(solver)
-        resolve_backward(backward)
-        _check_tol("tol", tol)
-        _check_max_iter("max_iter", max_iter)
-        if backward_tol is not None:
-            _check_tol("backward_tol", backward_tol)
-        if backward_max_iter is not None:
-            _check_max_iter("backward_max_iter", backward_max_iter)
-        if on_failure not in ON_FAILURE:
-            raise ValueError(f"on_failure: expected one of {list(ON_FAILURE)}, got {on_failure!r}")
-        if residual not in RESIDUALS:
-            raise ValueError(f"residual: expected one of {list(RESIDUALS)}, got {residual!r}")
+        _validate_options(
+            solver, backward, tol, max_iter, backward_tol, backward_max_iter, on_failure, residual, compact, batched
+        )
         self.options = dict(
             solver=solver,
             backward=backward,

@@ -51,6 +51,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from torchfpi._errors import FixedPointError
     from torchfpi.apps._common import DataError, MissingExtraError, UsageError
 
+    def one_line(exc: BaseException) -> str:
+        # Every failure is reported in one line, whatever the exception's message holds.
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        return lines[0] if lines else type(exc).__name__
+
     parser = build_parser()
     args: List[str] = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -60,10 +65,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(ns.func(ns) or 0)
     except UsageError as exc:
-        print(f"torchfpi: error: {exc}", file=sys.stderr)
+        print(f"torchfpi: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except (DataError, MissingExtraError, FixedPointError, FloatingPointError) as exc:
-        print(f"torchfpi: error: {exc}", file=sys.stderr)
+        print(f"torchfpi: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         print(f"torchfpi: error: {exc.strerror or exc}: '{exc.filename}'", file=sys.stderr)
