@@ -47,7 +47,37 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.add_argument("--out", default=None, help="write the result JSON here")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no per-epoch lines")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="float64 for runs that must match across process counts to 1e-6")
+    p.add_argument("--input-dropout", type=float, default=None, help="dropout on the features (default 0.3)")
+    p.add_argument("--hidden-dropout", type=float, default=None, help="dropout on the hidden layer (default 0.5)")
+    p.add_argument("--on-nonfinite", choices=("skip", "stop"), default="skip",
+                   help="a NaN/Inf loss or gradient: skip the step (default) or stop training")
     p.set_defaults(func=run)
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse non-positive sizes, tolerances and steps with a usage error naming the flag."""
+    import math
+
+    from torchfpi.apps._common import UsageError
+
+    for name in ("hidden", "energy_hidden", "unroll_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
+    if args.max_iter < 1:
+        raise UsageError(f"--max-iter: expected a positive integer, got {args.max_iter}")
+    for name in ("tol", "step_size"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
+    for name in ("input_dropout", "hidden_dropout"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise UsageError(f"--{name.replace('_', '-')}: expected a number in [0, 1), got {value}")
+    if not (math.isfinite(args.f1_weight) and args.f1_weight >= 0):
+        raise UsageError(f"--f1-weight: expected a number >= 0, got {args.f1_weight}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,10 +88,12 @@ def run(args: argparse.Namespace) -> int:
         require(module)
     import torch
 
+    from torchfpi.apps import _distributed
     from torchfpi.apps.multilabel import TrainConfig, make_splits, train_multilabel
     from torchfpi.apps.multilabel.recipes import model_config
     from torchfpi.data import load_multilabel
 
+    _check_options(args)
     if (args.train_arff is None) != (args.test_arff is None):
         raise UsageError("--train-arff and --test-arff go together: give both or neither")
     if args.max_steps is not None and args.max_steps < 1:
@@ -85,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
             energy_hidden=args.energy_hidden,
             unroll_steps=args.unroll_steps,
             step_size=args.step_size,
+            input_dropout=args.input_dropout,
+            hidden_dropout=args.hidden_dropout,
         ).items()
         if v is not None
     }
@@ -108,19 +142,30 @@ def run(args: argparse.Namespace) -> int:
         pretrain_epochs=args.pretrain_epochs,
         f1_weight=args.f1_weight,
         device=str(device),
+        dtype=args.dtype,
         model_cfg=model_cfg,
     )
     splits = make_splits(train, test, args.val_fraction)
     ckpt = Path(args.checkpoint_dir) / f"{args.dataset}-{args.model}-seed{args.seed}.pt"
-    result = train_multilabel(
-        cfg,
-        splits,
-        checkpoint=ckpt,
-        resume=args.resume,
-        progress=not args.quiet and sys.stderr.isatty(),
-        log=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)),
-        max_steps=args.max_steps,
-    )
+    ctx = _distributed.setup(device)
+    try:
+        result = train_multilabel(
+            cfg,
+            splits,
+            checkpoint=ckpt,
+            resume=args.resume,
+            progress=not args.quiet and sys.stderr.isatty(),
+            log=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)),
+            max_steps=args.max_steps,
+            ctx=ctx,
+            on_nonfinite=args.on_nonfinite,
+        )
+    except BaseException:
+        _distributed.teardown(ctx, sync=False)
+        raise
+    _distributed.teardown(ctx)
+    if not ctx.is_main:  # rank 0 prints and writes the results
+        return 0
     result["command"] = "torchfpi " + " ".join(sys.argv[1:]) if sys.argv else None
     print(
         f"{args.dataset} {args.model} seed {args.seed}: test F1 {result['test_f1']:.2f} "

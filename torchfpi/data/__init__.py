@@ -62,7 +62,7 @@ def load_multilabel(
 
     Resolution order: an explicit ``path`` to an ARFF file; else the ARFF files under the data
     root (``root``, ``$TORCHFPI_DATA`` or ``../shared/data``, then ``multilabel/<name>/``); else,
-    for Bibtex only, the embedded copy. Bookmarks is not shipped: pass ``path`` (its MULAN file
+    for Bibtex only, the embedded copy. Bookmarks is not shipped: pass ``path`` (CLI: ``--train-arff``/``--test-arff``; its MULAN file
     ``bookmarks.arff`` holds all rows; split it yourself) or place ``bookmarks-{train,test}.arff``
     under the data root.
 
@@ -100,7 +100,12 @@ def load_multilabel(
             return load_embedded_bibtex(split)
         raise DataError(
             f"{name} {split} split: '{arff_path}' does not exist"
-            + (" (Bookmarks is not shipped: pass its ARFF file with --arff PATH)" if name == "bookmarks" else "")
+            + (
+                " (Bookmarks is not shipped: pass its ARFF files with --train-arff PATH --test-arff PATH,"
+                " or put bookmarks-train.arff and bookmarks-test.arff under <data root>/multilabel/bookmarks)"
+                if name == "bookmarks"
+                else ""
+            )
         )
     if xml.is_file():
         return read_arff(arff_path, label_names=read_label_names(xml))
@@ -145,7 +150,8 @@ def write_embedded_bibtex(root: Optional[PathLike] = None, out: PathLike = EMBED
         arrays[f"{split}_x_indptr"], arrays[f"{split}_x_indices"] = _dense_to_csr(data.features)
         arrays[f"{split}_y_indptr"], arrays[f"{split}_y_indices"] = _dense_to_csr(data.labels)
         names = data
-    assert names is not None
+    if names is None:
+        raise DataError(f"no Bibtex split found under the data root (expected {SPLITS})")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(

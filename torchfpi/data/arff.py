@@ -144,7 +144,8 @@ def read_arff(
             )
         label_idx = [index[name] for name in label_names]
     else:
-        assert num_labels is not None
+        if num_labels is None:  # excluded at the top; a clear error rather than an assert
+            raise ValueError("read_arff: give exactly one of label_names and num_labels")
         if not 0 < num_labels < num_attr:
             raise DataError(
                 f"{path}: num_labels must be in [1, {num_attr - 1}] for a file with "

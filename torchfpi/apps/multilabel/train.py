@@ -1,6 +1,13 @@
 """Training loop of the multi-label models: validation-based threshold and early stopping,
 atomic checkpoints with resume, per-epoch timing and fixed-point iteration counts.
 
+Data parallel under ``torchrun`` (see :mod:`torchfpi.apps._distributed`): every process draws the
+same epoch order from the shared seed and trains on its interleaved share of each global batch,
+so N processes take the same steps as one (to rounding; dropout masks differ, so pass
+``--input-dropout 0 --hidden-dropout 0`` for runs that must match to 1e-6); validation metrics are
+reduced over the processes; checkpoints, logs and the test evaluation happen on rank 0. A NaN/Inf
+loss or gradient skips the step or stops training, and never reaches a checkpoint.
+
 The test split is evaluated exactly once, at the end, with the weights and the threshold that
 were best on the validation split.
 """
@@ -18,16 +25,31 @@ import numpy as np
 import torch
 
 from torchfpi.apps._common import (
+    DataError,
     UsageError,
     atomic_torch_save,
-    finite_or_raise,
     machine_info,
     rng_state,
     seed_everything,
     set_rng_state,
 )
-from torchfpi.apps.multilabel.metrics import best_threshold, example_f1
+from torchfpi.apps._distributed import DistContext, wrap
+from torchfpi.apps._training import (
+    NonFiniteGuard,
+    describe_exception,
+    first_nonfinite,
+    load_checkpoint,
+    save_checkpoint,
+)
+from torchfpi.apps.multilabel.metrics import (
+    DEFAULT_THRESHOLDS,
+    best_threshold,
+    example_f1,
+    mean_example_f1,
+)
 from torchfpi.apps.multilabel.models import MODELS, ModelConfig, MultiLabelModel
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -49,6 +71,8 @@ class TrainConfig:
         pretrain_epochs: structured models first train their unary MLP alone for this many
             epochs (0: train end-to-end from scratch).
         device: torch device string.
+        dtype: ``"float32"`` or ``"float64"`` (weights and data; float64 for runs that must match
+            across process counts to 1e-6).
         model_cfg: architecture and solver options.
     """
 
@@ -66,6 +90,7 @@ class TrainConfig:
     f1_weight: float = 0.0
     energy_lr_mult: float = 1.0
     device: str = "cpu"
+    dtype: str = "float32"
     model_cfg: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> None:
@@ -78,6 +103,8 @@ class TrainConfig:
             raise UsageError(f"--patience: expected >= 1, got {self.patience}")
         if not self.lr > 0:
             raise UsageError(f"--lr: expected > 0, got {self.lr}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype: expected one of {list(DTYPES)}, got '{self.dtype}'")
         if self.pretrain_epochs < 0:
             raise UsageError(f"--pretrain-epochs: expected >= 0, got {self.pretrain_epochs}")
 
@@ -122,9 +149,9 @@ def predict(model: MultiLabelModel, x: torch.Tensor, batch_size: int = 512) -> D
     model.eval()
     probs: List[torch.Tensor] = []
     iters: List[float] = []
-    dev = next(model.parameters()).device
+    first = next(model.parameters())
     for i in range(0, x.shape[0], batch_size):
-        z = model(x[i : i + batch_size].to(dev))
+        z = model(x[i : i + batch_size].to(first.device, first.dtype))
         probs.append(torch.sigmoid(z).cpu())
         if model.last_solution is not None and model.kind in ("fpi_gd", "fpi_nn"):
             iters.append(float(model.last_solution.iterations.float().mean()))
@@ -144,6 +171,31 @@ def _backward_iterations(sol: Any) -> Optional[float]:
     return float(torch.as_tensor(it).float().mean())
 
 
+def _validate(model: MultiLabelModel, x: torch.Tensor, y: torch.Tensor, ctx: DistContext) -> Dict[str, Any]:
+    """Validation threshold, F1 and forward iterations; each process scores its shard of the rows
+    and the per-threshold mean F1 is reduced over the processes (same choice rule as
+    :func:`best_threshold`: the highest F1, ties to the smaller threshold)."""
+    if not ctx.distributed:
+        val = predict(model, x)
+        th, vf1 = best_threshold(val["prob"], y)
+        return {"threshold": th, "f1": vf1, "forward_iterations": val["forward_iterations"]}
+    rows = ctx.shard(x.shape[0], epoch=0, seed=0, shuffle=False)
+    values: Dict[str, float] = {f"t{k:03d}": 0.0 for k in range(len(DEFAULT_THRESHOLDS))}
+    values["iterations"] = 0.0
+    if len(rows):
+        val = predict(model, x[rows])
+        for k, th in enumerate(DEFAULT_THRESHOLDS):
+            values[f"t{k:03d}"] = mean_example_f1(val["prob"], y[rows], float(th))
+        values["iterations"] = val["forward_iterations"] or 0.0
+    mean = ctx.reduce_mean(values, weight=float(len(rows)))
+    best = (float(DEFAULT_THRESHOLDS[0]), -1.0)
+    for k, th in enumerate(DEFAULT_THRESHOLDS):
+        if mean[f"t{k:03d}"] > best[1]:
+            best = (float(th), mean[f"t{k:03d}"])
+    iters = mean["iterations"] if model.kind in ("fpi_gd", "fpi_nn") else None
+    return {"threshold": best[0], "f1": best[1], "forward_iterations": iters}
+
+
 def train_multilabel(
     cfg: TrainConfig,
     splits: Splits,
@@ -153,6 +205,8 @@ def train_multilabel(
     progress: bool = False,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
     max_steps: Optional[int] = None,
+    ctx: Optional[DistContext] = None,
+    on_nonfinite: str = "skip",
 ) -> Dict[str, Any]:
     """Train one model, select epoch and threshold on validation, evaluate the test split once.
 
@@ -161,31 +215,60 @@ def train_multilabel(
         splits: data (see :func:`make_splits`).
         checkpoint: file for atomic checkpoints after every epoch (and the best weights next to
             it as ``<name>.best.pt``); None: no checkpoints.
-        resume: continue from ``checkpoint`` if it exists.
+        resume: continue from ``checkpoint`` if it exists (model, optimiser, every RNG state,
+            epoch, step, history and the best weights so far).
         progress: show a tqdm bar over the batches.
-        log: where one line per epoch goes.
+        log: where one line per epoch goes (rank 0 only).
         max_steps: stop after this many optimiser steps in total (tests and smoke runs).
+        ctx: data-parallel context from :func:`torchfpi.apps._distributed.setup` (None: one
+            process).
+        on_nonfinite: a NaN/Inf loss or gradient ``"skip"``\\ s the step or ``"stop"``\\ s training
+            (:class:`~torchfpi.apps._training.NonFiniteError`).
 
     Returns:
         A JSON-able dict: test F1 (%), validation F1, chosen threshold and epoch, per-epoch
-        history (loss, validation F1, seconds, forward/backward iterations), timings.
+        history (loss, validation F1, seconds, forward/backward iterations), timings. On ranks
+        other than 0 the test entries are None (the test split is evaluated on rank 0 only).
+
+    Raises:
+        UsageError: bad options, a checkpoint written with other options, or
+            ``pretrain_epochs`` under torchrun.
+        DataError: an unreadable checkpoint on ``resume``.
+        NonFiniteError: NaN/Inf with ``on_nonfinite="stop"``, or too many skipped steps.
     """
     cfg.validate()
+    ctx = ctx or DistContext()
+    if not ctx.is_main:
+        log, progress = (lambda msg: None), False
+    if ctx.distributed and cfg.model != "mlp" and cfg.pretrain_epochs > 0:
+        raise UsageError("--pretrain-epochs: unary pretraining runs in one process only; "
+                         "drop it under torchrun (or pretrain without torchrun first)")
     gen = seed_everything(cfg.seed)
     dev = torch.device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
     model = MultiLabelModel(cfg.model, splits.x_train.shape[1], splits.y_train.shape[1], cfg.model_cfg).to(dev)
+    if dtype != torch.float32:
+        model = model.to(dtype)
     unary = [p for n, p in model.named_parameters() if n.startswith("unary.")]
     structured = [p for n, p in model.named_parameters() if not n.startswith("unary.")]
     groups = [{"params": unary}] + ([{"params": structured, "lr": cfg.lr * cfg.energy_lr_mult}] if structured else [])
     opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    guard = NonFiniteGuard(on_nonfinite, ctx=ctx, log=log)
     history: List[Dict[str, Any]] = []
     best: Dict[str, Any] = {"val_f1": -1.0, "epoch": -1, "threshold": 0.5}
     start_epoch = 0
     step = 0
     best_path = checkpoint.with_suffix(".best.pt") if checkpoint is not None else None
     best_state: Optional[Dict[str, torch.Tensor]] = None
-    if resume and checkpoint is not None and checkpoint.exists():
-        ck = torch.load(checkpoint, map_location=dev, weights_only=False)
+    found = resume and checkpoint is not None and checkpoint.exists()
+    if resume and ctx.distributed:
+        seen = int(ctx.all_reduce_sum(torch.tensor([float(found)], dtype=torch.float64)))
+        if 0 < seen < ctx.world_size:
+            raise DataError(f"--resume: '{checkpoint}' exists for {seen} of {ctx.world_size} processes: put "
+                            "--checkpoint-dir on a file system every machine sees, or copy the checkpoint")
+    if found and checkpoint is not None:
+        ck = load_checkpoint(checkpoint, required=("model", "optimizer", "rng", "generator", "epoch", "step",
+                                                   "history", "best", "config"), map_location=dev)
         if ck.get("config") != asdict(cfg):
             raise UsageError(
                 f"--resume: the checkpoint '{checkpoint}' was written with other options; "
@@ -196,9 +279,15 @@ def train_multilabel(
         set_rng_state(ck["rng"])
         gen.set_state(ck["generator"])
         history, best, start_epoch, step = ck["history"], ck["best"], ck["epoch"] + 1, ck["step"]
+        guard.skipped = ck.get("skipped", 0)
         if best_path is not None and best_path.exists():
-            best_state = torch.load(best_path, map_location=dev, weights_only=True)
+            try:
+                best_state = torch.load(best_path, map_location=dev, weights_only=True)
+            except Exception as exc:  # torch.load raises pickle, zip and runtime errors on a bad file
+                raise DataError(f"best weights '{best_path}' are unreadable ({describe_exception(exc)}): "
+                                "delete them and the checkpoint, or train without --resume") from exc
         log(f"resumed from {checkpoint} at epoch {start_epoch}")
+    net = wrap(model, ctx)  # after loading: DDP starts by broadcasting rank 0's weights
 
     tqdm = None
     if progress:
@@ -209,27 +298,39 @@ def train_multilabel(
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= cfg.patience or (max_steps is not None and step >= max_steps):
             break
-        model.train()
+        net.train()
         pretraining = cfg.model != "mlp" and epoch < cfg.pretrain_epochs
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen)  # the same on every process (shared seed)
         batches = range(0, n, cfg.batch_size)
         bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, file=sys.stderr) if tqdm else batches
         t0 = time.perf_counter()
         loss_sum, fwd, bwd, conv = 0.0, [], [], []
         for i in bar:
             idx = perm[i : i + cfg.batch_size]
-            x, y = splits.x_train[idx].to(dev), splits.y_train[idx].to(dev)
+            share = 1.0
+            if ctx.distributed:  # this process's interleaved share of the global batch
+                rows = idx[ctx.shard(len(idx), epoch=epoch, seed=cfg.seed, shuffle=False)]
+                # DDP averages gradients over the processes: weight the local mean so that the
+                # result is the gradient of the mean over the global batch.
+                share = len(rows) * ctx.world_size / len(idx)
+                if len(rows) == 0:  # a short last batch: take part with one row of weight 0
+                    rows, share = idx[:1], 0.0
+            else:
+                rows = idx
+            x, y = splits.x_train[rows].to(dev, dtype), splits.y_train[rows].to(dev, dtype)
             if pretraining:
                 z = model.unary(x)[0]
             else:
-                z = model(x)
+                z = net(x)
             loss = multilabel_loss(z, y, cfg.f1_weight)
-            finite_or_raise(loss.detach(), f"training loss at epoch {epoch}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            taken = guard.backward(loss if share == 1.0 else loss * share, list(model.parameters()), step + 1)
+            if taken:
+                opt.step()
             step += 1
-            loss_sum += float(loss.detach()) * len(idx)
+            if taken and share > 0:
+                count = len(rows) if ctx.distributed else len(idx)
+                loss_sum += float(loss.detach()) * count
             sol = model.last_solution if (model.kind in ("fpi_gd", "fpi_nn") and not pretraining) else None
             if sol is not None:
                 fwd.append(float(sol.iterations.float().mean()))
@@ -240,8 +341,14 @@ def train_multilabel(
             if max_steps is not None and step >= max_steps:
                 break
         epoch_s = time.perf_counter() - t0
-        val = predict(model, splits.x_val)
-        th, vf1 = best_threshold(val["prob"], splits.y_val)
+        stats = {"fwd": float(np.mean(fwd)) if fwd else None, "bwd": float(np.mean(bwd)) if bwd else None,
+                 "conv": float(np.mean(conv)) if conv else None}
+        if ctx.distributed:
+            loss_sum = float(ctx.all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64)))
+            present = {k: v for k, v in stats.items() if v is not None}  # the same keys on every process
+            stats.update(ctx.reduce_mean(present) if present else {})
+        val = _validate(model, splits.x_val, splits.y_val, ctx)
+        th, vf1 = val["threshold"], val["f1"]
         rec = {
             "epoch": epoch,
             "loss": loss_sum / n,
@@ -249,17 +356,17 @@ def train_multilabel(
             "threshold": th,
             "epoch_s": epoch_s,
             "pretraining": pretraining,
-            "train_forward_iterations": float(np.mean(fwd)) if fwd else None,
-            "train_backward_iterations": float(np.mean(bwd)) if bwd else None,
-            "train_converged_fraction": float(np.mean(conv)) if conv else None,
+            "train_forward_iterations": stats["fwd"],
+            "train_backward_iterations": stats["bwd"],
+            "train_converged_fraction": stats["conv"],
             "val_forward_iterations": val["forward_iterations"],
         }
         history.append(rec)
         # Pretraining epochs of the unary net are not candidates for the structured model.
-        if not pretraining and vf1 > best["val_f1"]:
+        if not pretraining and vf1 > best["val_f1"] and first_nonfinite(model.state_dict()) is None:
             best = {"val_f1": vf1, "epoch": epoch, "threshold": th}
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if best_path is not None:
+            if best_path is not None and ctx.is_main:
                 atomic_torch_save(best_state, best_path)
             bad_epochs = 0
         elif not pretraining:
@@ -271,9 +378,10 @@ def train_multilabel(
             + (f" bwd it {rec['train_backward_iterations']:.1f}" if rec["train_backward_iterations"] else "")
             + (f" converged {100 * rec['train_converged_fraction']:.1f}%" if conv else "")
             + (" [pretrain]" if pretraining else "")
+            + (f" ({guard.skipped} steps skipped)" if guard.skipped else "")
         )
         if checkpoint is not None:
-            atomic_torch_save(
+            save_checkpoint(
                 {
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
@@ -283,21 +391,27 @@ def train_multilabel(
                     "step": step,
                     "history": history,
                     "best": best,
+                    "skipped": guard.skipped,
                     "config": asdict(cfg),
+                    "metrics": {"loss": rec["loss"]},
                 },
                 checkpoint,
+                ctx,
             )
 
     if best_state is not None:
         model.load_state_dict(best_state)
-    test = predict(model, splits.x_test)
-    test_f1 = float(example_f1(test["prob"] >= best["threshold"], splits.y_test).mean())
+    test_f1, test_iters = None, None
+    if ctx.is_main:
+        test = predict(model, splits.x_test)
+        test_f1 = 100 * float(example_f1(test["prob"] >= best["threshold"], splits.y_test).mean())
+        test_iters = test["forward_iterations"]
     trained = [h for h in history if not h["pretraining"]]
     return {
         "dataset": cfg.dataset,
         "model": cfg.model,
         "seed": cfg.seed,
-        "test_f1": 100 * test_f1,
+        "test_f1": test_f1,
         "val_f1": 100 * best["val_f1"] if best["val_f1"] >= 0 else None,
         "threshold": best["threshold"],
         "best_epoch": best["epoch"],
@@ -305,7 +419,9 @@ def train_multilabel(
         "epoch_s_mean": float(np.mean([h["epoch_s"] for h in trained])) if trained else math.nan,
         "train_forward_iterations": _mean_or_none([h["train_forward_iterations"] for h in trained]),
         "train_backward_iterations": _mean_or_none([h["train_backward_iterations"] for h in trained]),
-        "test_forward_iterations": test["forward_iterations"],
+        "test_forward_iterations": test_iters,
+        "skipped_steps": guard.skipped,
+        "world_size": ctx.world_size,
         "history": history,
         "config": asdict(cfg),
         "num_parameters": sum(p.numel() for p in model.parameters()),
