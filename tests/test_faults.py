@@ -241,6 +241,109 @@ def test_torchrun_killed_then_resumed_ends_like_one_uninterrupted_process(tmp_pa
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
 
 
+# ---------------------------------------------------------------- train multilabel
+def _write_arff(path: Path, rows: int, seed: int, features: int = 6, labels: int = 3) -> None:
+    """A sparse ARFF file whose labels depend on the features (so that training moves)."""
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    x = rng.rand(rows, features)
+    y = (x[:, :labels] + 0.3 * rng.rand(rows, labels) > 0.65).astype(int)
+    head = ["@relation t"] + [f"@attribute f{j} numeric" for j in range(features)]
+    head += [f"@attribute y{k} {{0,1}}" for k in range(labels)] + ["@data"]
+    body = ["{" + ",".join([f"{j} {v:.4f}" for j, v in enumerate(xr)]
+                           + [f"{features + k} 1" for k, v in enumerate(yr) if v]) + "}" for xr, yr in zip(x, y)]
+    path.write_text("\n".join(head + body) + "\n")
+    xml = "".join(f'<label name="y{k}"></label>' for k in range(labels))
+    path.with_suffix(".xml").write_text(f'<labels xmlns="http://mulan.sourceforge.net/labels">{xml}</labels>\n')
+
+
+def _ml_args(tmp_path: Path, rows: int) -> list:
+    train, test = tmp_path / "train.arff", tmp_path / "test.arff"
+    if not train.exists():
+        _write_arff(train, rows, 0)
+        _write_arff(test, 40, 1)
+    # fixed iteration counts (tol never reached) and no dropout: the same arithmetic whatever the
+    # number of processes, so 1 and 2 processes agree to rounding
+    return ["train", "multilabel", "--model", "fpi_gd", "--train-arff", str(train), "--test-arff", str(test),
+            "--hidden", "8", "--energy-hidden", "4", "--max-iter", "3", "--tol", "1e-12",
+            "--input-dropout", "0", "--hidden-dropout", "0", "--dtype", "float64", "--quiet"]
+
+
+def _ml_state(ck: Path) -> dict:
+    return torch.load(ck / "bibtex-fpi_gd-seed0.pt", weights_only=False)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_two_processes_match_one_process_multilabel(tmp_path):
+    # 54 training rows after the validation split: batches of 8 end with a short batch of 6
+    argv = [*_ml_args(tmp_path, 60), "--batch-size", "8", "--epochs", "2", "--patience", "5", "--lr", "0.01"]
+    done = _torchrun(tmp_path, 2, [*argv, "--checkpoint-dir", str(tmp_path / "two"), "--out",
+                                   str(tmp_path / "two.json")])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert main([*argv, "--checkpoint-dir", str(tmp_path / "one"), "--out", str(tmp_path / "one.json")]) == 0
+    a, b = _ml_state(tmp_path / "two"), _ml_state(tmp_path / "one")
+    assert a["step"] == b["step"] == 14 and a["epoch"] == b["epoch"] == 1
+    for k in b["model"]:
+        if b["model"][k].is_floating_point():
+            assert a["model"][k].dtype == torch.float64
+            torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+    ra, rb = json.loads((tmp_path / "two.json").read_text()), json.loads((tmp_path / "one.json").read_text())
+    assert ra["world_size"] == 2 and rb["world_size"] == 1
+    for x, y in zip(ra["history"], rb["history"]):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-9)
+        assert x["val_f1"] == pytest.approx(y["val_f1"], abs=1e-9)
+    assert ra["test_f1"] == pytest.approx(rb["test_f1"], abs=1e-9)
+    assert rb["history"][1]["loss"] < rb["history"][0]["loss"]  # it trained
+
+
+def test_multilabel_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    argv = [*_ml_args(tmp_path, 1200), "--batch-size", "4", "--epochs", "3", "--patience", "10",
+            "--threads", "1"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "torchfpi", *argv, "--checkpoint-dir", str(run)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        deadline = time.time() + 60
+        while not (run / "bibtex-fpi_gd-seed0.pt").exists():
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+            assert time.time() < deadline, "no checkpoint within 60 s"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert _ml_state(run)["epoch"] < 2  # killed mid-run
+    assert main([*argv, "--checkpoint-dir", str(ref), "--out", str(tmp_path / "ref.json")]) == 0
+    assert main([*argv, "--checkpoint-dir", str(run), "--resume", "--out", str(tmp_path / "run.json")]) == 0
+    a, b = _ml_state(run), _ml_state(ref)
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    ra, rb = json.loads((tmp_path / "run.json").read_text()), json.loads((tmp_path / "ref.json").read_text())
+    for x, y in zip(ra["history"], rb["history"]):
+        assert {k: v for k, v in x.items() if k != "epoch_s"} == {k: v for k, v in y.items() if k != "epoch_s"}
+    assert ra["test_f1"] == rb["test_f1"] and ra["best_epoch"] == rb["best_epoch"]
+
+
+def test_multilabel_nan_loss_is_skipped_and_never_checkpointed(tmp_path, monkeypatch):
+    import torchfpi.apps.multilabel.train as ml_train
+
+    real, calls = ml_train.multilabel_loss, []
+
+    def poisoned(z, y, f1_weight=0.0):
+        calls.append(1)
+        out = real(z, y, f1_weight)
+        return out * float("nan") if len(calls) == 2 else out
+
+    monkeypatch.setattr(ml_train, "multilabel_loss", poisoned)
+    argv = [*_ml_args(tmp_path, 60), "--batch-size", "16", "--epochs", "1", "--checkpoint-dir", str(tmp_path)]
+    assert main([*argv, "--out", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["skipped_steps"] == 1
+    assert first_nonfinite(_ml_state(tmp_path)["model"]) is None
+    calls.clear()
+    assert main([*argv, "--on-nonfinite", "stop", "--checkpoint-dir", str(tmp_path / "stop")]) == 1
+    assert not (tmp_path / "stop" / "bibtex-fpi_gd-seed0.pt").exists()
+
+
 def test_training_helpers_doctests():
     import doctest
 
