@@ -145,11 +145,36 @@ def main(argv: List[str]) -> int:
             atomic_write_json(results, out)
             print(f"{skey}.{method}: psnr {unit['psnr']:.3f} ssim {unit['ssim']:.4f} "
                   f"({unit['seconds_per_image']:.2f} s/image)", flush=True)
+    print(markdown_table(results), flush=True)
     if args.memory:
         _memory(results, args, out)
     if args.figure:
         _figure(results, args, files)
     return 0
+
+
+def markdown_table(results: Dict[str, Any]) -> str:
+    """Mean PSNR / SSIM per method and sigma as a markdown table (incomplete units marked)."""
+    sigmas = sorted((k for k in results if k.startswith("sigma")), key=lambda k: float(k[5:]))
+    names = {"noisy": "noisy input", "tv": "TV (scikit-image)", "bm3d": "BM3D (PyPI bm3d)",
+             "fpi_gd": "FPI_GD, FoE energy (ours)", "unrolled": "same energy, 10 unrolled steps",
+             "fpi_nn": "FPI_NN, conv DEQ (ours)"}
+    head = "| method | " + " | ".join(f"sigma {k[5:]} PSNR / SSIM" for k in sigmas) + " |"
+    rows = [head, "|---" * (len(sigmas) + 1) + "|"]
+    for m in METHODS:
+        cells = []
+        for k in sigmas:
+            u = results[k].get(m)
+            if not u or not u.get("per_image"):
+                cells.append("-")
+            elif u.get("complete"):
+                cells.append(f"{u['psnr']:.2f} / {u['ssim']:.4f}")
+            else:
+                vals = list(u["per_image"].values())
+                cells.append(f"({np.mean([v['psnr'] for v in vals]):.2f} on {len(vals)} images)")
+        if any(c != "-" for c in cells):
+            rows.append(f"| {names[m]} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def _memory(results: Dict[str, Any], args: argparse.Namespace, out: Path) -> None:
