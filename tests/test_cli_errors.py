@@ -80,6 +80,9 @@ def bad(tmp_path_factory):
     (d / "ckml" / "bibtex-fpi_gd-seed0.pt").write_bytes(b"truncated checkpoint")
     (d / "ckdn").mkdir()
     (d / "ckdn" / "fpi_gd_s25.pt").write_bytes(b"truncated checkpoint")
+    (d / "dn" / "denoise" / "Train400").mkdir(parents=True)  # a tiny Train400 for train denoise
+    for i in range(4):
+        Image.fromarray(np.roll(img, 7 * i, axis=0)).save(d / "dn" / "denoise" / "Train400" / f"t{i}.png")
     return d
 
 
@@ -215,8 +218,8 @@ CASES = [
      RUNTIME, r"No such file or directory: '.*no\.pt'"),
     ("dn-tol", ["denoise", "@a.png", "--sigma", "25", "--out", "@o.png", "--tol", "-1"], USAGE,
      r"--tol: expected a positive number, got -1"),
-    pytest.param("dn-max-iter", ["denoise", "@a.png", "--sigma", "25", "--out", "@o.png", "--max-iter", "0"],
-                 USAGE, r"--max-iter: .*0", marks=_pending("denoise")),
+    ("dn-max-iter", ["denoise", "@a.png", "--sigma", "25", "--out", "@o.png", "--max-iter", "0"],
+     USAGE, r"--max-iter: .*0"),
     ("train-dn-missing-root", ["train", "denoise", "--data-root", "@nowhere"], RUNTIME,
      r"--data-root: directory '.*nowhere' does not exist"),
     ("train-dn-no-train400", ["train", "denoise", "--data-root", "@empty", "--steps", "1"], RUNTIME,
@@ -229,8 +232,19 @@ CASES = [
     ("train-dn-sigma-type", ["train", "denoise", "--sigma", "abc"], USAGE, r"argument --sigma: invalid float value"),
     ("train-dn-missing-init", ["train", "denoise", "--data-root", "@empty", "--init", "@no.pt"], RUNTIME,
      r"No such file or directory: '.*no\.pt'"),
-    pytest.param("train-dn-corrupt-init", ["train", "denoise", "--data-root", "@empty", "--init", "@junk.pt"],
-                 RUNTIME, r"--init: .*junk\.pt", marks=_pending("denoise")),
+    ("train-dn-corrupt-init", ["train", "denoise", "--data-root", "@empty", "--init", "@junk.pt"],
+     RUNTIME, r"--init: '.*junk\.pt' is not a torchfpi denoiser weights file"),
+    ("train-dn-corrupt-resume", ["train", "denoise", "--data-root", "@dn", "--steps", "1", "--batch-size", "2",
+                                 "--crop", "24", "--val-images", "2", "--checkpoint", "@ckdn/fpi_gd_s25.pt",
+                                 "--resume", "--quiet"], RUNTIME,
+     r"checkpoint '.*fpi_gd_s25\.pt' is unreadable \(UnpicklingError: .*\): delete it or train without --resume"),
+    ("train-dn-max-iter", ["train", "denoise", "--max-iter", "0"], USAGE, r"--max-iter: expected a positive number, got 0"),
+    ("train-dn-batch-size", ["train", "denoise", "--batch-size", "0"], USAGE,
+     r"--batch-size: expected a positive integer, got 0"),
+    ("train-dn-crop", ["train", "denoise", "--crop", "-4"], USAGE, r"--crop: expected a positive integer, got -4"),
+    ("train-dn-lr", ["train", "denoise", "--lr", "0"], USAGE, r"--lr: expected a positive number, got 0"),
+    ("train-dn-budget", ["train", "denoise", "--budget-minutes", "-1"], USAGE,
+     r"--budget-minutes: expected a positive number, got -1"),
 ]
 
 

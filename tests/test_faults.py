@@ -350,3 +350,107 @@ def test_training_helpers_doctests():
     import torchfpi.apps._training as module
 
     assert doctest.testmod(module).failed == 0
+
+
+# ---------------------------------------------------------------- train denoise
+def _dn_args(tmp_path: Path) -> list:
+    """``train denoise`` on a tiny Train400 (6 smooth 40x40 images, 2 for validation), 24x24 crops."""
+    import numpy as np
+
+    from torchfpi.data.images import write_grey_png
+
+    d = tmp_path / "data" / "denoise" / "Train400"
+    if not d.exists():
+        d.mkdir(parents=True)
+        yy, xx = np.mgrid[0:40, 0:40]
+        for i in range(6):
+            img = 128 + 60 * np.sin(xx / 5.0 + i) * np.cos(yy / 7.0) + 20 * (xx > 20) + 5 * i
+            write_grey_png(d / f"img_{i:03d}.png", np.clip(img, 0, 255))
+    # the unrolled model: a fixed number of steps, so the arithmetic does not depend on how the
+    # batch is split (a tolerance-based solve stops when its whole batch has converged)
+    return ["train", "denoise", "--data-root", str(tmp_path / "data"), "--model", "unrolled",
+            "--unroll-steps", "3", "--crop", "24", "--val-images", "2", "--lr", "0.01", "--quiet"]
+
+
+def _dn_state(path: Path) -> dict:
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_two_processes_match_one_process_denoise(tmp_path):
+    # batch 3 over 2 processes: shares of 2 and 1 crops, weighted to the global mean
+    argv = [*_dn_args(tmp_path), "--batch-size", "3", "--steps", "3", "--val-every", "2", "--dtype", "float64"]
+    done = _torchrun(tmp_path, 2, [*argv, "--checkpoint", str(tmp_path / "two" / "ck.pt")])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert main([*argv, "--checkpoint", str(tmp_path / "one" / "ck.pt")]) == 0
+    a, b = _dn_state(tmp_path / "two" / "ck.pt"), _dn_state(tmp_path / "one" / "ck.pt")
+    assert a["step"] == b["step"] == 3 and a["world_size"] == 2 and b["world_size"] == 1
+    for k in b["model"]:
+        assert a["model"][k].dtype == torch.float64
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+    assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]] == [0, 2, 3]
+    for x, y in zip(a["history"], b["history"]):
+        assert x["val_psnr"] == pytest.approx(y["val_psnr"], abs=1e-3)  # rounded to 4 decimals
+    assert b["history"][-1]["val_psnr"] != b["history"][0]["val_psnr"]  # it trained
+    assert (tmp_path / "two" / "denoise_unrolled_s25.pt").exists()
+
+
+def test_denoise_nan_loss_is_skipped_then_stop_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    import torchfpi.apps.denoise._train as dn_train
+
+    real, calls = dn_train.random_batch, []
+
+    def poisoned(*args, **kwargs):
+        clean, noisy = real(*args, **kwargs)
+        calls.append(1)
+        return clean, noisy * float("nan") if len(calls) == 2 else noisy
+
+    monkeypatch.setattr(dn_train, "random_batch", poisoned)
+    argv = [*_dn_args(tmp_path), "--batch-size", "2", "--steps", "3", "--val-every", "1"]
+    assert main([*argv, "--checkpoint", str(tmp_path / "skip" / "ck.pt")]) == 0
+    state = _dn_state(tmp_path / "skip" / "ck.pt")
+    assert state["step"] == 3 and state["nonfinite_skipped"] == 1
+    assert first_nonfinite(state["model"]) is None and first_nonfinite(state["best_state"]) is None
+    calls.clear()
+    capsys.readouterr()
+    assert main([*argv, "--on-nonfinite", "stop", "--checkpoint", str(tmp_path / "stop" / "ck.pt")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("torchfpi: error: training stopped at step 2: the loss is nan; the last good checkpoint is "
+                   "kept: lower --lr, or resume from it with --resume")
+    assert _dn_state(tmp_path / "stop" / "ck.pt")["step"] == 1
+    assert not (tmp_path / "stop" / "denoise_unrolled_s25.pt").exists()
+
+
+def test_denoise_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    argv = [*_dn_args(tmp_path), "--batch-size", "2", "--steps", "60", "--val-every", "1", "--threads", "1"]
+    ref, run = tmp_path / "ref" / "ck.pt", tmp_path / "run" / "ck.pt"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "torchfpi", *argv, "--checkpoint", str(run)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        deadline = time.time() + 60
+        while not run.exists():
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+            assert time.time() < deadline, "no checkpoint within 60 s"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert 1 <= _dn_state(run)["step"] < 60  # killed mid-run
+    assert main([*argv, "--checkpoint", str(ref)]) == 0
+    assert main([*argv, "--checkpoint", str(run), "--resume"]) == 0
+    a, b = _dn_state(run), _dn_state(ref)
+    assert a["step"] == b["step"] == 60
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert all(torch.equal(a["best_state"][k], b["best_state"][k]) for k in b["best_state"])
+    assert a["best"] == b["best"] and a["scheduler"] == b["scheduler"]
+    strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in b["history"]]
+    assert [{k: v for k, v in h.items() if k != "elapsed"} for h in a["history"]] == strip
+
+
+def test_denoise_resume_with_a_corrupt_checkpoint_is_one_line(tmp_path, capsys):
+    ck = tmp_path / "ck.pt"
+    ck.write_bytes(b"truncated")
+    argv = [*_dn_args(tmp_path), "--batch-size", "2", "--steps", "1", "--checkpoint", str(ck), "--resume"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith("delete it or train without --resume") and str(ck) in err

@@ -32,7 +32,8 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
         description="Train FPI_GD (FoE energy, implicit gradient), the unrolled TNRD-style "
         "baseline or FPI_NN on random Train400 crops with fresh noise; validation on the last "
         "--val-images Train400 images. The defaults (800 steps, batch 8, 64x64 crops) stop at "
-        "--budget-minutes (40) of compute on one CPU thread.",
+        "--budget-minutes (40) of compute on one CPU thread. Runs under torchrun "
+        "(--batch-size split across the processes; rank 0 writes the files).",
     )
     t.add_argument("--sigma", type=float, default=25.0)
     t.add_argument("--model", default="fpi_gd", choices=["fpi_gd", "unrolled", "fpi_nn"])
@@ -57,6 +58,10 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     t.add_argument("--limit-images", type=int, default=None, help="first N Train400 images (tests)")
     t.add_argument("--checkpoint", default=None, help="default: runs/denoise/<model>_s<sigma>.pt")
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="weights and data (float64: runs that must agree across process counts)")
+    t.add_argument("--on-nonfinite", choices=("skip", "stop"), default="skip",
+                   help="a NaN/Inf loss or gradient: skip that step, or stop (last good checkpoint kept)")
     t.add_argument("--export", default=None, help="weights file to write (default: next to checkpoint)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=run_train)
@@ -71,11 +76,14 @@ def _check_positive(value: float, name: str) -> None:
 
 def run_denoise(args: argparse.Namespace) -> int:
     """Apply a trained denoiser to one image."""
+    from torchfpi.apps._common import UsageError
     from torchfpi.apps.denoise import denoise_array, load_denoiser
     from torchfpi.data.images import check_sigma, read_grey_png, write_grey_png
 
     sigma = check_sigma(args.sigma)
     _check_positive(args.tol, "--tol")
+    if args.max_iter < 1:
+        raise UsageError(f"--max-iter: expected a positive integer, got {args.max_iter}")
     noisy = read_grey_png(args.input)
     model, meta = load_denoiser(args.model, sigma, args.weights)
     est, info = denoise_array(model, noisy, sigma, tol=args.tol, max_iter=args.max_iter)
@@ -90,7 +98,9 @@ def run_train(args: argparse.Namespace) -> int:
     """Train one denoiser and export its best-validation weights."""
     import torch
 
-    from torchfpi.apps._common import UsageError, data_root
+    from torchfpi.apps import _distributed
+    from torchfpi.apps._common import DataError, UsageError, data_root
+    from torchfpi.apps._training import describe_exception
     from torchfpi.apps.denoise import TrainConfig, save_weights, train
     from torchfpi.data.images import check_sigma
 
@@ -120,14 +130,24 @@ def run_train(args: argparse.Namespace) -> int:
                       crop=args.crop, lr=args.lr, val_images=args.val_images,
                       val_every=args.val_every, seed=args.seed,
                       budget_minutes=args.budget_minutes, threads=args.threads,
-                      model_config=model_config)
+                      model_config=model_config, dtype=args.dtype)
     root = data_root(args.data_root)
     ckpt = Path(args.checkpoint or f"runs/denoise/{args.model}_s{sigma:g}.pt")
     init_state = None
     if args.init is not None:
         import math
 
-        blob = torch.load(args.init, map_location="cpu", weights_only=False)
+        init = Path(args.init)
+        if not init.exists():
+            raise FileNotFoundError(2, "No such file or directory", str(init))
+        try:
+            blob = torch.load(init, map_location="cpu", weights_only=False)
+        except Exception as exc:  # torch.load raises pickle, zip and runtime errors on a bad file
+            raise DataError(f"--init: '{init}' is not a torchfpi denoiser weights file "
+                            f"({describe_exception(exc)})") from exc
+        if not isinstance(blob, dict) or not {"kind", "state_dict", "config"} <= set(blob):
+            raise DataError(f"--init: '{init}' is not a torchfpi denoiser weights file "
+                            "(expected kind, state_dict and config)")
         if blob.get("kind") != args.model:
             raise UsageError(f"--init: '{args.init}' holds a {blob.get('kind')} model, not {args.model}")
         init_state = dict(blob["state_dict"])
@@ -139,9 +159,21 @@ def run_train(args: argparse.Namespace) -> int:
             # MAP scaling: the data weight of an energy goes as 1 / sigma^2.
             init_state[key] = init_state[key] + 2.0 * math.log(float(blob["sigma"]) / sigma)
     progress = not args.quiet and sys.stderr.isatty()
-    export = train(cfg, root / "denoise" / "Train400", ckpt, resume=args.resume,
-                   progress=progress, log=(lambda s: None) if args.quiet else print,
-                   limit_images=args.limit_images, init_state=init_state)
+    ctx = _distributed.setup(None)
+    try:
+        if args.batch_size < ctx.world_size:
+            raise UsageError(f"--batch-size: {args.batch_size} is smaller than the {ctx.world_size} "
+                             "processes of this torchrun (each process needs a crop of every batch)")
+        export = train(cfg, root / "denoise" / "Train400", ckpt, resume=args.resume,
+                       progress=progress, log=(lambda s: None) if args.quiet else print,
+                       limit_images=args.limit_images, init_state=init_state, ctx=ctx,
+                       on_nonfinite=args.on_nonfinite)
+    except BaseException:
+        _distributed.teardown(ctx, sync=False)
+        raise
+    _distributed.teardown(ctx)
+    if not ctx.is_main:  # rank 0 writes the weights and prints
+        return 0
     export["train"]["command"] = "torchfpi " + " ".join(sys.argv[1:])
     out = Path(args.export) if args.export else ckpt.with_name(f"denoise_{args.model}_s{sigma:g}.pt")
     save_weights(export, out)

@@ -5,6 +5,13 @@ Train400 is split by image: the first ``400 - val_images`` images give random tr
 images give fixed validation crops with fixed noise. BSD68 is never touched here. The state with
 the best validation PSNR is what gets exported. Checkpoints are atomic and hold everything
 ``--resume`` needs (model, optimiser, scheduler, RNG states, step, elapsed time, best state).
+
+Issue 8: the loop goes through :class:`~torchfpi.apps._training.NonFiniteGuard` (a NaN/Inf loss or
+gradient skips the step or stops the run), checkpoints are written only when finite and only by
+rank 0 (:func:`~torchfpi.apps._training.save_checkpoint`), and under ``torchrun`` every process
+draws the same global batch from the shared generator and trains on its interleaved share of the
+rows (loss weighted so that DDP's gradient average is the global-batch mean); validation PSNR is
+reduced over the processes, so N processes follow one process's steps.
 """
 
 from __future__ import annotations
@@ -20,11 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from torchfpi.apps._common import (
-    atomic_torch_save,
+    DataError,
+    UsageError,
     rng_state,
     seed_everything,
     set_rng_state,
 )
+from torchfpi.apps._distributed import DistContext, wrap
+from torchfpi.apps._training import NonFiniteGuard, load_checkpoint, save_checkpoint
 from torchfpi.apps.denoise._models import build_model
 from torchfpi.data.images import load_folder
 
@@ -60,10 +70,15 @@ class TrainConfig:
     budget_minutes: float = 40.0
     threads: int = 1
     model_config: Dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
 
 
-def _to_tensor(images: List[np.ndarray]) -> List[Tensor]:
-    return [torch.tensor(im / 255.0, dtype=torch.float32) for im in images]
+#: ``--dtype`` choices (float64 for runs that must agree across process counts to rounding).
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _to_tensor(images: List[np.ndarray], dtype: torch.dtype = torch.float32) -> List[Tensor]:
+    return [torch.tensor(im / 255.0, dtype=dtype) for im in images]
 
 
 def random_batch(images: List[Tensor], batch: int, crop: int, sigma: float, gen: torch.Generator):
@@ -84,7 +99,7 @@ def random_batch(images: List[Tensor], batch: int, crop: int, sigma: float, gen:
             x = x.flip(1)
         out.append(x)
     clean = torch.stack(out).unsqueeze(1)
-    noisy = clean + (sigma / 255.0) * torch.randn(clean.shape, generator=gen)
+    noisy = clean + (sigma / 255.0) * torch.randn(clean.shape, generator=gen, dtype=clean.dtype)
     return clean, noisy
 
 
@@ -97,7 +112,7 @@ def validation_set(images: List[Tensor], crop: int, sigma: float, seed: int = 12
         r, c = (h - crop) // 2, (w - crop) // 2
         crops.append(im[r:r + crop, c:c + crop])
     clean = torch.stack(crops).unsqueeze(1)
-    return clean, clean + (sigma / 255.0) * torch.randn(clean.shape, generator=gen)
+    return clean, clean + (sigma / 255.0) * torch.randn(clean.shape, generator=gen, dtype=clean.dtype)
 
 
 def batch_psnr(est: Tensor, clean: Tensor) -> float:
@@ -118,6 +133,17 @@ def evaluate(model: nn.Module, clean: Tensor, noisy: Tensor, chunk: int = 20) ->
     return {"psnr": batch_psnr(torch.cat(ests), clean), "iterations": float(np.mean(its))}
 
 
+def _validate(model: nn.Module, clean: Tensor, noisy: Tensor, ctx: DistContext) -> Dict[str, float]:
+    """:func:`evaluate` on this process's interleaved share of the validation crops, reduced over
+    the processes (weighted by crops), so the result is the mean over all crops."""
+    if not ctx.distributed:
+        return evaluate(model, clean, noisy)
+    rows = ctx.shard(clean.shape[0], epoch=0, seed=0, shuffle=False)
+    if len(rows) == 0:
+        return ctx.reduce_mean({"psnr": 0.0, "iterations": 0.0}, weight=0.0)
+    return ctx.reduce_mean(evaluate(model, clean[rows], noisy[rows]), weight=float(len(rows)))
+
+
 def train(
     cfg: TrainConfig,
     train_dir: Path,
@@ -127,11 +153,30 @@ def train(
     log: Callable[[str], None] = print,
     limit_images: Optional[int] = None,
     init_state: Optional[Dict[str, Tensor]] = None,
+    ctx: Optional[DistContext] = None,
+    on_nonfinite: str = "skip",
 ) -> Dict[str, Any]:
-    """Train one denoiser; returns the export dict (kind, config, best state, training record)."""
+    """Train one denoiser; returns the export dict (kind, config, best state, training record).
+
+    Args:
+        ctx: data-parallel context from :func:`torchfpi.apps._distributed.setup` (None: one
+            process). Every process needs the same ``cfg``; only rank 0 logs and writes files.
+        on_nonfinite: ``"skip"`` a step whose loss or gradient is NaN/Inf, or ``"stop"`` there
+            (:class:`~torchfpi.apps._training.NonFiniteError`; the last good checkpoint is kept).
+
+    Raises:
+        DataError: if ``resume`` and the checkpoint is unreadable or incomplete.
+        UsageError: if ``cfg.dtype`` is unknown.
+    """
+    ctx = ctx or DistContext()
+    if not ctx.is_main:
+        log, progress = (lambda msg: None), False
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"--dtype: expected one of {list(DTYPES)}, got '{cfg.dtype}'")
+    dtype = DTYPES[cfg.dtype]
     torch.set_num_threads(cfg.threads)
     gen = seed_everything(cfg.seed)
-    images = _to_tensor(load_folder(train_dir, limit=limit_images))
+    images = _to_tensor(load_folder(train_dir, limit=limit_images), dtype)
     if len(images) <= cfg.val_images:
         raise ValueError(f"val_images: need fewer than the {len(images)} training images, got {cfg.val_images}")
     train_imgs, val_imgs = images[: -cfg.val_images], images[-cfg.val_images:]
@@ -139,15 +184,26 @@ def train(
     mcfg = {**DEFAULT_CONFIGS[cfg.model], **cfg.model_config}
     cfg.model_config = mcfg
     model = build_model(cfg.model, mcfg)
+    if dtype != torch.float32:
+        model = model.to(dtype)
     if init_state is not None:
         model.load_state_dict(init_state)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)) * 0.95 + 0.05)
+    guard = NonFiniteGuard(on_nonfinite, ctx=ctx, log=log)
     step, elapsed, best, history = 0, 0.0, {"psnr": -math.inf}, []
     best_state = None
-    if resume and checkpoint.exists():
-        ck = torch.load(checkpoint, weights_only=False)
+    skipped = 0
+    found = resume and checkpoint.exists()
+    if resume and ctx.distributed:
+        seen = int(ctx.all_reduce_sum(torch.tensor([float(found)], dtype=torch.float64)))
+        if 0 < seen < ctx.world_size:
+            raise DataError(f"--resume: '{checkpoint}' exists for {seen} of {ctx.world_size} processes: put "
+                            "--checkpoint on a file system every machine sees, or copy the checkpoint")
+    if found:
+        ck = load_checkpoint(checkpoint, required=("model", "optimizer", "scheduler", "rng", "generator",
+                                                   "step", "elapsed", "best", "history", "best_state"))
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -155,14 +211,18 @@ def train(
         gen.set_state(ck["generator"])
         step, elapsed, best, history = ck["step"], ck["elapsed"], ck["best"], ck["history"]
         best_state = ck["best_state"]
+        skipped = ck.get("skipped_updates", 0)
+        guard.skipped = ck.get("nonfinite_skipped", 0)
         log(f"resumed from {checkpoint} at step {step}")
+    net = wrap(model, ctx)  # after loading: DDP starts by broadcasting rank 0's weights
 
     def save() -> None:
-        atomic_torch_save({
+        save_checkpoint({
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": rng_state(), "generator": gen.get_state(), "step": step, "elapsed": elapsed,
             "best": best, "history": history, "best_state": best_state, "config": asdict(cfg),
-        }, checkpoint)
+            "skipped_updates": skipped, "nonfinite_skipped": guard.skipped, "world_size": ctx.world_size,
+        }, checkpoint, ctx, check=("model", "optimizer", "best_state"))
 
     bar = None
     if progress:
@@ -171,29 +231,45 @@ def train(
         bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model} sigma {cfg.sigma:g}")
     fwd_its: List[float] = []
     bwd_its: List[float] = []
-    skipped = 0
     if step == 0:  # the starting point is a candidate too (it matters when fine-tuning)
-        val = evaluate(model, val_clean, val_noisy)
+        val = _validate(model, val_clean, val_noisy, ctx)
         history.append({"step": 0, "elapsed": 0.0, "val_psnr": round(val["psnr"], 4),
                         "val_iterations": val["iterations"]})
         log(f"step 0 {history[-1]}")
         best = {"psnr": val["psnr"], "step": 0}
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    while step < cfg.steps and elapsed < cfg.budget_minutes * 60:
+
+    def within_budget() -> bool:
+        if not ctx.distributed:
+            return elapsed < cfg.budget_minutes * 60
+        # one verdict for every process (rank 0's clock), or they would leave the loop apart
+        t = torch.tensor([elapsed if ctx.is_main else 0.0], dtype=torch.float64)
+        return float(ctx.all_reduce_sum(t)) < cfg.budget_minutes * 60
+
+    while step < cfg.steps and within_budget():
         t0 = time.perf_counter()
         clean, noisy = random_batch(train_imgs, cfg.batch_size, cfg.crop, cfg.sigma, gen)
-        est = model(noisy)
+        share = 1.0
+        if ctx.distributed:  # every process drew the same global batch: keep this process's rows
+            rows = ctx.shard(cfg.batch_size, epoch=0, seed=0, shuffle=False)
+            # DDP averages gradients over the processes: weight the local mean so that the
+            # average equals the global-batch mean (every crop has the same number of pixels)
+            share = len(rows) * ctx.world_size / cfg.batch_size
+            clean, noisy = clean[rows], noisy[rows]
+        est = net(noisy)
         loss = ((est - clean) ** 2).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is not finite at step {step}")
         opt.zero_grad()
-        loss.backward()
+        taken = guard.backward(loss if share == 1.0 else loss * share, list(model.parameters()), step + 1)
         sol = model.last_info.solution
         # An unconverged forward or backward solve gives a wrong gradient: skip the update rather
         # than let it corrupt the energy (a non-convex prior can get there; see docs/denoise.md).
         bad = sol is not None and (not bool(sol.converged.all()) or (
             sol.backward is not None and not bool(sol.backward.converged.all())))
-        if bad:
+        if ctx.distributed:  # every process takes the same decision
+            bad = float(ctx.all_reduce_sum(torch.tensor([float(bad)], dtype=torch.float64))) > 0
+        if not taken:
+            pass
+        elif bad:
             skipped += 1
         else:
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -207,12 +283,14 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.2e}", it=f"{fwd_its[-1]:.0f}")
         if step % cfg.val_every == 0 or step >= cfg.steps:
-            val = evaluate(model, val_clean, val_noisy)
+            val = _validate(model, val_clean, val_noisy, ctx)
             rec = {"step": step, "elapsed": round(elapsed, 1), "val_psnr": round(val["psnr"], 4),
                    "val_iterations": val["iterations"],
                    "train_iterations": float(np.mean(fwd_its)) if fwd_its else 0.0,
                    "train_backward_iterations": float(np.nanmean(bwd_its))
                    if np.isfinite(bwd_its).any() else None, "skipped_updates": skipped}
+            if guard.skipped:
+                rec["nonfinite_skipped"] = guard.skipped
             fwd_its, bwd_its = [], []
             history.append(rec)
             log(f"step {step} {rec}")
@@ -228,5 +306,6 @@ def train(
     return {
         "kind": cfg.model, "sigma": cfg.sigma, "config": mcfg, "state_dict": best_state,
         "train": {"steps": step, "seconds": round(elapsed, 1), "best": best, "history": history,
-                  "settings": asdict(cfg)},
+                  "settings": asdict(cfg), "nonfinite_skipped": guard.skipped,
+                  "world_size": ctx.world_size},
     }
