@@ -353,7 +353,7 @@ def test_training_helpers_doctests():
 
 
 # ---------------------------------------------------------------- train denoise
-def _dn_args(tmp_path: Path) -> list:
+def _dn_args(tmp_path: Path, model: str = "unrolled") -> list:
     """``train denoise`` on a tiny Train400 (6 smooth 40x40 images, 2 for validation), 24x24 crops."""
     import numpy as np
 
@@ -366,10 +366,11 @@ def _dn_args(tmp_path: Path) -> list:
         for i in range(6):
             img = 128 + 60 * np.sin(xx / 5.0 + i) * np.cos(yy / 7.0) + 20 * (xx > 20) + 5 * i
             write_grey_png(d / f"img_{i:03d}.png", np.clip(img, 0, 255))
-    # the unrolled model: a fixed number of steps, so the arithmetic does not depend on how the
-    # batch is split (a tolerance-based solve stops when its whole batch has converged)
-    return ["train", "denoise", "--data-root", str(tmp_path / "data"), "--model", "unrolled",
-            "--unroll-steps", "3", "--crop", "24", "--val-images", "2", "--lr", "0.01", "--quiet"]
+    # unrolled: a fixed number of steps; fpi_gd: the core solver freezes each converged sample,
+    # so neither depends on how the batch is split across processes
+    size = ["--unroll-steps", "3"] if model == "unrolled" else ["--tol", "1e-3", "--max-iter", "20"]
+    return ["train", "denoise", "--data-root", str(tmp_path / "data"), "--model", model, *size,
+            "--crop", "24", "--val-images", "2", "--lr", "0.01", "--quiet"]
 
 
 def _dn_state(path: Path) -> dict:
@@ -377,9 +378,10 @@ def _dn_state(path: Path) -> dict:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_torchrun_two_processes_match_one_process_denoise(tmp_path):
+@pytest.mark.parametrize("model", ["unrolled", "fpi_gd"])
+def test_torchrun_two_processes_match_one_process_denoise(tmp_path, model):
     # batch 3 over 2 processes: shares of 2 and 1 crops, weighted to the global mean
-    argv = [*_dn_args(tmp_path), "--batch-size", "3", "--steps", "3", "--val-every", "2", "--dtype", "float64"]
+    argv = [*_dn_args(tmp_path, model), "--batch-size", "3", "--steps", "3", "--val-every", "2", "--dtype", "float64"]
     done = _torchrun(tmp_path, 2, [*argv, "--checkpoint", str(tmp_path / "two" / "ck.pt")])
     assert done.returncode == 0, done.stdout + done.stderr
     assert main([*argv, "--checkpoint", str(tmp_path / "one" / "ck.pt")]) == 0
@@ -392,7 +394,8 @@ def test_torchrun_two_processes_match_one_process_denoise(tmp_path):
     for x, y in zip(a["history"], b["history"]):
         assert x["val_psnr"] == pytest.approx(y["val_psnr"], abs=1e-3)  # rounded to 4 decimals
     assert b["history"][-1]["val_psnr"] != b["history"][0]["val_psnr"]  # it trained
-    assert (tmp_path / "two" / "denoise_unrolled_s25.pt").exists()
+    assert a["skipped_updates"] == b["skipped_updates"] == 0
+    assert (tmp_path / "two" / f"denoise_{model}_s25.pt").exists()
 
 
 def test_denoise_nan_loss_is_skipped_then_stop_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):

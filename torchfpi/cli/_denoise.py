@@ -105,7 +105,7 @@ def run_train(args: argparse.Namespace) -> int:
     from torchfpi.data.images import check_sigma
 
     sigma = check_sigma(args.sigma)
-    for name in ("steps", "batch_size", "crop", "val_every", "threads"):
+    for name in ("steps", "batch_size", "crop", "val_images", "val_every", "threads"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     _check_positive(args.lr, "--lr")
@@ -114,6 +114,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.unroll_steps is not None:
         if args.model != "unrolled":
             raise UsageError("--unroll-steps: only for --model unrolled")
+        if args.unroll_steps < 1:
+            raise UsageError(f"--unroll-steps: expected a positive integer, got {args.unroll_steps}")
         model_config["steps"] = args.unroll_steps
     for name in ("tol", "max_iter"):
         value = getattr(args, name)
