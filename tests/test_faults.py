@@ -297,6 +297,29 @@ def test_torchrun_two_processes_match_one_process_multilabel(tmp_path):
     assert rb["history"][1]["loss"] < rb["history"][0]["loss"]  # it trained
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_two_processes_match_one_process_multilabel_with_pretraining(tmp_path):
+    # epoch 0 trains the unary MLP alone (through its own DDP wrapper), epoch 1 the whole model
+    argv = [*_ml_args(tmp_path, 60), "--batch-size", "8", "--epochs", "2", "--patience", "5", "--lr", "0.01",
+            "--pretrain-epochs", "1"]
+    done = _torchrun(tmp_path, 2, [*argv, "--checkpoint-dir", str(tmp_path / "two"), "--out",
+                                   str(tmp_path / "two.json")])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert main([*argv, "--checkpoint-dir", str(tmp_path / "one"), "--out", str(tmp_path / "one.json")]) == 0
+    a, b = _ml_state(tmp_path / "two"), _ml_state(tmp_path / "one")
+    assert a["step"] == b["step"] == 14 and a["epoch"] == b["epoch"] == 1
+    for k in b["model"]:
+        if b["model"][k].is_floating_point():
+            torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+    ra, rb = json.loads((tmp_path / "two.json").read_text()), json.loads((tmp_path / "one.json").read_text())
+    assert [h["pretraining"] for h in ra["history"]] == [h["pretraining"] for h in rb["history"]] == [True, False]
+    for x, y in zip(ra["history"], rb["history"]):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-9)
+        assert x["val_f1"] == pytest.approx(y["val_f1"], abs=1e-9)
+    assert ra["test_f1"] == pytest.approx(rb["test_f1"], abs=1e-9)
+    assert rb["history"][1]["loss"] < rb["history"][0]["loss"]  # it trained
+
+
 def test_multilabel_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     argv = [*_ml_args(tmp_path, 1200), "--batch-size", "4", "--epochs", "3", "--patience", "10",
             "--threads", "1"]

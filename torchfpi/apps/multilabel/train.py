@@ -3,7 +3,7 @@ atomic checkpoints with resume, per-epoch timing and fixed-point iteration count
 
 Data parallel under ``torchrun`` (see :mod:`torchfpi.apps._distributed`): every process draws the
 same epoch order from the shared seed and trains on its interleaved share of each global batch,
-so N processes take the same steps as one (to rounding; dropout masks differ, so pass
+so N processes take the same steps as one, unary pretraining included (to rounding; dropout masks differ, so pass
 ``--input-dropout 0 --hidden-dropout 0`` for runs that must match to 1e-6); validation metrics are
 reduced over the processes; checkpoints, logs and the test evaluation happen on rank 0. A NaN/Inf
 loss or gradient skips the step or stops training, and never reaches a checkpoint.
@@ -231,8 +231,7 @@ def train_multilabel(
         other than 0 the test entries are None (the test split is evaluated on rank 0 only).
 
     Raises:
-        UsageError: bad options, a checkpoint written with other options, or
-            ``pretrain_epochs`` under torchrun.
+        UsageError: bad options or a checkpoint written with other options.
         DataError: an unreadable checkpoint on ``resume``.
         NonFiniteError: NaN/Inf with ``on_nonfinite="stop"``, or too many skipped steps.
     """
@@ -240,9 +239,6 @@ def train_multilabel(
     ctx = ctx or DistContext()
     if not ctx.is_main:
         log, progress = (lambda msg: None), False
-    if ctx.distributed and cfg.model != "mlp" and cfg.pretrain_epochs > 0:
-        raise UsageError("--pretrain-epochs: unary pretraining runs in one process only; "
-                         "drop it under torchrun (or pretrain without torchrun first)")
     gen = seed_everything(cfg.seed)
     dev = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
@@ -288,6 +284,9 @@ def train_multilabel(
                                 "delete them and the checkpoint, or train without --resume") from exc
         log(f"resumed from {checkpoint} at epoch {start_epoch}")
     net = wrap(model, ctx)  # after loading: DDP starts by broadcasting rank 0's weights
+    # Unary-only pretraining goes through its own DDP wrapper of the unary MLP, so its gradients
+    # are reduced too. Each wrapper's reducer acts only in the backward of a forward through it.
+    unary_net = wrap(model.unary, ctx) if cfg.model != "mlp" and start_epoch < cfg.pretrain_epochs else None
 
     tqdm = None
     if progress:
@@ -298,8 +297,8 @@ def train_multilabel(
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= cfg.patience or (max_steps is not None and step >= max_steps):
             break
-        net.train()
         pretraining = cfg.model != "mlp" and epoch < cfg.pretrain_epochs
+        (unary_net if pretraining and unary_net is not None else net).train()
         perm = torch.randperm(n, generator=gen)  # the same on every process (shared seed)
         batches = range(0, n, cfg.batch_size)
         bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, file=sys.stderr) if tqdm else batches
@@ -318,8 +317,8 @@ def train_multilabel(
             else:
                 rows = idx
             x, y = splits.x_train[rows].to(dev, dtype), splits.y_train[rows].to(dev, dtype)
-            if pretraining:
-                z = model.unary(x)[0]
+            if pretraining and unary_net is not None:
+                z = unary_net(x)[0]
             else:
                 z = net(x)
             loss = multilabel_loss(z, y, cfg.f1_weight)
