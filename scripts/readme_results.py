@@ -76,15 +76,8 @@ def bench() -> str:
         cells = [f"{v:.2f}" if isinstance(v, (int, float)) else "-" for v in (ratio, over, deq)]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     lines = ["\n".join(rows), ""]
-    later = {c["number"]: c for c in _load("benchmarks/results/compaction/results.json").get("claims", [])}
     for c in d.get("claims", []):
         lines.append(f"- claim {c['number']} ({c['text']}): **{'holds' if c['holds'] else 'does not hold'}**; {c['detail']}")
-        if c["number"] in later and later[c["number"]]["holds"] != c["holds"]:
-            n = later[c["number"]]
-            lines.append(
-                f"  - after the adjoint solve learnt to compact too (`benchmarks/results/compaction/`): "
-                f"**{'holds' if n['holds'] else 'does not hold'}**; {n['detail']}"
-            )
     return "\n".join(lines)
 
 
