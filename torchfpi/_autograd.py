@@ -116,7 +116,6 @@ class _VJP(torch.autograd.Function):
     def backward(ctx, *grad_outputs):  # type: ignore[override]
         tensors = ctx.saved_tensors
         fn, n_cot, n_explicit, wrt = ctx.fn, ctx.n_cot, ctx.n_explicit, ctx.wrt
-        n_implicit = len(tensors) - n_cot - n_explicit
         implicit = tensors[n_cot + n_explicit :]
 
         def vjp_fn(*xs):
@@ -131,7 +130,6 @@ class _VJP(torch.autograd.Function):
         wrt2 = tuple(i for i in range(len(tensors)) if needs[i])
         if not wrt2:
             return (None, None, None, None, None) + (None,) * len(tensors)
-        del n_implicit
         res = _VJP.apply(vjp_fn, len(grad_outputs), n_cot + n_explicit, wrt2, False, *grad_outputs, *tensors)
         out: List[Optional[Tensor]] = [None] * len(tensors)
         for i, g in zip(wrt2, res):

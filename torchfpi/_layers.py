@@ -223,10 +223,7 @@ class FPINN(FPILayer):
         update = self.f
         if not (hasattr(update, "prepare") and hasattr(update, "step")):
             return super().solve(*inputs, z0=z0)
-        if z0 is None:
-            if self.init is None:
-                raise ValueError("z0: this layer has no init function, so forward() needs z0=...")
-            z0 = self.init(*inputs)
+        z0 = self.initial_state(inputs, z0)
         prepared = update.prepare(*inputs)
         sol = fixed_point(update.step, z0, *prepared, **self.options)
         self.last_solution = sol
@@ -334,12 +331,6 @@ class FPIGD(FPILayer):
             return z.clamp(self.box[0], self.box[1])
         return self.projection(z)  # type: ignore[operator]
 
-    def _energy(self, z: Tensor, *inputs: Any) -> Tensor:
-        e = self.energy(z, *inputs)
-        if self._energies is not None and not torch.is_grad_enabled():
-            self._energies.append(e.detach())
-        return e
-
     def _gd_step(self, z: Tensor, *inputs: Any) -> Tensor:
         if self._energies is not None and not torch.is_grad_enabled():
             with torch.enable_grad():
@@ -357,10 +348,7 @@ class FPIGD(FPILayer):
         return self._gd_step(z, *inputs)
 
     def solve(self, *inputs: Any, z0: Optional[Tensor] = None) -> Solution:
-        if z0 is None:
-            if self.init is None:
-                raise ValueError("z0: this layer has no init function, so forward() needs z0=...")
-            z0 = self.init(*inputs)
+        z0 = self.initial_state(inputs, z0)
         self._energies = [] if self.record_energy else None
         try:
             sol = fixed_point(self._gd_step, z0, *inputs, **self.options)

@@ -640,13 +640,17 @@ class FPILayer(nn.Module):
 
     def solve(self, *inputs: Any, z0: Optional[State] = None) -> Solution:
         """Run the solve and return the full :class:`Solution` (also kept in ``last_solution``)."""
-        if z0 is None:
-            if self.init is None:
-                raise ValueError("z0: this layer has no init function, so forward() needs z0=...")
-            z0 = self.init(*inputs)
-        sol = fixed_point(self.map, z0, *inputs, **self.options)
+        sol = fixed_point(self.map, self.initial_state(inputs, z0), *inputs, **self.options)
         self.last_solution = sol
         return sol
+
+    def initial_state(self, inputs: Sequence[Any], z0: Optional[State]) -> State:
+        """``z0`` if given, else ``init(*inputs)``; a clear error if neither is available."""
+        if z0 is not None:
+            return z0
+        if self.init is None:
+            raise ValueError("z0: this layer has no init function, so forward() needs z0=...")
+        return self.init(*inputs)
 
     def map(self, z: State, *inputs: Any) -> State:
         """The fixed-point map f(z, \\*inputs) of this layer."""

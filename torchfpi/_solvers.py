@@ -191,10 +191,6 @@ class Anderson:
         return z_next
 
 
-Solver = object
-"""Anything with the ``init``/``step`` protocol above (``FPI``, ``Anderson`` or your own)."""
-
-
 def _select(state: State, keep: Tensor) -> State:
     return {k: (v[keep] if isinstance(v, Tensor) else v) for k, v in state.items()}
 
