@@ -169,6 +169,32 @@ def test_jacobian_regularisation_reduces_spectral_radius():
     assert after < 0.7 * before
 
 
+def test_jacobian_penalty_linear_map_closed_form_and_probes():
+    torch.manual_seed(0)
+    a = torch.randn(5, 5, dtype=torch.float64)
+    f = lambda z, x: z @ a.T + x  # noqa: E731  (J = a for every sample)
+    z, x = torch.zeros(3, 5, dtype=torch.float64), torch.ones(3, 5, dtype=torch.float64)
+    exact = a.square().sum() / 5
+    est = torchfpi.jacobian_penalty(f, z, x, samples=4000).mean()
+    assert torch.allclose(est, exact, rtol=0.05)
+    # A shared generator gives the same penalty; explicit probes give ||J^T eps||^2 exactly.
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    p1 = torchfpi.jacobian_penalty(f, z, x, samples=2, generator=g1)
+    p2 = torchfpi.jacobian_penalty(f, z, x, samples=2, generator=g2)
+    assert torch.equal(p1, p2)
+    probes = torch.randn(2, 3, 5, dtype=torch.float64)
+    got = torchfpi.jacobian_penalty(f, z, x, probes=probes)
+    want = (probes @ a).square().sum(-1).mean(0) / 5
+    assert torch.allclose(got, want)
+    # Rows of a global batch's probes give the rows of its penalty (data-parallel sharding).
+    part = torchfpi.jacobian_penalty(f, z[1:], x[1:], probes=probes[:, 1:])
+    assert torch.allclose(part, got[1:])
+    with pytest.raises(ValueError, match="probes: expected a tensor of shape"):
+        torchfpi.jacobian_penalty(f, z, x, probes=torch.zeros(2, 4, 5))
+    with pytest.raises(ValueError, match="samples: expected an integer >= 1"):
+        torchfpi.jacobian_penalty(f, z, x, samples=0)
+
+
 def test_fpinn_conv_update_trains_one_step():
     layer = torchfpi.FPINN(torchfpi.ConvUpdate(1, 1, hidden=4), tol=1e-4, max_iter=100)
     x = torch.randn(2, 1, 8, 8)

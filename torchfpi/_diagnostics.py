@@ -59,7 +59,12 @@ def spectral_radius(
 
 
 def jacobian_penalty(
-    f: Callable[..., Tensor], z: Tensor, *inputs: Any, samples: int = 1
+    f: Callable[..., Tensor],
+    z: Tensor,
+    *inputs: Any,
+    samples: int = 1,
+    generator: Optional[torch.Generator] = None,
+    probes: Optional[Tensor] = None,
 ) -> Tensor:
     r"""Hutchinson estimate of ||df/dz||_F^2 / dim(z), per sample, differentiable.
 
@@ -70,21 +75,44 @@ def jacobian_penalty(
         f: the map ``f(z, *inputs)`` (its parameters receive gradients of the penalty).
         z: ``(B, *S)`` point, usually the (detached) fixed point.
         samples: number of random probes.
+        generator: random generator for the probes (reproducible penalties, e.g. one shared
+            generator on every process of a data-parallel run).
+        probes: ``(samples, B, *S)`` explicit probe vectors instead of random ones (e.g. the
+            rows of a global batch's probes that belong to this process); overrides
+            ``samples`` and ``generator``.
 
     Returns:
         ``(B,)`` penalty, differentiable w.r.t. the parameters of ``f`` and the inputs.
+
+    Example:
+        >>> f = lambda z, x: 0.5 * z + x
+        >>> p = jacobian_penalty(f, torch.zeros(2, 3), torch.ones(2, 3), samples=4)
+        >>> p.shape
+        torch.Size([2])
     """
-    if not isinstance(samples, int) or samples < 1:
+    if probes is None and (not isinstance(samples, int) or samples < 1):
         raise ValueError(f"samples: expected an integer >= 1, got {samples!r}")
     zd = z.detach().requires_grad_(True)
     y = f(zd, *inputs)
+    if probes is not None:
+        if not isinstance(probes, torch.Tensor) or probes.dim() < 1 or probes.shape[1:] != y.shape:
+            got = tuple(probes.shape) if isinstance(probes, torch.Tensor) else type(probes).__name__
+            raise ValueError(
+                f"probes: expected a tensor of shape (samples, {', '.join(map(str, y.shape))}), "
+                f"got {got}"
+            )
+        eps_list = [p.to(dtype=y.dtype, device=y.device) for p in probes]
+    else:
+        eps_list = [
+            torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
+            for _ in range(samples)
+        ]
     total = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
     n = zd[0].numel()
-    for _ in range(samples):
-        eps = torch.randn_like(y)
+    for eps in eps_list:
         (jt,) = torch.autograd.grad(y, zd, eps, create_graph=True, retain_graph=True)
         total = total + jt.reshape(jt.shape[0], -1).pow(2).sum(1)
-    return total / (samples * n)
+    return total / (len(eps_list) * n)
 
 
 @dataclass
