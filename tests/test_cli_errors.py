@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from torchfpi.cli import main
 
 USAGE, RUNTIME = 2, 1
+_SHIPPED_FLOW = Path(__file__).resolve().parents[1] / "torchfpi" / "weights" / "flow_fpi_gd.pt"
 
 _XML = ('<?xml version="1.0" encoding="utf-8"?>\n<labels xmlns="http://mulan.sourceforge.net/labels">\n'
         '<label name="y0"></label>\n<label name="y1"></label>\n</labels>\n')
@@ -76,6 +78,9 @@ def bad(tmp_path_factory):
     # checkpoints that cannot be resumed from
     (d / "ckflow").mkdir()
     (d / "ckflow" / "checkpoint.pt").write_bytes(b"truncated checkpoint")
+    (d / "ckflownn").mkdir()
+    (d / "ckflownn" / "checkpoint_nn.pt").write_bytes(b"truncated checkpoint")
+    _fpi_nn_checkpoints(d)
     (d / "ckml").mkdir()
     (d / "ckml" / "bibtex-fpi_gd-seed0.pt").write_bytes(b"truncated checkpoint")
     (d / "ckdn").mkdir()
@@ -86,12 +91,31 @@ def bad(tmp_path_factory):
     return d
 
 
+def _fpi_nn_checkpoints(d) -> None:
+    """Two well-formed ``train flow --model fpi_nn`` checkpoints that this run must not continue:
+    one written with ``--size 64``, one trained on another ``--base`` (the initial fpi_gd values)."""
+    import torch
+
+    from torchfpi.apps.flow.train import load_weights
+    from torchfpi.apps.flow.variational import VariationalFlow
+
+    settings = {"pairs": 2, "val_pairs": 1, "size": 32, "steps": 1, "batch_size": 1, "lr": 1e-3,
+                "jac_weight": 0.1, "seed": 0, "max_motion": 6.0, "dtype": "float32"}
+    shipped = load_weights(_SHIPPED_FLOW).state_dict()
+    state = {"model": {}, "optimizer": {}, "rng": {}, "generator": None, "noise": None, "step": 1}
+    for name, size, base in (("nnsize", 64, shipped), ("nnbase", 32, VariationalFlow().state_dict())):
+        (d / name).mkdir()
+        torch.save({**state, "settings": {**settings, "size": size}, "base": base}, d / name / "checkpoint_nn.pt")
+
+
 def _pending(app: str):
     return pytest.mark.xfail(strict=True, reason=f"waiting for {app} owner")
 
 
 TINY_FLOW = ["--procedural", "--size", "32", "--batch-size", "1", "--val-pairs", "1", "--steps", "1",
              "--max-iter", "2", "--quiet"]
+TINY_NN = ["--procedural", "--size", "32", "--pairs", "2", "--batch-size", "1", "--val-pairs", "1", "--steps", "1",
+           "--lr", "1e-3", "--quiet"]
 ML = ["--train-arff", "@m1.arff", "--test-arff", "@m2.arff", "--quiet", "--checkpoint-dir", "@ck"]
 
 CASES = [
@@ -149,8 +173,19 @@ CASES = [
      RUNTIME, r"No such file or directory: '.*no\.pt'"),
     ("train-flow-corrupt-base", ["train", "flow", "--model", "fpi_nn", "--procedural", "--base", "@junk.pt"],
      RUNTIME, r"junk\.pt': cannot read flow weights"),
-    ("train-flow-nn-resume", ["train", "flow", "--model", "fpi_nn", "--procedural", "--resume"], USAGE,
-     r"--resume: --model fpi_nn keeps no checkpoint"),
+    ("train-flow-nn-corrupt-resume", ["train", "flow", "--model", "fpi_nn", *TINY_NN, "--out", "@ckflownn",
+                                      "--resume"], RUNTIME,
+     r"checkpoint '.*checkpoint_nn\.pt' is unreadable \(UnpicklingError: .*\): delete it or train without --resume"),
+    ("train-flow-nn-resume-other-settings", ["train", "flow", "--model", "fpi_nn", *TINY_NN, "--out", "@nnsize",
+                                             "--resume"], USAGE,
+     r"--resume: '.*checkpoint_nn\.pt' was written with --size 64, this run has --size 32: resume with the same"),
+    ("train-flow-nn-resume-other-base", ["train", "flow", "--model", "fpi_nn", *TINY_NN, "--out", "@nnbase",
+                                         "--resume"], USAGE,
+     r"--resume: '.*checkpoint_nn\.pt' was trained on another --base model"),
+    ("train-flow-nn-pairs", ["train", "flow", "--model", "fpi_nn", "--pairs", "0"], USAGE,
+     r"--pairs: expected a positive integer, got 0"),
+    ("train-flow-pairs-for-fpi-gd", ["train", "flow", "--pairs", "8"], USAGE,
+     r"--pairs: only for --model fpi_nn .*: drop --pairs"),
     # -- torchfpi train multilabel
     ("ml-unknown-dataset", ["train", "multilabel", "--dataset", "mnist"], USAGE,
      r"argument --dataset: invalid choice: 'mnist'"),

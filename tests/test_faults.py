@@ -7,6 +7,7 @@ The runs are tiny (32x32 synthetic flow pairs, 3 sweeps per solve) and determini
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -480,3 +481,117 @@ def test_denoise_resume_with_a_corrupt_checkpoint_is_one_line(tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.endswith("delete it or train without --resume") and str(ck) in err
+
+
+# ---------------------------------------------------------------- train flow --model fpi_nn
+# 8 precomputed 32x32 pairs (procedural textures, the shipped fpi_gd base), 2 validation pairs
+NN = ["train", "flow", "--model", "fpi_nn", "--procedural", "--size", "32", "--pairs", "8", "--val-pairs", "2",
+      "--lr", "3e-3", "--quiet"]
+
+
+def _nn_state(run: Path) -> dict:
+    return torch.load(run / "checkpoint_nn.pt", weights_only=False)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_two_processes_match_one_process_fpi_nn(tmp_path):
+    # the Jacobian penalty's probes are drawn for the global batch and sharded like the pairs;
+    # the refinement's solver freezes each converged sample, so the split changes no arithmetic
+    argv = [*NN, "--batch-size", "2", "--steps", "3", "--val-every", "2", "--dtype", "float64"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = _torchrun(tmp_path, 2, [*argv, "--out", str(two)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert main([*argv, "--out", str(one)]) == 0
+    a, b = _nn_state(two), _nn_state(one)
+    assert a["step"] == b["step"] == 3
+    for k in b["model"]:
+        assert a["model"][k].dtype == torch.float64
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+    assert float(b["model"]["net.6.weight"].abs().max()) > 1e-3  # it trained (the last layer starts at 0)
+    ha, hb = a["history"], b["history"]
+    assert [h["step"] for h in ha] == [h["step"] for h in hb] == [0, 2, 3]
+    for x, y in zip(ha, hb):
+        assert x["val_epe"] == pytest.approx(y["val_epe"], abs=1e-9)
+        assert x.get("train_loss", 0.0) == pytest.approx(y.get("train_loss", 0.0), abs=1e-9)
+    assert json.loads((two / "train_nn.json").read_text())["world_size"] == 2
+    assert (two / "best_nn.pt").exists()
+
+
+def test_fpi_nn_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    argv = [*NN, "--batch-size", "2", "--steps", "10", "--val-every", "4", "--checkpoint-every", "1", "--seed", "3"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "torchfpi", *argv, "--out", str(run)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        deadline = time.time() + 60
+        while not (run / "checkpoint_nn.pt").exists():
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+            assert time.time() < deadline, "no checkpoint within 60 s"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert 1 <= _nn_state(run)["step"] < 10 and not (run / "train_nn.json").exists()
+    assert main([*argv, "--out", str(ref)]) == 0
+    assert main([*argv, "--out", str(run), "--resume"]) == 0
+    a, b = _nn_state(run), _nn_state(ref)
+    assert a["step"] == b["step"] == 10
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+        assert ka == kb and all(torch.equal(sa[n], sb[n]) for n in sa)
+    assert torch.equal(a["noise"], b["noise"]) and torch.equal(a["generator"], b["generator"])
+    assert a["history"] == b["history"] and a["best"] == b["best"]
+    ja, jb = (json.loads((d / "train_nn.json").read_text()) for d in (run, ref))
+    assert ja["history"] == jb["history"] and ja["best"] == jb["best"]
+    wa, wb = (torch.load(d / "best_nn.pt", weights_only=True) for d in (run, ref))
+    assert wa["step"] == wb["step"] and all(torch.equal(wa["update"][k], wb["update"][k]) for k in wb["update"])
+
+
+def _poison_refine_loss(monkeypatch, at_call: int) -> None:
+    """Make the ``at_call``-th training EPE of ``fpi_nn`` NaN (validation untouched)."""
+    import torchfpi.apps.flow.refine as refine
+
+    real, calls = refine.batch_epe, []
+
+    def poisoned(flow, truth):
+        out = real(flow, truth)
+        if out.requires_grad:
+            calls.append(1)
+            if len(calls) == at_call:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(refine, "batch_epe", poisoned)
+
+
+def test_fpi_nn_nan_loss_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
+    _poison_refine_loss(monkeypatch, at_call=2)
+    argv = [*NN, "--batch-size", "2", "--steps", "3", "--val-every", "3", "--checkpoint-every", "1"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "train_nn.json").read_text())
+    assert summary["skipped_steps"] == 1 and summary["world_size"] == 1
+    state = _nn_state(tmp_path)
+    assert state["step"] == 3 and first_nonfinite(state["model"]) is None
+    assert first_nonfinite(state["optimizer"]) is None and math.isfinite(state["history"][-1]["train_loss"])
+
+
+def test_fpi_nn_nan_loss_with_stop_policy_exits_1_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    _poison_refine_loss(monkeypatch, at_call=3)
+    argv = [*NN, "--batch-size", "2", "--steps", "5", "--val-every", "5", "--checkpoint-every", "1"]
+    assert main([*argv, "--on-nonfinite", "stop", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("torchfpi: error: training stopped at step 3: the loss is nan; the last good checkpoint is "
+                   "kept: lower --lr, or resume from it with --resume")
+    state = _nn_state(tmp_path)
+    assert state["step"] == 2 and first_nonfinite(state["model"]) is None
+    assert not (tmp_path / "train_nn.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_fewer_validation_pairs_than_processes_is_a_usage_error(tmp_path):
+    done = _torchrun(tmp_path, 2, [*NN, "--val-pairs", "1", "--batch-size", "2", "--steps", "1",
+                                   "--out", str(tmp_path / "x")])
+    assert done.returncode != 0
+    assert "--val-pairs 1 is smaller than the 2 processes" in done.stderr
+    assert "torchfpi/" not in done.stderr

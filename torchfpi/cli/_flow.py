@@ -32,10 +32,13 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     t.add_argument("--base", default=str(DEFAULT_WEIGHTS), help="fpi_gd weights refined by --model fpi_nn")
     t.add_argument("--out", default="runs/flow", help="output folder (checkpoint.pt, best.pt, train.json)")
     t.add_argument("--steps", type=int, default=150, help="optimiser steps")
-    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--batch-size", type=int, default=None,
+                   help="global batch of pairs per step (default 4 for fpi_gd, 8 for fpi_nn)")
     t.add_argument("--size", type=int, default=96, help="side of the synthetic training images")
     t.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.03 for fpi_gd, 1e-3 for fpi_nn)")
     t.add_argument("--max-motion", type=float, default=6.0, help="largest synthetic translation (pixels)")
+    t.add_argument("--pairs", type=int, default=None,
+                   help="--model fpi_nn: synthetic training pairs whose fpi_gd flows are precomputed (default 320)")
     t.add_argument("--val-pairs", type=int, default=16)
     t.add_argument("--val-every", type=int, default=25)
     t.add_argument("--seed", type=int, default=0)
@@ -43,7 +46,8 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     t.add_argument("--data-root", default=None, help="data root holding denoise/Train400 (textures)")
     t.add_argument("--procedural", action="store_true", help="procedural noise textures instead of Train400")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt (--model fpi_nn: OUT/checkpoint_nn.pt)")
     t.add_argument("--checkpoint-every", type=int, default=0,
                    help="steps between checkpoints (default 0: at each validation)")
     t.add_argument("--dtype", choices=("float32", "float64"), default="float32",
@@ -63,6 +67,8 @@ def run_train(args: argparse.Namespace) -> int:
     from torchfpi.apps.flow.train import TrainConfig, train
     from torchfpi.apps.flow.variational import FlowConfig
 
+    if args.batch_size is None:
+        args.batch_size = 4 if args.model == "fpi_gd" else 8
     for name in ("steps", "batch_size", "size", "val_pairs", "val_every", "max_iter", "threads"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
@@ -70,6 +76,13 @@ def run_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--checkpoint-every: expected 0 (at each validation) or a positive integer, got {args.checkpoint_every}")
     if args.size < 32:
         raise UsageError(f"--size: expected at least 32, got {args.size}")
+    if args.pairs is not None and args.model != "fpi_nn":
+        raise UsageError(f"--pairs: only for --model fpi_nn (its precomputed data set); --model {args.model} "
+                         "draws new pairs at every step: drop --pairs")
+    if args.pairs is None:
+        args.pairs = 320
+    if args.pairs < 1:
+        raise UsageError(f"--pairs: expected a positive integer, got {args.pairs}")
     if args.lr is None:
         args.lr = 0.03 if args.model == "fpi_gd" else 1e-3
     if not args.lr > 0 or not args.max_motion > 0:
@@ -88,47 +101,43 @@ def run_train(args: argparse.Namespace) -> int:
         if ctx.distributed and args.batch_size % ctx.world_size:
             raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world_size} "
                              "processes of this torchrun: choose a multiple of --nproc_per_node")
+        if ctx.distributed and args.val_pairs < ctx.world_size:
+            raise UsageError(f"--val-pairs {args.val_pairs} is smaller than the {ctx.world_size} processes of this "
+                             "torchrun: each process validates on its share, give at least one pair each")
         if args.model == "fpi_nn":
-            return _train_refine(args, root, command, ctx)  # single process: nothing to tear down
-        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, size=args.size, lr=args.lr,
-                          max_motion=args.max_motion, val_pairs=args.val_pairs, val_every=args.val_every,
-                          seed=args.seed, checkpoint_every=args.checkpoint_every,
-                          on_nonfinite=args.on_nonfinite, dtype=args.dtype)
-        summary = train(out, cfg, FlowConfig(max_iter=args.max_iter), data_root=root,
-                        resume=args.resume, quiet=args.quiet, command=command, ctx=ctx)
+            summary, best_file = _train_refine(args, root, command, ctx), out / "best_nn.pt"
+        else:
+            cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, size=args.size, lr=args.lr,
+                              max_motion=args.max_motion, val_pairs=args.val_pairs, val_every=args.val_every,
+                              seed=args.seed, checkpoint_every=args.checkpoint_every,
+                              on_nonfinite=args.on_nonfinite, dtype=args.dtype)
+            summary = train(out, cfg, FlowConfig(max_iter=args.max_iter), data_root=root,
+                            resume=args.resume, quiet=args.quiet, command=command, ctx=ctx)
+            best_file = out / "best.pt"
     except BaseException:
         _distributed.teardown(ctx, sync=False)
         raise
     _distributed.teardown(ctx)
     if not args.quiet and ctx.is_main:
         b = summary["best"]
-        print(f"best synthetic validation EPE {b['val_epe']:.4f} at step {b['step']}: {out / 'best.pt'}")
+        print(f"best synthetic validation EPE {b['val_epe']:.4f} at step {b['step']}: {best_file}")
     return 0
 
 
-def _train_refine(args: argparse.Namespace, root, command: str, ctx) -> int:
-    """``--model fpi_nn``: train the FPI_NN refinement of the ``--base`` model (one process)."""
-    from torchfpi.apps._common import UsageError
+def _train_refine(args: argparse.Namespace, root, command: str, ctx) -> dict:
+    """``--model fpi_nn``: train the FPI_NN refinement of the ``--base`` model; returns the summary."""
     from torchfpi.apps.flow.refine import train_refine
     from torchfpi.apps.flow.train import load_weights
 
-    if ctx.distributed:
-        raise UsageError("--model fpi_nn trains in one process (its data set is precomputed): "
-                         "run it without torchrun")
-    if args.resume:
-        raise UsageError("--resume: --model fpi_nn keeps no checkpoint (a run takes minutes): "
-                         "start it again without --resume")
     base = Path(args.base)
     if not base.exists():
         raise FileNotFoundError(2, "No such file or directory", str(base))
-    summary = train_refine(Path(args.out), load_weights(base), steps=args.steps, size=args.size,
-                           val_pairs=args.val_pairs, val_every=args.val_every, seed=args.seed,
-                           max_motion=args.max_motion, data_root=root, quiet=args.quiet,
-                           lr=args.lr, command=command)
-    if not args.quiet:
-        b = summary["best"]
-        print(f"best synthetic validation EPE {b['val_epe']:.4f} at step {b['step']}: {Path(args.out) / 'best_nn.pt'}")
-    return 0
+    return train_refine(Path(args.out), load_weights(base), pairs=args.pairs, steps=args.steps, size=args.size,
+                        batch_size=args.batch_size, val_pairs=args.val_pairs, val_every=args.val_every,
+                        seed=args.seed, max_motion=args.max_motion, data_root=root, quiet=args.quiet,
+                        lr=args.lr, command=command, resume=args.resume,
+                        checkpoint_every=args.checkpoint_every, on_nonfinite=args.on_nonfinite,
+                        dtype=args.dtype, ctx=ctx)
 
 
 def run_flow(args: argparse.Namespace) -> int:

@@ -13,6 +13,8 @@ Jacobian penalty (Hutchinson) that keeps ``f`` contractive.
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +25,16 @@ import torch.nn as nn
 
 import torchfpi
 from torchfpi.apps import _common
-from torchfpi.apps._training import describe_exception
+from torchfpi.apps._distributed import DistContext, wrap
+from torchfpi.apps._training import (
+    NonFiniteGuard,
+    describe_exception,
+    first_nonfinite,
+    load_checkpoint,
+    save_checkpoint,
+)
 from torchfpi.apps.flow import _ops
+from torchfpi.apps.flow.synthetic import TextureBank, batch_epe, default_texture_folder, make_batch
 from torchfpi.apps.flow.variational import VariationalFlow
 
 
@@ -120,71 +130,209 @@ def load_refined(path: Path) -> RefinedFlow:
     return model
 
 
+class _RefineLoss(nn.Module):
+    """One training step's per-sample terms as a module, so that DDP's forward sees the step.
+
+    ``DistributedDataParallel`` arms its gradient hooks in ``forward``: the refinement solve and the
+    Jacobian penalty both run inside this forward, and the one ``backward`` of their sum reaches
+    each parameter of ``update`` once.
+    """
+
+    def __init__(self, model: RefinedFlow) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, zgd: torch.Tensor, frame1: torch.Tensor, frame2: torch.Tensor, truth: torch.Tensor,
+                probes: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Per-sample EPE ``(b,)`` and Jacobian penalty ``(b,)`` (None without ``probes``)."""
+        flow = self.model.refine(zgd, frame1, frame2)
+        epe = batch_epe(flow, truth)
+        if probes is None:
+            return epe, None
+        x = torch.cat([zgd, frame1 / 255.0, frame2 / 255.0], dim=1)
+        return epe, torchfpi.jacobian_penalty(self.model.update, flow.detach(), x, probes=probes)
+
+
+def _precompute(n: int, size: int, gen: torch.Generator, bank: TextureBank, max_motion: float,
+                base: VariationalFlow, dtype: torch.dtype, ctx: DistContext) -> Tuple[torch.Tensor, ...]:
+    """``n`` synthetic pairs ``(frame1, frame2, truth)`` and their ``fpi_gd`` flows ``zgd``.
+
+    Every process draws the same pairs; the base flows are computed in chunks of 16, chunk ``c``
+    by process ``c % world_size``, and summed over the processes (each entry is filled by one
+    process and zero elsewhere, so the sum is exact): the same numbers as one process, in
+    ``1 / world_size`` of the time.
+    """
+    f1, f2, gt = (t.to(dtype) for t in make_batch(n, size, size, gen, bank, max_motion))
+    chunks = []
+    with torch.no_grad():
+        for c, i in enumerate(range(0, n, 16)):
+            mine = c % ctx.world_size == ctx.rank
+            chunks.append(base(f1[i : i + 16], f2[i : i + 16])[0] if mine
+                          else torch.zeros(len(f1[i : i + 16]), 2, size, size, dtype=dtype))
+    zgd = ctx.all_reduce_sum(torch.cat(chunks))
+    return f1, f2, gt, zgd
+
+
 def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pairs: int = 32,
                  size: int = 96, steps: int = 400, batch_size: int = 8, lr: float = 1e-3,
                  jac_weight: float = 0.1, val_every: int = 50, seed: int = 0, max_motion: float = 6.0,
-                 data_root: Optional[Path] = None, quiet: bool = False, command: str = "") -> Dict[str, Any]:
+                 data_root: Optional[Path] = None, quiet: bool = False, command: str = "",
+                 resume: bool = False, checkpoint_every: int = 0, on_nonfinite: str = "skip",
+                 dtype: str = "float32", ctx: Optional[DistContext] = None) -> Dict[str, Any]:
     """Train the refinement on synthetic pairs whose variational flows are computed once.
 
     Model selection: the best synthetic validation EPE (the step-0 model equals ``fpi_gd``).
-    Writes ``out_dir/best_nn.pt`` and ``out_dir/train_nn.json``.
-    """
-    from torchfpi.apps.flow.synthetic import (
-        TextureBank,
-        batch_epe,
-        default_texture_folder,
-        make_batch,
-    )
+    Writes ``out_dir/best_nn.pt``, ``out_dir/checkpoint_nn.pt`` (at each validation and every
+    ``checkpoint_every`` steps) and ``out_dir/train_nn.json``.
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Data parallel (``ctx`` from :func:`torchfpi.apps._distributed.setup`): every process draws the
+    same global batch of ``batch_size`` pairs and the same Hutchinson probes for it (from shared
+    generators) and trains on its interleaved rows, with the loss scaled so that DDP's gradient
+    average is the gradient of the global-batch mean: N processes take the same steps as one.
+    The validation EPE is reduced over the processes; only rank 0 logs and writes files.
+
+    A NaN/Inf loss or gradient skips the step (``on_nonfinite="skip"``) or stops training
+    (``"stop"``); a checkpoint with non-finite weights is never written over a good one.
+    ``resume`` restores the weights, the optimiser, every RNG state (data, probes, Python, torch,
+    numpy), the step, the history and the best model: the continued run is bit-identical to an
+    uninterrupted one (CPU). There is no learning-rate schedule (constant ``lr``).
+
+    Raises:
+        UsageError: ``resume`` with a checkpoint written with other settings or another base.
+        DataError: an unreadable checkpoint, or one that only some processes find.
+        NonFiniteError: NaN/Inf with ``on_nonfinite="stop"`` (or 10 skipped steps in a row).
+    """
+    from tqdm import tqdm
+
+    ctx = ctx or DistContext()
+    quiet = quiet or not ctx.is_main
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    base = base.to(tdtype)
+    settings = {"pairs": pairs, "val_pairs": val_pairs, "size": size, "steps": steps, "batch_size": batch_size,
+                "lr": lr, "jac_weight": jac_weight, "seed": seed, "max_motion": max_motion, "dtype": dtype}
+    ckpt = out_dir / "checkpoint_nn.pt"
+    found = resume and ckpt.exists()
+    if resume and ctx.distributed:
+        seen = int(ctx.all_reduce_sum(torch.tensor([float(found)], dtype=torch.float64)))
+        if 0 < seen < ctx.world_size:
+            raise _common.DataError(f"--resume: '{ckpt}' exists for {seen} of {ctx.world_size} processes: "
+                                    "put --out on a file system every machine sees, or copy the checkpoint")
+    state = None
+    if found:  # read and check before the (slow) data set, so that a wrong --resume fails at once
+        state = load_checkpoint(ckpt, required=("model", "optimizer", "rng", "generator", "noise", "step",
+                                                "settings", "base"))
+        _check_resumable(ckpt, state, settings, base)
     gen = _common.seed_everything(seed + 1)
     bank = TextureBank(default_texture_folder(data_root))
     t0 = time.time()
-
-    def dataset(n: int, g: torch.Generator) -> Tuple[torch.Tensor, ...]:
-        f1, f2, gt = make_batch(n, size, size, g, bank, max_motion)
-        with torch.no_grad():
-            zgd = torch.cat([base(f1[i : i + 16], f2[i : i + 16])[0] for i in range(0, n, 16)])
-        return f1, f2, gt, zgd
-
-    train_set = dataset(pairs, gen)
-    val_set = dataset(val_pairs, torch.Generator().manual_seed(20_000 + seed))
-    model = RefinedFlow(base)
+    train_set = _precompute(pairs, size, gen, bank, max_motion, base, tdtype, ctx)
+    val_set = _precompute(val_pairs, size, torch.Generator().manual_seed(20_000 + seed), bank, max_motion,
+                          base, tdtype, ctx)
+    val_rows = ctx.shard(val_pairs, epoch=0, seed=seed, shuffle=False)
+    val_set = tuple(t[val_rows] for t in val_set)
+    model = RefinedFlow(base).to(tdtype)
     opt = torch.optim.Adam(model.update.parameters(), lr=lr)
+    # The Hutchinson probes get their own generator, shared by every process: it starts where the
+    # global torch RNG stands after the model's initialisation, i.e. where one process drew them
+    # before this generator existed, so single-process numbers did not change.
+    noise = torch.Generator()
+    noise.set_state(torch.get_rng_state())
+    guard = NonFiniteGuard(on_nonfinite, ctx=ctx, log=lambda msg: None if quiet else print(msg, flush=True))
 
     def evaluate() -> float:
         f1, f2, gt, zgd = val_set
         with torch.no_grad():
-            return float(batch_epe(model.refine(zgd, f1, f2), gt).mean())
+            epe = batch_epe(model.refine(zgd, f1, f2), gt)
+        if not ctx.distributed:
+            return float(epe.mean())
+        return ctx.reduce_mean({"epe": float(epe.mean())}, weight=len(epe))["epe"]
 
-    history = [{"step": 0, "val_epe": evaluate()}]
-    best = dict(history[0])
-    save_refined(model, out_dir / "best_nn.pt", {"val_epe": best["val_epe"], "step": 0})
+    if state is not None:
+        model.update.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        _common.set_rng_state(state["rng"])
+        gen.set_state(state["generator"])
+        noise.set_state(state["noise"])
+        step, history, best = state["step"], state["history"], state["best"]
+        guard.skipped = state.get("skipped", 0)
+    else:
+        step = 0
+        history = [{"step": 0, "val_epe": evaluate()}]
+        best = dict(history[0])
+        if ctx.is_main:
+            save_refined(model, out_dir / "best_nn.pt", {"val_epe": best["val_epe"], "step": 0})
     if not quiet:
-        print(f"fpi_nn: data ready in {time.time() - t0:.0f} s; step 0 val EPE {best['val_epe']:.4f}", flush=True)
-    for step in range(1, steps + 1):
-        idx = torch.randint(pairs, (batch_size,), generator=gen)
+        print(f"fpi_nn: data ready in {time.time() - t0:.0f} s; step {step} val EPE {history[-1]['val_epe']:.4f}",
+              flush=True)
+    step_module = wrap(_RefineLoss(model), ctx)  # after loading: DDP starts from rank 0's weights
+    rows = ctx.shard(batch_size, epoch=0, seed=seed, shuffle=False)
+    every = checkpoint_every or val_every
+    train_loss = float(history[-1].get("train_loss", float("nan")))
+    bar = tqdm(total=steps, initial=step, disable=quiet or not sys.stderr.isatty(), desc="train flow fpi_nn")
+    while step < steps:
+        idx = torch.randint(pairs, (batch_size,), generator=gen)[rows]
         f1, f2, gt, zgd = (t[idx] for t in train_set)
-        flow = model.refine(zgd, f1, f2)
-        loss = batch_epe(flow, gt).mean()
-        if jac_weight > 0:
-            x = torch.cat([zgd, f1 / 255.0, f2 / 255.0], dim=1)
-            loss = loss + jac_weight * torchfpi.jacobian_penalty(model.update, flow.detach(), x).mean()
-        _common.finite_or_raise(loss.detach(), "fpi_nn training loss")
+        probes = None
+        if jac_weight > 0:  # the global batch's probes, this process's rows
+            probes = torch.randn((1, batch_size, *zgd.shape[1:]), generator=noise, dtype=tdtype)[:, rows]
+        epe, penalty = step_module(zgd, f1, f2, gt, probes)
+        if ctx.distributed:  # DDP averages over processes: scale the local sum to the global mean
+            loss = epe.sum() * (ctx.world_size / batch_size)
+            if penalty is not None:
+                loss = loss + jac_weight * penalty.sum() * (ctx.world_size / batch_size)
+        else:
+            loss = epe.mean()
+            if penalty is not None:
+                loss = loss + jac_weight * penalty.mean()
         opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % val_every == 0 or step == steps:
+        step += 1
+        taken = guard.backward(loss, list(model.update.parameters()), step)
+        if taken:
+            opt.step()
+        if ctx.distributed:  # the processes' scaled sums add up to world_size times the global mean
+            step_loss = float(ctx.all_reduce_sum(loss.detach().reshape(1).double())) / ctx.world_size
+        else:
+            step_loss = float(loss.detach())
+        train_loss = step_loss if taken else train_loss  # a skipped step's loss is not a result
+        bar.update(1)
+        validate = step % val_every == 0 or step == steps
+        if validate:
             v = evaluate()
-            history.append({"step": step, "val_epe": v, "train_loss": float(loss.detach())})
+            history.append({"step": step, "val_epe": v, "train_loss": train_loss})
             if not quiet:
-                print(f"fpi_nn step {step}: loss {float(loss.detach()):.4f} val EPE {v:.4f}", flush=True)
+                print(f"fpi_nn step {step}: loss {train_loss:.4f} val EPE {v:.4f}", flush=True)
             if v < best["val_epe"]:
                 best = {"step": step, "val_epe": v}
-                save_refined(model, out_dir / "best_nn.pt", {"val_epe": v, "step": step})
-    summary = {"best": best, "history": history, "seconds": round(time.time() - t0, 1),
-               "settings": {"pairs": pairs, "val_pairs": val_pairs, "size": size, "steps": steps,
-                            "batch_size": batch_size, "lr": lr, "jac_weight": jac_weight, "seed": seed},
+                if ctx.is_main and first_nonfinite(model.update.state_dict()) is None:
+                    save_refined(model, out_dir / "best_nn.pt", {"val_epe": v, "step": step})
+        if validate or step % every == 0:
+            save_checkpoint({
+                "model": model.update.state_dict(), "optimizer": opt.state_dict(), "rng": _common.rng_state(),
+                "generator": gen.get_state(), "noise": noise.get_state(), "step": step, "history": history,
+                "best": best, "skipped": guard.skipped, "settings": settings, "base": model.base.state_dict(),
+                "metrics": {"train_loss": train_loss} if math.isfinite(train_loss) else {}}, ckpt, ctx)  # fmt: skip
+    bar.close()
+    summary = {"best": best, "history": history, "seconds": round(time.time() - t0, 1), "settings": settings,
+               "skipped_steps": guard.skipped, "world_size": ctx.world_size,
                "refine_config": asdict(model.config), "command": command, "machine": _common.machine_info()}
-    _common.atomic_write_json(summary, out_dir / "train_nn.json")
+    if ctx.is_main:
+        _common.atomic_write_json(summary, out_dir / "train_nn.json")
+    ctx.barrier()
     return summary
+
+
+def _check_resumable(path: Path, state: Dict[str, Any], settings: Dict[str, Any], base: VariationalFlow) -> None:
+    """Refuse to continue a run whose data set or base model would differ from the checkpoint's."""
+    for key, value in settings.items():
+        if key != "steps" and state["settings"].get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise _common.UsageError(f"--resume: '{path}' was written with {flag} {state['settings'].get(key)}, "
+                                     f"this run has {flag} {value}: resume with the same settings, or train "
+                                     "without --resume")
+    mine = base.state_dict()
+    if set(state["base"]) != set(mine) or any(not torch.equal(state["base"][k].to(mine[k].dtype), mine[k])
+                                              for k in mine):
+        raise _common.UsageError(f"--resume: '{path}' was trained on another --base model: give the same "
+                                 "--base, or train without --resume")
