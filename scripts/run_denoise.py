@@ -88,7 +88,8 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--max-iter", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--redo", nargs="*", default=[], help="METHOD@SIGMA units to recompute")
+    parser.add_argument("--redo", nargs="*", default=[],
+                        help="METHOD@SIGMA units to recompute; 'memory' recomputes the memory block")
     parser.add_argument("--memory", action="store_true",
                         help="also measure training memory of implicit FPI_GD vs unrolled")
     parser.add_argument("--memory-iterations", type=int, nargs="+", default=[10, 30])
@@ -147,6 +148,8 @@ def main(argv: List[str]) -> int:
                   f"({unit['seconds_per_image']:.2f} s/image)", flush=True)
     print(markdown_table(results), flush=True)
     if args.memory:
+        if "memory" in args.redo:
+            results.pop("memory", None)
         _memory(results, args, out)
     if args.figure:
         _figure(results, args, files)

@@ -146,6 +146,39 @@ def test_lipschitz_bound_dominates_hessian() -> None:
     assert float((hv * v).sum()) <= e.lipschitz_bound(grid=64) * (1 + 1e-6)
 
 
+def test_grad_split_has_the_same_value_and_first_derivatives() -> None:
+    """grad_split: analytic Hessian-vector products in z, autograd in the parameters and y."""
+    torch.manual_seed(3)
+    e = FoEEnergy(5, 3, n_mixture=2).double()
+    with torch.no_grad():
+        e.weight.add_(0.2 * torch.randn_like(e.weight))
+    z = torch.rand(2, 1, 9, 10, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(2, 1, 9, 10, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 1, 9, 10, dtype=torch.float64)
+    wrt = [z, y, *e.parameters()]
+    ref = torch.autograd.grad(e.grad(z, y), wrt, v)
+    split = e.grad_split(z, y)
+    torch.testing.assert_close(split, e.grad(z, y), atol=1e-14, rtol=1e-12)
+    for a, b in zip(torch.autograd.grad(split, wrt, v), ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    with torch.no_grad():  # no graph wanted: the plain gradient
+        torch.testing.assert_close(e.grad_split(z, y), e.grad(z, y))
+
+
+def test_calibrate_data_weight_picks_the_best_offset() -> None:
+    from torchfpi.apps.denoise._train import calibrate_data_weight, evaluate
+
+    clean = torch.tensor(np.stack([_smooth_image(24, 24, s) for s in range(3)]) / 255.0,
+                         dtype=torch.float32).unsqueeze(1)
+    noisy = clean + 0.1 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    m = FPIGDDenoiser(FoEEnergy(4, 3, penalty_weight=5e-4, penalty_scale=0.06), tol=1e-4)
+    base = float(m.energy.log_data_weight.detach())
+    rec = calibrate_data_weight(m, clean, noisy, offsets=(-1.0, 0.0, 1.0), log=lambda s: None)
+    assert rec["chosen_offset"] == (-1.0, 0.0, 1.0)[int(np.argmax(rec["psnr"]))]
+    assert float(m.energy.log_data_weight.detach()) == pytest.approx(base + rec["chosen_offset"])
+    assert evaluate(m, clean, noisy)["psnr"] == pytest.approx(max(rec["psnr"]), abs=1e-3)
+
+
 def test_fpigd_paths_agree_with_library_layer() -> None:
     """The closed-form gradient map and torchfpi.FPIGD give the same z* and gradients."""
     torch.manual_seed(0)
@@ -231,6 +264,24 @@ def test_cli_train_and_denoise(data_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out.png"
     rc = main(["denoise", str(src), "--sigma", "25", "--out", str(out), "--weights", str(w)])
     assert rc == 0 and read_grey_png(out).shape == (40, 40)
+
+
+def test_cli_fpi_gd_from_unrolled_energy(data_dir: Path, tmp_path: Path, capsys) -> None:
+    """--init with unrolled weights starts FPI_GD from that energy; --calibrate-data-weight runs."""
+    w = tmp_path / "w"
+    common = ["--data-root", str(data_dir), "--steps", "1", "--batch-size", "2", "--crop", "24",
+              "--val-images", "2", "--quiet"]
+    assert main(["train", "denoise", "--model", "unrolled", *common, "--unroll-steps", "2",
+                 "--checkpoint", str(w / "u.pt")]) == 0
+    unrolled = torch.load(w / "denoise_unrolled_s25.pt", weights_only=False)
+    assert main(["train", "denoise", "--model", "fpi_gd", *common, "--init", str(w / "denoise_unrolled_s25.pt"),
+                 "--calibrate-data-weight", "--tol", "1e-3", "--checkpoint", str(w / "g.pt")]) == 0
+    blob = torch.load(w / "denoise_fpi_gd_s25.pt", weights_only=False)
+    assert blob["kind"] == "fpi_gd" and "log_step" not in blob["state_dict"]
+    assert blob["train"]["calibration"]["chosen_offset"] in blob["train"]["calibration"]["offsets"]
+    assert blob["config"]["energy"] == unrolled["config"]["energy"]
+    assert main(["train", "denoise", "--model", "fpi_nn", *common, "--calibrate-data-weight"]) == 2
+    assert "--calibrate-data-weight" in capsys.readouterr().err
 
 
 def test_cli_denoise_shipped_weights(tmp_path: Path, capsys) -> None:

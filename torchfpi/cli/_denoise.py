@@ -50,7 +50,12 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
                    help="fpi_gd / fpi_nn: forward iteration limit (backward: twice this)")
     t.add_argument("--init", default=None,
                    help="weights file to start from (fine-tuning); for an energy trained at "
-                   "another sigma the data weight is rescaled by (sigma_init / sigma)^2")
+                   "another sigma the data weight is rescaled by (sigma_init / sigma)^2; "
+                   "--model fpi_gd also starts from the energy of unrolled weights")
+    t.add_argument("--calibrate-data-weight", action="store_true",
+                   help="fpi_gd / unrolled: before training, set the data weight to the best of "
+                   "lambda * exp(-0.2 .. 1.0) on the validation crops (an unrolled energy's "
+                   "exact minimiser needs a larger lambda)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--budget-minutes", type=float, default=40.0)
     t.add_argument("--threads", type=int, default=1)
@@ -111,6 +116,8 @@ def run_train(args: argparse.Namespace) -> int:
     _check_positive(args.lr, "--lr")
     _check_positive(args.budget_minutes, "--budget-minutes")
     model_config = {}
+    if args.calibrate_data_weight and args.model == "fpi_nn":
+        raise UsageError("--calibrate-data-weight: only for --model fpi_gd or unrolled")
     if args.unroll_steps is not None:
         if args.model != "unrolled":
             raise UsageError("--unroll-steps: only for --model unrolled")
@@ -132,7 +139,8 @@ def run_train(args: argparse.Namespace) -> int:
                       crop=args.crop, lr=args.lr, val_images=args.val_images,
                       val_every=args.val_every, seed=args.seed,
                       budget_minutes=args.budget_minutes, threads=args.threads,
-                      model_config=model_config, dtype=args.dtype)
+                      model_config=model_config, dtype=args.dtype,
+                      calibrate_data_weight=args.calibrate_data_weight)
     root = data_root(args.data_root)
     ckpt = Path(args.checkpoint or f"runs/denoise/{args.model}_s{sigma:g}.pt")
     init_state = None
@@ -150,10 +158,15 @@ def run_train(args: argparse.Namespace) -> int:
         if not isinstance(blob, dict) or not {"kind", "state_dict", "config"} <= set(blob):
             raise DataError(f"--init: '{init}' is not a torchfpi denoiser weights file "
                             "(expected kind, state_dict and config)")
-        if blob.get("kind") != args.model:
+        from_unrolled = blob.get("kind") == "unrolled" and args.model == "fpi_gd"
+        if blob.get("kind") != args.model and not from_unrolled:
             raise UsageError(f"--init: '{args.init}' holds a {blob.get('kind')} model, not {args.model}")
         init_state = dict(blob["state_dict"])
-        merged = {**blob["config"], **model_config}  # explicit flags win over the file's config
+        file_config = dict(blob["config"])
+        if from_unrolled:  # same energy class: keep the energy, drop the learned unrolled step
+            init_state = {k: v for k, v in init_state.items() if k.startswith("energy.")}
+            file_config = {"energy": file_config.get("energy", {})}
+        merged = {**file_config, **model_config}  # explicit flags win over the file's config
         model_config.clear()
         model_config.update(merged)
         key = "energy.log_data_weight"

@@ -53,8 +53,13 @@ class FPIGDDenoiser(nn.Module):
         return self.step_fraction / self.energy.lipschitz_bound()
 
     def update(self, z: Tensor, y: Tensor) -> Tensor:
-        """One gradient step ``f(z, y) = z - a grad_z E(z, y)``."""
-        return z - self._a * self.energy.grad(z, y)
+        """One gradient step ``f(z, y) = z - a grad_z E(z, y)``.
+
+        With grad enabled (the graph the implicit backward differentiates) the gradient is
+        :meth:`FoEEnergy.grad_split`: the backward's vector-Jacobian products in ``z`` are then
+        analytic Hessian-vector products instead of autograd through the gradient's graph.
+        """
+        return z - self._a * self.energy.grad_split(z, y)
 
     def forward(self, y: Tensor, tol: Optional[float] = None, max_iter: Optional[int] = None) -> Tensor:
         p = self.energy.pad

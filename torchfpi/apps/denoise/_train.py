@@ -71,6 +71,7 @@ class TrainConfig:
     threads: int = 1
     model_config: Dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"
+    calibrate_data_weight: bool = False
 
 
 #: ``--dtype`` choices (float64 for runs that must agree across process counts to rounding).
@@ -131,6 +132,42 @@ def evaluate(model: nn.Module, clean: Tensor, noisy: Tensor, chunk: int = 20) ->
         its.append(model.last_info.iterations)
     model.train()
     return {"psnr": batch_psnr(torch.cat(ests), clean), "iterations": float(np.mean(its))}
+
+
+#: Offsets of ``log lambda`` tried by :func:`calibrate_data_weight`.
+CALIBRATION_OFFSETS = tuple(round(0.1 * i, 1) for i in range(-2, 11))
+
+
+@torch.no_grad()
+def calibrate_data_weight(
+    model: nn.Module, clean: Tensor, noisy: Tensor, offsets: tuple = CALIBRATION_OFFSETS,
+    log: Callable[[str], None] = print,
+) -> Dict[str, Any]:
+    """Set the energy's data weight ``lambda`` to the best of ``lambda * exp(offsets)`` on validation crops.
+
+    An energy trained by unrolling T gradient steps (TNRD style) is used through an early-stopped
+    iterate: its exact minimiser over-smooths, and a larger ``lambda`` compensates. This picks the
+    factor on the (Train400) validation crops before implicit fine-tuning starts.
+
+    Args:
+        model: a denoiser with an ``energy`` holding ``log_data_weight`` (changed in place).
+        clean, noisy: validation crops ``(N, 1, H, W)`` on the [0, 1] scale.
+        offsets: values added to ``log lambda``.
+
+    Returns:
+        ``{"offsets": [...], "psnr": [...], "chosen_offset": o, "data_weight": lambda}``.
+    """
+    param = model.energy.log_data_weight
+    base = param.detach().clone()
+    scores = []
+    for off in offsets:
+        param.copy_(base + off)
+        scores.append(evaluate(model, clean, noisy)["psnr"])
+        log(f"calibrate data weight: log offset {off:+.1f} -> validation PSNR {scores[-1]:.3f}")
+    best = int(np.argmax(scores))
+    param.copy_(base + offsets[best])
+    return {"offsets": list(offsets), "psnr": [round(v, 4) for v in scores],
+            "chosen_offset": offsets[best], "data_weight": float(param.exp())}
 
 
 def _validate(model: nn.Module, clean: Tensor, noisy: Tensor, ctx: DistContext) -> Dict[str, float]:
@@ -195,6 +232,7 @@ def train(
     step, elapsed, best, history = 0, 0.0, {"psnr": -math.inf}, []
     best_state = None
     skipped = 0
+    calibration: Optional[Dict[str, Any]] = None
     found = resume and checkpoint.exists()
     if resume and ctx.distributed:
         seen = int(ctx.all_reduce_sum(torch.tensor([float(found)], dtype=torch.float64)))
@@ -210,6 +248,7 @@ def train(
         set_rng_state(ck["rng"])
         gen.set_state(ck["generator"])
         step, elapsed, best, history = ck["step"], ck["elapsed"], ck["best"], ck["history"]
+        calibration = ck.get("calibration")
         best_state = ck["best_state"]
         skipped = ck.get("skipped_updates", 0)
         guard.skipped = ck.get("nonfinite_skipped", 0)
@@ -222,6 +261,7 @@ def train(
             "rng": rng_state(), "generator": gen.get_state(), "step": step, "elapsed": elapsed,
             "best": best, "history": history, "best_state": best_state, "config": asdict(cfg),
             "skipped_updates": skipped, "nonfinite_skipped": guard.skipped, "world_size": ctx.world_size,
+            "calibration": calibration,
         }, checkpoint, ctx, check=("model", "optimizer", "best_state"))
 
     bar = None
@@ -231,6 +271,11 @@ def train(
         bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model} sigma {cfg.sigma:g}")
     fwd_its: List[float] = []
     bwd_its: List[float] = []
+    if step == 0 and cfg.calibrate_data_weight:
+        if not hasattr(model, "energy"):
+            raise UsageError(f"--calibrate-data-weight: only for energy models, not {cfg.model}")
+        calibration = calibrate_data_weight(model, val_clean, val_noisy, log=log)
+        log(f"calibrated data weight: {calibration}")
     if step == 0:  # the starting point is a candidate too (it matters when fine-tuning)
         val = _validate(model, val_clean, val_noisy, ctx)
         history.append({"step": 0, "elapsed": 0.0, "val_psnr": round(val["psnr"], 4),
@@ -307,5 +352,5 @@ def train(
         "kind": cfg.model, "sigma": cfg.sigma, "config": mcfg, "state_dict": best_state,
         "train": {"steps": step, "seconds": round(elapsed, 1), "best": best, "history": history,
                   "settings": asdict(cfg), "nonfinite_skipped": guard.skipped,
-                  "world_size": ctx.world_size},
+                  "world_size": ctx.world_size, "calibration": calibration},
     }
