@@ -497,7 +497,8 @@ def _nn_state(run: Path) -> dict:
 def test_torchrun_two_processes_match_one_process_fpi_nn(tmp_path):
     # the Jacobian penalty's probes are drawn for the global batch and sharded like the pairs;
     # the refinement's solver freezes each converged sample, so the split changes no arithmetic
-    argv = [*NN, "--batch-size", "2", "--steps", "3", "--val-every", "2", "--dtype", "float64"]
+    # 20 pairs: the fpi_gd flows of the data set come in chunks of 16 and 4, one per process
+    argv = [*NN, "--pairs", "20", "--batch-size", "2", "--steps", "3", "--val-every", "2", "--dtype", "float64"]
     one, two = tmp_path / "one", tmp_path / "two"
     done = _torchrun(tmp_path, 2, [*argv, "--out", str(two)])
     assert done.returncode == 0, done.stdout + done.stderr
@@ -585,6 +586,35 @@ def test_fpi_nn_nan_loss_with_stop_policy_exits_1_and_keeps_the_last_good_checkp
     state = _nn_state(tmp_path)
     assert state["step"] == 2 and first_nonfinite(state["model"]) is None
     assert not (tmp_path / "train_nn.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_fpi_nn_killed_then_resumed_ends_like_one_uninterrupted_process(tmp_path):
+    argv = [*NN, "--batch-size", "2", "--steps", "10", "--val-every", "4", "--checkpoint-every", "1",
+            "--dtype", "float64"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "torchfpi", *argv, "--out", str(two)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 90
+    while not (two / "checkpoint_nn.pt").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
+    proc.wait(timeout=30)
+    assert _nn_state(two)["step"] < 10
+    done = _torchrun(tmp_path, 2, [*argv, "--out", str(two), "--resume"])
+    assert done.returncode == 0, done.stderr
+    assert main([*argv, "--out", str(one)]) == 0
+    a, b = _nn_state(two), _nn_state(one)
+    assert a["step"] == b["step"] == 10
+    for k in b["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+    assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]] == [0, 4, 8, 10]
+    for x, y in zip(a["history"], b["history"]):
+        assert x["val_epe"] == pytest.approx(y["val_epe"], abs=1e-9)
 
 
 @pytest.mark.slow
