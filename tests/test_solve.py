@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
 import pytest
@@ -286,3 +287,29 @@ def test_anderson_halves_iterations_on_ill_conditioned_gradient_descent(gen, dty
     acc = torchfpi.fixed_point(f, torch.zeros(6, 40, dtype=dtype), b, solver="anderson", tol=1e-6, max_iter=5000)
     assert plain.converged.all() and acc.converged.all()
     assert acc.iterations.max() * 2 <= plain.iterations.min()
+
+
+def test_trace_is_nan_after_each_samples_stop(dtype):
+    # The loop stores raw residuals and masks each sample's rows after its stop at the end:
+    # the trace must equal a solo run's residuals up to the stop and NaN after, with or without
+    # compaction, for converged, diverged and unfinished samples alike.
+    scales = torch.tensor([0.2, 0.7, 3.0, 0.999], dtype=dtype).unsqueeze(1)
+
+    def f(z, s):
+        return s * z + 1
+
+    traces = []
+    for compact in (False, True):
+        with pytest.warns(torchfpi.ConvergenceWarning):
+            sol = torchfpi.fixed_point(f, torch.zeros(4, 2, dtype=dtype), scales, tol=1e-9, max_iter=60, compact=compact)
+        assert sol.status.tolist() == [Status.CONVERGED, Status.CONVERGED, Status.DIVERGED, Status.MAX_ITER]
+        its = sol.iterations.tolist()
+        assert its[3] == 60 and sol.trace.shape == (60, 4)
+        for i, k in enumerate(its):
+            with pytest.warns(torchfpi.ConvergenceWarning) if i >= 2 else contextlib.nullcontext():
+                solo = torchfpi.fixed_point(f, torch.zeros(1, 2, dtype=dtype), scales[i : i + 1], tol=1e-9, max_iter=60)
+            torch.testing.assert_close(sol.trace[:k, i], solo.trace[:k, 0], rtol=0, atol=0)
+            assert torch.isnan(sol.trace[k:, i]).all()
+            assert torch.equal(sol.value[i], solo.value[0])
+        traces.append(sol.trace)
+    torch.testing.assert_close(traces[0], traces[1], rtol=0, atol=0, equal_nan=True)

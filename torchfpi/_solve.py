@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cmath
 import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -253,9 +254,13 @@ class _Problem:
         if not torch.is_grad_enabled():
             # First-order backward: VJPs on the one graph of f recorded at z* in the forward.
             y, zd, td = graph
+            outs, wrt_z = (y,), (zd,)
 
             def vjp_z(u: Tensor) -> Tensor:
-                r = _grad([y], [zd], [u], create_graph=False)[0]
+                # Called once per adjoint iteration: torch.autograd.grad without the wrapper.
+                if not y.requires_grad:
+                    return torch.zeros_like(u)
+                r = torch.autograd.grad(outs, wrt_z, (u,), retain_graph=True, allow_unused=True)[0]
                 return torch.zeros_like(u) if r is None else r
 
             u, bstats = self._adjoint(vjp_z, g, zs, tensors)
@@ -420,9 +425,14 @@ def _check_finite(z0f: Tensor, inputs: Sequence[Tuple[int, Tensor]]) -> None:
     unless finite entries overflow it, in which case the exact elementwise test decides.
     """
     named = [("z0", z0f)] + [(f"inputs[{i}]", t) for i, t in inputs]
-    sums = torch.stack([t.detach().sum().to(torch.float64).cpu() for _, t in named])
-    if bool(torch.isfinite(sums).all()):
-        return
+    if all(t.device.type == "cpu" for _, t in named):
+        # No device sync to save on the CPU: a Python float per tensor is cheapest.
+        if all(cmath.isfinite(t.detach().sum().item()) for _, t in named):
+            return
+    else:
+        sums = torch.stack([t.detach().sum().to(torch.float64).cpu() for _, t in named])
+        if bool(torch.isfinite(sums).all()):
+            return
     for name, t in named:
         if not bool(torch.isfinite(t).all()):
             raise FixedPointError(f"fixed_point: {name} contains NaN or Inf (at iteration 0, before solving)")

@@ -284,7 +284,10 @@ def _iterate(
     B = z0.shape[0]
     device = z0.device
     dtype = z0.dtype
-    z_out = z0 if not compact else z0.clone()
+    # On the CPU with numpy, the norms are read as arrays without a copy (no stack, no transfer).
+    direct = H.np and device.type == "cpu" and dtype in (torch.float32, torch.float64)
+    grad_on = torch.is_grad_enabled()  # unrolled differentiation: keep the norms off the graph
+    z_out: Optional[Tensor] = None  # allocated at the first stop
     res_out = H.full(B, math.nan, "f")
     it_out = H.full(B, 0, "i")
     st_out = H.full(B, int(Status.MAX_ITER), "i")
@@ -294,9 +297,9 @@ def _iterate(
     zw = z0
     best_r = H.full(B, math.inf, "f")
     best_f = z0
-    min_abs = H.full(B, math.inf, "f")
     lim = H.full(B, math.inf, "f")  # DIVERGENCE_FACTOR * smallest |residual| so far
     active = H.full(B, True, "b")
+    n_active = B
     all_active = True
     held = None  # diverged samples, kept still in the full-batch mode
     state: Optional[State] = None
@@ -304,14 +307,17 @@ def _iterate(
     k = 0
     for k in range(1, max_iter + 1):
         fz = first_fz if (k == 1 and first_fz is not None) else call(zw, idx_dev)
-        abs_dev = torch.linalg.vector_norm(fz - zw, dim=1)
-        if absolute:
-            both = H.host(abs_dev)
-            a = r = both
+        fzd = fz.detach() if grad_on else fz
+        diff = fzd - (zw.detach() if grad_on else zw)
+        if direct:
+            a = torch.linalg.vector_norm(diff, dim=1).numpy().astype(_np.float64)
+            nrm = None if absolute else torch.linalg.vector_norm(fzd, dim=1).numpy().astype(_np.float64)
+        elif absolute:
+            a, nrm = H.host(torch.linalg.vector_norm(diff, dim=1)), None
         else:
-            both = H.host(torch.stack([abs_dev, torch.linalg.vector_norm(fz, dim=1)]))
-            a = both[0]
-            r = H.divide(a, both[1] + _REL_EPS)
+            both = H.host(torch.stack([torch.linalg.vector_norm(diff, dim=1), torch.linalg.vector_norm(fzd, dim=1)]))
+            a, nrm = both[0], both[1]
+        r = a if nrm is None else H.divide(a, nrm + _REL_EPS)
         # Fast path: one test for "something happens to some sample". NaN and Inf compare False
         # in a < lim (lim starts at Inf), so non-finite residuals are flagged too; an overflowing
         # ||f(z)|| makes r = 0 < tol and is sorted out below.
@@ -321,49 +327,58 @@ def _iterate(
             event &= active
             worse &= active
         best_r = H.fmin(best_r, r)
-        min_abs = H.fmin(min_abs, a)
-        lim = min_abs * DIVERGENCE_FACTOR
-        traces.append((idx, r if all_active else H.where(active, r, math.nan)))
+        lim = H.fmin(lim, a * DIVERGENCE_FACTOR)
+        traces.append((idx, r))  # rows of stopped samples are masked out at the end
         if k == 1 or not bool(worse.any()):
             best_f = fz
         else:
             best_f = torch.where(H.torch(worse, device).unsqueeze(1), best_f, fz)
         any_finished = False
         if bool(event.any()):
-            ok = H.isfinite(both).all(0) if both.ndim == 2 else H.isfinite(both)
-            if not bool(ok.all()):
+            ok = H.isfinite(a) if nrm is None else H.isfinite(a) & H.isfinite(nrm)
+            all_ok = bool(ok.all())
+            conv = r < tol
+            if all_ok:
+                finished = event & (conv | (a > lim))
+            else:
                 rows = H.torch(H.nonzero(~ok & active), device)
                 if rows.numel() and not (torch.isfinite(fz[rows]).all() and torch.isfinite(zw[rows]).all()):
                     raise FixedPointError(_nonfinite_message(what, k))
-            conv = (r < tol) & ok
-            finished = event & (conv | ~ok | (a > DIVERGENCE_FACTOR * min_abs) | H.isnan(a))
-            any_finished = bool(finished.any())
+                conv &= ok
+                finished = event & (conv | ~ok | ~(a <= lim))
+            sel = H.nonzero(finished)
+            any_finished = len(sel) > 0
         if any_finished:
-            diverged = finished & ~conv
-            any_diverged = bool(diverged.any())
-            if idx is None and not compact:
-                # Full batch: masks, no index bookkeeping. Converged samples keep being
-                # evaluated (their result is stored); diverged ones are held still.
-                fin_dev = H.torch(finished, device).unsqueeze(1)
-                val = torch.where(H.torch(conv, device).unsqueeze(1), fz, best_f) if any_diverged else fz
-                z_out = torch.where(fin_dev, val, z_out)
-                res_out = H.where(finished, H.where(conv, r, best_r), res_out)
-                it_out = H.where(finished, k, it_out)
-                st_out = H.where(finished, H.where(conv, int(Status.CONVERGED), int(Status.DIVERGED)), st_out)
-                if any_diverged:
-                    held = diverged if held is None else held | diverged
+            # Store the finished rows' results (an index copy of those rows only) and their
+            # per-sample records; the common case is that all of them converged.
+            csel = conv[sel]
+            all_conv = bool(csel.all())
+            sel_dev = H.torch(sel, device)
+            if idx is None:
+                gidx, gidx_dev = sel, sel_dev
             else:
-                sel = H.nonzero(finished)
-                gidx = sel if idx is None else idx[sel]
-                csel = conv[sel]
-                sel_dev, gidx_dev = H.torch(sel, device), H.torch(gidx, device)
-                z_out[gidx_dev] = torch.where(H.torch(csel, device).unsqueeze(1), fz[sel_dev], best_f[sel_dev])
+                gidx = idx[sel]
+                gidx_dev = H.torch(gidx, device)
+            if all_conv:
+                rows = fz.index_select(0, sel_dev)
+                res_out[gidx] = r[sel]
+                st_out[gidx] = int(Status.CONVERGED)
+            else:
+                rows = torch.where(H.torch(csel, device).unsqueeze(1), fz.index_select(0, sel_dev), best_f.index_select(0, sel_dev))
                 res_out[gidx] = H.where(csel, r[sel], best_r[sel])
-                it_out[gidx] = k
                 st_out[gidx] = H.where(csel, int(Status.CONVERGED), int(Status.DIVERGED))
-            active = active & ~finished
+                if idx is None and not compact:
+                    # Full batch: diverged samples are held still from now on.
+                    diverged = finished & ~conv
+                    held = diverged if held is None else held | diverged
+            if z_out is None:
+                z_out = torch.empty_like(z0)
+            z_out.index_copy_(0, gidx_dev, rows)
+            it_out[gidx] = k
+            active[sel] = False
+            n_active -= len(sel)
             all_active = False
-            if not bool(active.any()):
+            if n_active == 0:
                 break
         if state is None:
             state = solver.init(zw, fz)  # type: ignore[attr-defined]
@@ -373,10 +388,11 @@ def _iterate(
             keep_dev = H.torch(keep, device)
             zw = z_next[keep_dev]
             state = _select(state, keep_dev)
-            best_f, best_r, min_abs, lim = best_f[keep_dev], best_r[keep], min_abs[keep], lim[keep]
+            best_f, best_r, lim = best_f[keep_dev], best_r[keep], lim[keep]
             idx = keep if idx is None else idx[keep]
             idx_dev = H.torch(idx, device)
             active = H.full(len(keep), True, "b")
+            n_active = len(keep)
             all_active = True
         elif held is None:
             zw = z_next
@@ -384,21 +400,28 @@ def _iterate(
             zw = torch.where(H.torch(held, device).unsqueeze(1), zw, z_next)
     else:
         k = max_iter
-    if bool(active.any()):
+    if n_active:
         sel = H.nonzero(active)
         gidx = sel if idx is None else idx[sel]
-        if idx is None and not compact:
-            z_out = torch.where(H.torch(active, device).unsqueeze(1), best_f, z_out)
+        if z_out is None:
+            z_out = best_f  # no sample stopped: every row is its best image
         else:
-            z_out[H.torch(gidx, device)] = best_f[H.torch(sel, device)]
+            z_out.index_copy_(0, H.torch(gidx, device), best_f.index_select(0, H.torch(sel, device)))
         res_out[gidx] = best_r[sel]
         it_out[gidx] = k
-    trace = H.full(len(traces) * B, math.nan, "f").reshape(len(traces), B)
-    for t, (tidx, tr) in enumerate(traces):
-        if tidx is None:
-            trace[t] = tr
-        else:
-            trace[t, tidx] = tr
+    if H.np and all(tidx is None for tidx, _ in traces):
+        trace = _np.stack([tr for _, tr in traces]) if traces else H.full(0, math.nan, "f").reshape(0, B)
+    else:
+        trace = H.full(len(traces) * B, math.nan, "f").reshape(len(traces), B)
+        for t, (tidx, tr) in enumerate(traces):
+            if tidx is None:
+                trace[t] = tr
+            else:
+                trace[t, tidx] = tr
+    if traces and not (n_active == B and idx is None):
+        # NaN after each sample's stop: iteration t + 1 > its iteration count.
+        steps = _np.arange(len(traces)) if H.np else torch.arange(len(traces))
+        trace[steps[:, None] >= it_out[None, :]] = math.nan
     stats = SolveStats(
         iterations=H.torch(it_out, device),
         residual=H.torch(res_out, device, dtype),
