@@ -186,3 +186,29 @@ def test_icnn_energy_trains_a_step(tiny_bibtex):
                       model_cfg=ModelConfig(hidden=32, energy_hidden=8, energy_kind="icnn"))
     res = train_multilabel(cfg, tiny_bibtex, log=lambda m: None, max_steps=2)
     assert res["train_backward_iterations"] >= 1
+
+
+@pytest.mark.parametrize("kind", ["fpi_gd", "fpi_nn"])
+def test_anderson_solver_and_backward_give_the_fpi_fixed_point_and_gradient(kind):
+    torch.manual_seed(0)
+    base = dict(hidden=16, energy_hidden=4, update_hidden=8, tol=1e-9, backward_tol=1e-9,
+                max_iter=200, backward_max_iter=200, energy_init_scale=2.0, energy_max_norm=4.0)
+    x = (torch.rand(5, 20) < 0.3).double()
+    outs = []
+    for solver in ("fpi", "anderson"):
+        torch.manual_seed(1)
+        model = MultiLabelModel(kind, 20, 6, ModelConfig(**base, solver=solver, backward=solver)).double().eval()
+        z = model(x)
+        z.square().sum().backward()
+        outs.append((z.detach(), model.unary.hidden.weight.grad.clone()))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-7, rtol=1e-7)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-6, rtol=1e-6)
+
+
+def test_update_max_gain_bounds_the_fpi_nn_gain():
+    model = MultiLabelModel("fpi_nn", 10, 3, ModelConfig(hidden=8, update_max_gain=1.0))
+    with torch.no_grad():
+        model.gain_logit.fill_(50.0)
+    assert float(model._gain().detach()) <= 1.0
+    with pytest.raises(ValueError, match=r"update_max_gain: expected a value in \(0, 4\), got 4.0"):
+        MultiLabelModel("fpi_nn", 10, 3, ModelConfig(update_max_gain=4.0))

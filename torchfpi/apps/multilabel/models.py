@@ -61,11 +61,16 @@ class ModelConfig:
             step then contracts by construction when the value is below about 5 (see
             :class:`LabelEnergy`).
         update_hidden: width of FPI_NN's update network.
+        update_max_gain: upper bound (< 4) of FPI_NN's learned output gain; the update's Lipschitz
+            constant in z is at most a quarter of it.
         tau: weight of the quadratic term of the energy.
         step_size: gradient step α of SPEN and FPI_GD.
         unroll_steps: T, number of unrolled steps of SPEN.
         tol, max_iter: forward fixed-point tolerance (relative residual) and iteration cap.
         backward_tol, backward_max_iter: the same for the backward (adjoint) fixed point.
+        solver: forward solver of FPI_GD / FPI_NN (``"fpi"`` or ``"anderson"``).
+        backward: backward mode of FPI_GD / FPI_NN (``"fpi"``, ``"anderson"``, ...; see
+            :func:`torchfpi.fixed_point`).
     """
 
     hidden: int = 1024
@@ -78,6 +83,7 @@ class ModelConfig:
     energy_max_norm: float = 0.0
     energy_kind: str = "label"
     update_hidden: int = 128
+    update_max_gain: float = 3.6
     tau: float = 1.0
     step_size: float = 1.0
     unroll_steps: int = 10
@@ -85,6 +91,8 @@ class ModelConfig:
     max_iter: int = 50
     backward_tol: float = 1e-4
     backward_max_iter: int = 50
+    solver: str = "fpi"
+    backward: str = "fpi"
 
 
 class UnaryMLP(nn.Module):
@@ -220,10 +228,12 @@ class MultiLabelModel(nn.Module):
             self.gain_logit = nn.Parameter(torch.tensor(0.0))
         if kind in ("fpi_gd", "fpi_nn"):
             self._build_layer()
+        if not 0 < cfg.update_max_gain < 4:
+            raise ValueError(f"update_max_gain: expected a value in (0, 4), got {cfg.update_max_gain}")
 
     # -- FPI_NN update -------------------------------------------------------------------
     def _gain(self) -> torch.Tensor:
-        return 3.6 * torch.sigmoid(self.gain_logit)  # < 4: the update contracts by construction
+        return self.cfg.update_max_gain * torch.sigmoid(self.gain_logit)  # < 4: contracts by construction
 
     def _nn_update(self, z: torch.Tensor, s: torch.Tensor, hu: torch.Tensor) -> torch.Tensor:
         return s + self._gain() * self.w_b(torch.tanh(self.w_a(torch.sigmoid(z)) + hu))
@@ -253,6 +263,8 @@ class MultiLabelModel(nn.Module):
             max_iter=self.cfg.max_iter,
             backward_tol=self.cfg.backward_tol,
             backward_max_iter=self.cfg.backward_max_iter,
+            solver=self.cfg.solver,
+            backward=self.cfg.backward,
             on_failure="ignore",
         )
         if self.kind == "fpi_gd":
