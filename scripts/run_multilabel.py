@@ -182,6 +182,13 @@ def main(argv: List[str]) -> int:
                 res = train_multilabel(cfg, data, log=lambda m: print(m, flush=True))
                 res["wall_s"] = time.perf_counter() - t0
                 res.pop("machine", None)
+                # Merge this unit into the file as it is now, so that runs over other
+                # (dataset, model) pairs may go on in parallel processes.
+                results = {**(read_json(out, default={}) or {}),
+                           **{k: results[k] for k in ("command", "machine", "threads", "budget", "model_options")}}
+                results["commands"] = sorted(set(results.get("commands", [])) | {results["command"]})
+                entry = results.setdefault(ds, {}).setdefault(model, {})
+                runs = entry.setdefault("runs", {})
                 runs[str(seed)] = res
                 entry.update(summarise(runs))
                 atomic_write_json(results, out)
