@@ -232,6 +232,10 @@ class _HostOps:
     def fmin(self, a, b):  # noqa: ANN001, ANN201
         return _np.fmin(a, b) if self.np else torch.fmin(a, b)
 
+    def scale(self, a, factor: float):  # noqa: ANN001, ANN201
+        """``a * factor`` in float64 (``a`` may be a float32 array)."""
+        return _np.multiply(a, factor, dtype=_np.float64) if self.np else a * factor
+
     def where(self, m, a, b):  # noqa: ANN001, ANN201
         if self.np:
             return _np.where(m, a, b)
@@ -248,6 +252,8 @@ class _HostOps:
 
     def torch(self, a, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tensor:  # noqa: ANN001
         t = torch.from_numpy(a) if self.np else a
+        if device.type == "cpu" and (dtype is None or dtype == t.dtype):
+            return t  # no dispatch for a no-op move
         return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
 
 
@@ -310,41 +316,62 @@ def _iterate(
         fzd = fz.detach() if grad_on else fz
         diff = fzd - (zw.detach() if grad_on else zw)
         if direct:
-            a = torch.linalg.vector_norm(diff, dim=1).numpy().astype(_np.float64)
-            nrm = None if absolute else torch.linalg.vector_norm(fzd, dim=1).numpy().astype(_np.float64)
+            # Norms read in place; the float64 residual in one numpy call (same values as
+            # converting first). ``a`` may stay float32: it is only compared and scaled in float64.
+            a = torch.linalg.vector_norm(diff, dim=1).numpy()
+            if absolute:
+                a = r = a.astype(_np.float64)
+                nrm = None
+            else:
+                nrm = torch.linalg.vector_norm(fzd, dim=1).numpy()
+                with _np.errstate(invalid="ignore", over="ignore"):  # inf / inf -> nan: handled below
+                    r = _np.divide(a, _np.add(nrm, _REL_EPS, dtype=_np.float64), dtype=_np.float64)
         elif absolute:
-            a, nrm = H.host(torch.linalg.vector_norm(diff, dim=1)), None
+            a = r = H.host(torch.linalg.vector_norm(diff, dim=1))
+            nrm = None
         else:
             both = H.host(torch.stack([torch.linalg.vector_norm(diff, dim=1), torch.linalg.vector_norm(fzd, dim=1)]))
             a, nrm = both[0], both[1]
-        r = a if nrm is None else H.divide(a, nrm + _REL_EPS)
-        # Fast path: one test for "something happens to some sample". NaN and Inf compare False
-        # in a < lim (lim starts at Inf), so non-finite residuals are flagged too; an overflowing
-        # ||f(z)|| makes r = 0 < tol and is sorted out below.
-        event = (r < tol) | ~(a < lim)
-        worse = r >= best_r
+            r = H.divide(a, nrm + _REL_EPS)
+        # One test for "nothing happens to any active sample": no stop (r >= tol), no divergence
+        # and finite (a < lim; NaN and Inf compare False, lim starts at Inf), and a new best
+        # residual (r < best). Only otherwise are the exact event and best-image rules evaluated.
+        quiet = (r >= tol) & (a < lim) & (r < best_r)
         if not all_active:
-            event &= active
-            worse &= active
+            quiet |= ~active
+        calm = bool(quiet.all())
+        best_prev, lim_prev = best_r, lim
         best_r = H.fmin(best_r, r)
-        lim = H.fmin(lim, a * DIVERGENCE_FACTOR)
+        lim = H.fmin(lim, H.scale(a, DIVERGENCE_FACTOR))
         traces.append((idx, r))  # rows of stopped samples are masked out at the end
-        if k == 1 or not bool(worse.any()):
+        if calm:
             best_f = fz
+            event = None
         else:
-            best_f = torch.where(H.torch(worse, device).unsqueeze(1), best_f, fz)
+            # An overflowing ||f(z)|| makes r = 0 < tol and is sorted out below.
+            hit = r < tol
+            event = hit | ~(a < lim_prev)
+            worse = r >= best_prev
+            if not all_active:
+                event &= active
+                worse &= active
+            if k == 1 or not bool(worse.any()):
+                best_f = fz
+            else:
+                best_f = torch.where(H.torch(worse, device).unsqueeze(1), best_f, fz)
         any_finished = False
-        if bool(event.any()):
-            ok = H.isfinite(a) if nrm is None else H.isfinite(a) & H.isfinite(nrm)
-            all_ok = bool(ok.all())
-            conv = r < tol
-            if all_ok:
+        if event is not None and bool(event.any()):
+            # Norms are >= 0, so a + ||f(z)|| is finite iff both are (barring an overflow of the
+            # sum, which only sends the check down the exact path).
+            conv = hit
+            if bool(H.isfinite(a if nrm is None else a + nrm).all()):
                 finished = event & (conv | (a > lim))
             else:
+                ok = H.isfinite(a) if nrm is None else H.isfinite(a) & H.isfinite(nrm)
                 rows = H.torch(H.nonzero(~ok & active), device)
                 if rows.numel() and not (torch.isfinite(fz[rows]).all() and torch.isfinite(zw[rows]).all()):
                     raise FixedPointError(_nonfinite_message(what, k))
-                conv &= ok
+                conv = conv & ok
                 finished = event & (conv | ~ok | ~(a <= lim))
             sel = H.nonzero(finished)
             any_finished = len(sel) > 0

@@ -259,6 +259,10 @@ def methods(include_torchdeq: bool = True) -> List[Method]:
         Method("torchfpi fpi/anderson", "torchfpi", True, _torchfpi("fpi", "anderson")),
         Method("torchfpi anderson/fpi", "torchfpi", True, _torchfpi("anderson", "fpi")),
         Method("torchfpi anderson/anderson", "torchfpi", True, _torchfpi("anderson", "anderson")),
+        # Anderson with a tighter restart rule (history cleared when the residual doubles over
+        # its best): chosen on the seed-1 instances (multilabel, mlp, mixed), not on the
+        # reported seed-0 ones; the default restart=10 keeps stale iterates on projected maps.
+        Method(ANDERSON_RESTART, "torchfpi", True, _torchfpi(torchfpi.Anderson(restart=2.0), "fpi")),
         Method("torchfpi fpi/neumann10", "torchfpi", False, _torchfpi("fpi", torchfpi.NeumannBackward(10))),
         Method("torchfpi fpi/onestep", "torchfpi", False, _torchfpi("fpi", "onestep")),
         Method("torchfpi fpi/unroll", "torchfpi", True, _torchfpi("fpi", "unroll")),
@@ -281,6 +285,8 @@ MAIN = "torchfpi fpi/fpi"
 PEER = "torchdeq fpi/implicit"
 """TorchDEQ's exact (implicit) mode with the same solver."""
 ANDERSON = "torchfpi anderson/fpi"
+ANDERSON_RESTART = "torchfpi anderson(restart=2)/fpi"
+"""The Anderson configuration claim 3 is judged on (the default one is reported beside it)."""
 COMPACT = "torchfpi fpi/fpi compact"
 
 __all__ = ["Method", "Run", "methods", "relative_residual", "unrolled_fixed", "MAIN", "PEER", "math"]

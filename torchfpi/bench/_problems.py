@@ -81,6 +81,10 @@ SIZES: Dict[str, Dict[str, Dict[str, object]]] = {
         "full": {"batch": 128, "dim": 256, "fast": 0.3, "slow": 0.95, "slow_fraction": 0.125},
         "quick": {"batch": 8, "dim": 16, "fast": 0.3, "slow": 0.95, "slow_fraction": 0.25},
     },
+    "smooth_gd": {
+        "full": {"batch": 128, "dim": 128, "interactions": 16, "mu": 0.05},
+        "quick": {"batch": 8, "dim": 12, "interactions": 4, "mu": 0.2},
+    },
 }
 PROBLEMS = tuple(SIZES)
 
@@ -227,7 +231,66 @@ def _mixed(sizes: Dict[str, object], gen: torch.Generator, dtype: torch.dtype, d
     )
 
 
-_BUILDERS = {"mlp": _mlp, "conv": _conv, "multilabel": _multilabel, "mixed": _mixed}
+def smooth_gd_map(step_size: float) -> Map:
+    r"""FPI_GD on a smooth, ill-conditioned energy, without projection.
+
+    ``f(y, s, M, C_w, C_b, c) = y - a grad_y E(y, s)`` with
+    ``E = 1/2 ||M y||^2 + mu/2 ||y||^2 - <s, y> + c^T softplus(C_w y + C_b)`` (``mu`` folded into
+    ``M``'s construction, see :func:`_smooth_gd`), the gradient by autograd inside ``f`` (as FPI_GD
+    does). The Jacobian ``I - a Hess E`` is symmetric with a real spectrum in ``[0, 1 - a mu]``: a
+    slowly contracting map of the kind Krylov-type acceleration (Anderson) is made for.
+    """
+    import torch.nn.functional as F
+
+    def energy(y: Tensor, s: Tensor, M: Tensor, Cw: Tensor, Cb: Tensor, c: Tensor) -> Tensor:
+        return 0.5 * (F.linear(y, M) ** 2).sum(1) - (s * y).sum(1) + F.softplus(F.linear(y, Cw, Cb)) @ c
+
+    def f(y: Tensor, s: Tensor, M: Tensor, Cw: Tensor, Cb: Tensor, c: Tensor) -> Tensor:
+        outer = torch.is_grad_enabled()
+        with torch.enable_grad():
+            yy = y if y.requires_grad else y.detach().requires_grad_(True)
+            e = energy(yy, s, M, Cw, Cb, c)
+            (g,) = torch.autograd.grad(e.sum(), yy, create_graph=outer)
+        if not outer:
+            g = g.detach()
+        return y - step_size * g
+
+    return f
+
+
+def _smooth_gd(sizes: Dict[str, object], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
+    b, n, k = int(sizes["batch"]), int(sizes["dim"]), int(sizes["interactions"])  # type: ignore[arg-type]
+    mu = float(sizes["mu"])  # type: ignore[arg-type]
+    # M^T M = Q diag(lam) Q^T with lam evenly spread over [mu, 1]: a condition number of 1/mu.
+    Q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+    lam = torch.linspace(mu, 1.0, n, dtype=torch.float64)
+    M = (Q * lam.sqrt()) @ Q.T
+    s = torch.randn(b, n, generator=gen, dtype=torch.float64)
+    Cw = torch.randn(k, n, generator=gen, dtype=torch.float64) / n**0.5
+    Cb = 0.1 * torch.randn(k, generator=gen, dtype=torch.float64)
+    c = 0.1 * torch.rand(k, generator=gen, dtype=torch.float64)
+    # Step 1/L with L >= the largest Hessian eigenvalue (softplus'' <= 1/4).
+    lip = 1.0 + 0.25 * float(c.max()) * float(torch.linalg.matrix_norm(Cw, 2)) ** 2
+    a = 1.0 / lip
+    inputs = tuple(_leaf(t, dtype, device) for t in (s, M, Cw, Cb, c))
+    return Instance(
+        name="smooth_gd",
+        f=smooth_gd_map(a),
+        z0=torch.zeros(b, n, dtype=dtype, device=device),
+        inputs=inputs,
+        params=list(inputs),
+        weight=_loss_weight((b, n), gen, dtype, device),
+        per_sample=True,
+        description=(
+            f"FPI_GD on a smooth ill-conditioned energy (no projection): y = y - a grad E(y, s), "
+            f"E = 1/2 |M y|^2 - <s, y> + c^T softplus(C y + d), Hessian spectrum in [{mu}, ~1] "
+            f"(condition ~{1 / mu:.0f}), a = {a:.3f}; B={b}, L={n}, {k} interactions"
+        ),
+        sizes=dict(sizes),
+    )
+
+
+_BUILDERS = {"mlp": _mlp, "conv": _conv, "multilabel": _multilabel, "mixed": _mixed, "smooth_gd": _smooth_gd}
 
 
 def build(
