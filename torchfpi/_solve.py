@@ -363,8 +363,10 @@ def _report(stats: SolveStats, on_failure: str, which: str, tol: float, max_iter
         return
     status = stats.status
     n = int(status.numel())
-    n_div = int((status == Status.DIVERGED).sum())
-    n_max = int((status == Status.MAX_ITER).sum())
+    # One transfer and host counts (this runs after every solve).
+    codes = status.detach().cpu().tolist()
+    n_div = codes.count(int(Status.DIVERGED))
+    n_max = codes.count(int(Status.MAX_ITER))
     if n_div == 0 and n_max == 0:
         return
     knob_iter = "max_iter" if which == "forward" else "backward_max_iter"

@@ -305,6 +305,7 @@ def _iterate(
     best_f = z0
     lim = H.full(B, math.inf, "f")  # DIVERGENCE_FACTOR * smallest |residual| so far
     active = H.full(B, True, "b")
+    inactive = None  # ~active once a sample has stopped
     n_active = B
     all_active = True
     held = None  # diverged samples, kept still in the full-batch mode
@@ -338,10 +339,12 @@ def _iterate(
         # residual (r < best). Only otherwise are the exact event and best-image rules evaluated.
         quiet = (r >= tol) & (a < lim) & (r < best_r)
         if not all_active:
-            quiet |= ~active
+            quiet |= inactive
         calm = bool(quiet.all())
         best_prev, lim_prev = best_r, lim
-        best_r = H.fmin(best_r, r)
+        # Calm: r < best for every active sample, so the new best is r (rows of stopped samples
+        # are never read again).
+        best_r = r if calm else H.fmin(best_r, r)
         lim = H.fmin(lim, H.scale(a, DIVERGENCE_FACTOR))
         traces.append((idx, r))  # rows of stopped samples are masked out at the end
         if calm:
@@ -403,6 +406,7 @@ def _iterate(
             z_out.index_copy_(0, gidx_dev, rows)
             it_out[gidx] = k
             active[sel] = False
+            inactive = ~active
             n_active -= len(sel)
             all_active = False
             if n_active == 0:
