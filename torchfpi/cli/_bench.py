@@ -21,7 +21,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     )
     p.add_argument("--quick", action="store_true", help="tiny problems, 2 repeats (a smoke run, ~1 min)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results[/quick])")
-    p.add_argument("--problems", default=None, help="comma-separated subset of: mlp,conv,multilabel,mixed")
+    p.add_argument("--problems", default=None, help="comma-separated subset of: mlp,conv,multilabel,mixed,smooth_gd")
     p.add_argument("--methods", default=None, help="comma-separated method names (default: all); see --list")
     p.add_argument("--list", action="store_true", help="list problems and methods, then exit")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 7, quick 2)")
