@@ -54,7 +54,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
                    "--model fpi_gd also starts from the energy of unrolled weights")
     t.add_argument("--calibrate-data-weight", action="store_true",
                    help="fpi_gd / unrolled: before training, set the data weight to the best of "
-                   "lambda * exp(-0.2 .. 1.0) on the validation crops (an unrolled energy's "
+                   "lambda * exp(-1.0 .. 1.0), steps of 0.1, on the validation crops (an unrolled energy's "
                    "exact minimiser needs a larger lambda)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--budget-minutes", type=float, default=40.0)

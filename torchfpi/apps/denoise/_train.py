@@ -135,7 +135,7 @@ def evaluate(model: nn.Module, clean: Tensor, noisy: Tensor, chunk: int = 20) ->
 
 
 #: Offsets of ``log lambda`` tried by :func:`calibrate_data_weight`.
-CALIBRATION_OFFSETS = tuple(round(0.1 * i, 1) for i in range(-2, 11))
+CALIBRATION_OFFSETS = tuple(round(0.1 * i, 1) for i in range(-10, 11))
 
 
 @torch.no_grad()
