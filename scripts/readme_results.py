@@ -23,7 +23,8 @@ def _load(rel: str) -> dict:
 
 def multilabel() -> str:
     d = _load("results/multilabel.json")
-    rows = ["| dataset | MLP (strong) | SPEN (unrolled) | FPI_NN | FPI_GD | seeds |", "|---|---|---|---|---|---|"]
+    rows = ["| dataset | MLP (strong) | SPEN (unrolled) | FPI_NN | FPI_GD | seeds | CPU s/epoch SPEN / FPI_GD |",
+            "|---|---|---|---|---|---|---|"]
     for ds in ("bibtex", "delicious"):
         if ds not in d:
             continue
@@ -35,7 +36,9 @@ def multilabel() -> str:
                 seeds.add(len(m.get("seeds", [])))
             else:
                 cells.append("-")
-        rows.append(f"| {ds} | " + " | ".join(cells) + f" | {max(seeds) if seeds else 0} |")
+        cpu = [d[ds].get(model, {}).get("epoch_cpu_s_mean") for model in ("spen", "fpi_gd")]
+        cpu_cell = " / ".join("-" if c is None else f"{c:.1f}" for c in cpu)
+        rows.append(f"| {ds} | " + " | ".join(cells) + f" | {max(seeds) if seeds else 0} | {cpu_cell} |")
     return "\n".join(rows)
 
 
