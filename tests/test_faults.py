@@ -216,30 +216,37 @@ def test_torchrun_batch_not_divisible_is_a_usage_error(tmp_path):
     assert "torchfpi/" not in done.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_torchrun_killed_then_resumed_ends_like_one_uninterrupted_process(tmp_path):
-    argv = [*TINY, "--batch-size", "2", "--steps", "8", "--val-every", "4", "--checkpoint-every", "1",
-            "--dtype", "float64"]
+def _torchrun_killed_then_resumed(tmp_path, argv, checkpoint, state, steps):
+    """Start 2 processes, SIGKILL them all once ``checkpoint`` exists, resume with 2 processes,
+    then run 1 process uninterrupted; return both final states (``state(out_dir)``)."""
     two, one = tmp_path / "two", tmp_path / "one"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "torchfpi", *argv, "--out", str(two)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 90
-    while not (two / "checkpoint.pt").exists():
+    while not (two / checkpoint).exists():
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
     proc.wait(timeout=30)
-    assert _state(two)["step"] < 8
+    assert state(two)["step"] < steps
     done = _torchrun(tmp_path, 2, [*argv, "--out", str(two), "--resume"])
     assert done.returncode == 0, done.stderr
     assert main([*argv, "--out", str(one)]) == 0
-    a, b = _state(two), _state(one)
-    assert a["step"] == b["step"] == 8
+    a, b = state(two), state(one)
+    assert a["step"] == b["step"] == steps
     for k in b["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+    return a, b
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_killed_then_resumed_ends_like_one_uninterrupted_process(tmp_path):
+    argv = [*TINY, "--batch-size", "2", "--steps", "8", "--val-every", "4", "--checkpoint-every", "1",
+            "--dtype", "float64"]
+    _torchrun_killed_then_resumed(tmp_path, argv, "checkpoint.pt", _state, 8)
 
 
 # ---------------------------------------------------------------- train multilabel
@@ -594,25 +601,7 @@ def test_fpi_nn_nan_loss_with_stop_policy_exits_1_and_keeps_the_last_good_checkp
 def test_torchrun_fpi_nn_killed_then_resumed_ends_like_one_uninterrupted_process(tmp_path):
     argv = [*NN, "--batch-size", "2", "--steps", "10", "--val-every", "4", "--checkpoint-every", "1",
             "--dtype", "float64"]
-    two, one = tmp_path / "two", tmp_path / "one"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "torchfpi", *argv, "--out", str(two)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 90
-    while not (two / "checkpoint_nn.pt").exists():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
-    proc.wait(timeout=30)
-    assert _nn_state(two)["step"] < 10
-    done = _torchrun(tmp_path, 2, [*argv, "--out", str(two), "--resume"])
-    assert done.returncode == 0, done.stderr
-    assert main([*argv, "--out", str(one)]) == 0
-    a, b = _nn_state(two), _nn_state(one)
-    assert a["step"] == b["step"] == 10
-    for k in b["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+    a, b = _torchrun_killed_then_resumed(tmp_path, argv, "checkpoint_nn.pt", _nn_state, 10)
     assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]] == [0, 4, 8, 10]
     for x, y in zip(a["history"], b["history"]):
         assert x["val_epe"] == pytest.approx(y["val_epe"], abs=1e-9)
