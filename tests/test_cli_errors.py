@@ -232,6 +232,8 @@ CASES = [
      r"--step-size: expected a positive number, got -0\.5"),
     ("ml-dropout", ["train", "multilabel", *ML, "--hidden-dropout", "1"], USAGE,
      r"--hidden-dropout: expected a number in \[0, 1\), got 1\.0"),
+    ("ml-solver-for-mlp", ["train", "multilabel", *ML, "--model", "mlp", "--solver", "anderson"], USAGE,
+     r"--solver: only for --model fpi_gd or fpi_nn \(got --model mlp\)"),
     pytest.param("ml-bookmarks-hint", ["train", "multilabel", "--dataset", "bookmarks", "--data-root", "@empty"],
                  RUNTIME, r"--train-arff"),
     pytest.param("ml-corrupt-checkpoint", ["train", "multilabel", *ML, "--checkpoint-dir", "@ckml", "--resume",

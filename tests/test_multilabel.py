@@ -137,6 +137,20 @@ def test_cli_train_multilabel(tmp_path, capsys):
     assert res["model"] == "mlp" and "machine" in res
 
 
+def test_cli_train_multilabel_anderson(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = main([
+        "train", "multilabel", "--model", "fpi_gd", "--hidden", "16", "--energy-hidden", "8",
+        "--solver", "anderson", "--backward", "anderson", "--epochs", "1", "--max-steps", "2",
+        "--quiet", "--checkpoint-dir", str(tmp_path), "--out", str(out), "--threads", "1",
+    ])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    mc = res["config"]["model_cfg"]
+    assert (mc["solver"], mc["backward"]) == ("anderson", "anderson")
+    assert res["train_forward_iterations"] >= 1 and res["train_backward_iterations"] >= 1
+
+
 def test_cli_usage_errors(tmp_path, capsys):
     code = main(["train", "multilabel", "--train-arff", str(tmp_path / "a.arff")])
     assert code == 2 and "--test-arff" in capsys.readouterr().err

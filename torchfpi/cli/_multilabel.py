@@ -37,6 +37,10 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.add_argument("--step-size", type=float, default=None, help="gradient step of SPEN / FPI_GD (default 1)")
     p.add_argument("--tol", type=float, default=1e-4, help="fixed-point tolerance (forward and backward)")
     p.add_argument("--max-iter", type=int, default=50, help="fixed-point iteration cap")
+    p.add_argument("--solver", choices=("fpi", "anderson"), default="fpi",
+                   help="forward solver of fpi_gd / fpi_nn (default fpi)")
+    p.add_argument("--backward", choices=("fpi", "anderson", "neumann", "onestep", "unroll"), default="fpi",
+                   help="backward mode of fpi_gd / fpi_nn (default fpi: the exact implicit gradient)")
     p.add_argument("--data-root", default=None, help="data folder (default $TORCHFPI_DATA or ../shared/data)")
     p.add_argument("--train-arff", default=None, help="ARFF file of the training split (e.g. Bookmarks)")
     p.add_argument("--test-arff", default=None, help="ARFF file of the test split")
@@ -76,6 +80,9 @@ def _check_options(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not 0.0 <= value < 1.0:
             raise UsageError(f"--{name.replace('_', '-')}: expected a number in [0, 1), got {value}")
+    for name in ("solver", "backward"):
+        if getattr(args, name) != "fpi" and args.model not in ("fpi_gd", "fpi_nn"):
+            raise UsageError(f"--{name}: only for --model fpi_gd or fpi_nn (got --model {args.model})")
     if not (math.isfinite(args.f1_weight) and args.f1_weight >= 0):
         raise UsageError(f"--f1-weight: expected a number >= 0, got {args.f1_weight}")
 
@@ -128,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
         backward_tol=args.tol,
         max_iter=args.max_iter,
         backward_max_iter=args.max_iter,
+        solver=args.solver,
+        backward=args.backward,
         **overrides,
     )
     cfg = TrainConfig(
