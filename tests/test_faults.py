@@ -58,24 +58,28 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 # ---------------------------------------------------------------- SIGKILL and --resume
+def _run_until_checkpoint_then_sigkill(tmp_path, argv, checkpoint, poll=0.01):
+    """Run ``python -m torchfpi *argv`` and SIGKILL it as soon as ``checkpoint`` exists."""
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "torchfpi", *argv],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        deadline = time.time() + 60
+        while not checkpoint.exists():
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+            assert time.time() < deadline, "no checkpoint within 60 s"
+            time.sleep(poll)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path):
     args = [*TINY, "--batch-size", "1", "--steps", "10", "--val-every", "4", "--checkpoint-every", "1",
             "--seed", "3"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert main([*args, "--out", str(ref)]) == 0
 
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "torchfpi", *args, "--out", str(run)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    deadline = time.time() + 60
-    while not (run / "checkpoint.pt").exists():
-        assert proc.poll() is None, (tmp_path / "killed.log").read_text()
-        assert time.time() < deadline, "no checkpoint within 60 s"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    log.close()
-    assert proc.returncode == -signal.SIGKILL
+    _run_until_checkpoint_then_sigkill(tmp_path, [*args, "--out", str(run)], run / "checkpoint.pt", 0.02)
     killed_at = _state(run)["step"]
     assert 1 <= killed_at < 10 and not (run / "train.json").exists()
 
@@ -332,17 +336,8 @@ def test_multilabel_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     argv = [*_ml_args(tmp_path, 1200), "--batch-size", "4", "--epochs", "3", "--patience", "10",
             "--threads", "1"]
     ref, run = tmp_path / "ref", tmp_path / "run"
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "torchfpi", *argv, "--checkpoint-dir", str(run)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-        deadline = time.time() + 60
-        while not (run / "bibtex-fpi_gd-seed0.pt").exists():
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()
-            assert time.time() < deadline, "no checkpoint within 60 s"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    _run_until_checkpoint_then_sigkill(tmp_path, [*argv, "--checkpoint-dir", str(run)],
+                                       run / "bibtex-fpi_gd-seed0.pt", 0.01)
     assert _ml_state(run)["epoch"] < 2  # killed mid-run
     assert main([*argv, "--checkpoint-dir", str(ref), "--out", str(tmp_path / "ref.json")]) == 0
     assert main([*argv, "--checkpoint-dir", str(run), "--resume", "--out", str(tmp_path / "run.json")]) == 0
@@ -459,17 +454,7 @@ def test_denoise_nan_loss_is_skipped_then_stop_keeps_the_last_good_checkpoint(tm
 def test_denoise_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     argv = [*_dn_args(tmp_path), "--batch-size", "2", "--steps", "60", "--val-every", "1", "--threads", "1"]
     ref, run = tmp_path / "ref" / "ck.pt", tmp_path / "run" / "ck.pt"
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "torchfpi", *argv, "--checkpoint", str(run)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-        deadline = time.time() + 60
-        while not run.exists():
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()
-            assert time.time() < deadline, "no checkpoint within 60 s"
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    _run_until_checkpoint_then_sigkill(tmp_path, [*argv, "--checkpoint", str(run)], run, 0.005)
     assert 1 <= _dn_state(run)["step"] < 60  # killed mid-run
     assert main([*argv, "--checkpoint", str(ref)]) == 0
     assert main([*argv, "--checkpoint", str(run), "--resume"]) == 0
@@ -529,17 +514,7 @@ def test_torchrun_two_processes_match_one_process_fpi_nn(tmp_path):
 def test_fpi_nn_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     argv = [*NN, "--batch-size", "2", "--steps", "10", "--val-every", "4", "--checkpoint-every", "1", "--seed", "3"]
     ref, run = tmp_path / "ref", tmp_path / "run"
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "torchfpi", *argv, "--out", str(run)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-        deadline = time.time() + 60
-        while not (run / "checkpoint_nn.pt").exists():
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()
-            assert time.time() < deadline, "no checkpoint within 60 s"
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    _run_until_checkpoint_then_sigkill(tmp_path, [*argv, "--out", str(run)], run / "checkpoint_nn.pt", 0.005)
     assert 1 <= _nn_state(run)["step"] < 10 and not (run / "train_nn.json").exists()
     assert main([*argv, "--out", str(ref)]) == 0
     assert main([*argv, "--out", str(run), "--resume"]) == 0
