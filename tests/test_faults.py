@@ -142,11 +142,9 @@ def test_checkpoint_with_nan_weights_never_replaces_a_good_one(tmp_path):
     assert first_nonfinite({"a": [1.0, torch.zeros(1, dtype=torch.int64)]}) is None
 
 
-def _poison_training_loss(monkeypatch, at_call: int):
-    """Make the ``at_call``-th training loss of the flow trainer NaN (validation untouched)."""
-    import torchfpi.apps.flow.train as flow_train
-
-    real, calls = flow_train.batch_epe, []
+def _poison_epe(monkeypatch, module, at_call: int) -> None:
+    """Make the ``at_call``-th training EPE of ``module.batch_epe`` NaN (validation untouched)."""
+    real, calls = module.batch_epe, []
 
     def poisoned(flow, truth):
         out = real(flow, truth)
@@ -156,7 +154,14 @@ def _poison_training_loss(monkeypatch, at_call: int):
                 return out * float("nan")
         return out
 
-    monkeypatch.setattr(flow_train, "batch_epe", poisoned)
+    monkeypatch.setattr(module, "batch_epe", poisoned)
+
+
+def _poison_training_loss(monkeypatch, at_call: int) -> None:
+    """Make the ``at_call``-th training loss of the flow trainer NaN."""
+    import torchfpi.apps.flow.train as flow_train
+
+    _poison_epe(monkeypatch, flow_train, at_call)
 
 
 def test_nan_loss_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch, capsys):
@@ -532,20 +537,10 @@ def test_fpi_nn_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 
 
 def _poison_refine_loss(monkeypatch, at_call: int) -> None:
-    """Make the ``at_call``-th training EPE of ``fpi_nn`` NaN (validation untouched)."""
+    """Make the ``at_call``-th training EPE of ``fpi_nn`` NaN."""
     import torchfpi.apps.flow.refine as refine
 
-    real, calls = refine.batch_epe, []
-
-    def poisoned(flow, truth):
-        out = real(flow, truth)
-        if out.requires_grad:
-            calls.append(1)
-            if len(calls) == at_call:
-                return out * float("nan")
-        return out
-
-    monkeypatch.setattr(refine, "batch_epe", poisoned)
+    _poison_epe(monkeypatch, refine, at_call)
 
 
 def test_fpi_nn_nan_loss_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
