@@ -44,6 +44,8 @@ VARIANTS: Dict[str, Tuple[str, Dict[str, Any], Dict[str, Any]]] = {
     "fpi_gd_tol1e-3": ("fpi_gd", {}, {"tol": 1e-3, "backward_tol": 1e-3}),
     "fpi_gd_icnn": ("fpi_gd", {}, {"energy_kind": "icnn", "energy_hidden": 128}),
     "fpi_gd_k256": ("fpi_gd", {}, {"energy_hidden": 256}),
+    "fpi_gd_maxnorm4_k256": ("fpi_gd", {}, {"energy_max_norm": 4.0, "energy_hidden": 256}),
+    "fpi_gd_maxnorm4_lr3": ("fpi_gd", {"energy_lr_mult": 3.0}, {"energy_max_norm": 4.0}),
     "fpi_nn_h256": ("fpi_nn", {}, {"update_hidden": 256}),
     "fpi_nn_gain1": ("fpi_nn", {}, {"update_max_gain": 1.0}),
     "fpi_nn_gain2": ("fpi_nn", {}, {"update_max_gain": 2.0}),
