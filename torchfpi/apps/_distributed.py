@@ -12,9 +12,10 @@ DDP's reducer sees every parameter exactly once per backward.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -111,6 +112,25 @@ def wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (for checkpoints and evaluation)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def session(device: Optional[torch.device] = None) -> Iterator[DistContext]:
+    """:func:`setup`, then :func:`teardown` at the end: with the barrier on a normal exit,
+    without it when the body raises (a peer may never reach the barrier).
+
+    Example:
+        >>> with session() as ctx:
+        ...     ctx.world_size
+        1
+    """
+    ctx = setup(device)
+    try:
+        yield ctx
+    except BaseException:
+        teardown(ctx, sync=False)
+        raise
+    teardown(ctx)
 
 
 def teardown(ctx: DistContext, sync: bool = True) -> None:

@@ -15,6 +15,8 @@ from typing import Callable, Dict, List, Tuple, Union
 import torch
 from torch import Tensor
 
+from torchfpi._partial import energy_grad
+
 Map = Callable[..., Tensor]
 
 
@@ -149,8 +151,8 @@ def multilabel_gd_map(step_size: float, mu: float) -> Map:
 
     ``f(y, s, C_w, C_b, c) = clamp(y - a grad_y E(y, s), 0, 1)`` with
     ``E = -<s, y> + c^T softplus(C_w y + C_b) + mu/2 ||y - 1/2||^2``, the gradient taken by
-    autograd inside ``f`` (as FPI_GD does), with ``create_graph`` whenever the caller records a
-    graph, so VJPs of ``f`` are second derivatives of ``E``.
+    autograd inside ``f`` (:func:`torchfpi.energy_grad`, as FPI_GD does), with ``create_graph``
+    whenever the caller records a graph, so VJPs of ``f`` are second derivatives of ``E``.
     """
     import torch.nn.functional as F
 
@@ -158,14 +160,7 @@ def multilabel_gd_map(step_size: float, mu: float) -> Map:
         return -(s * y).sum(1) + F.softplus(F.linear(y, Cw, Cb)) @ c + 0.5 * mu * ((y - 0.5) ** 2).sum(1)
 
     def f(y: Tensor, s: Tensor, Cw: Tensor, Cb: Tensor, c: Tensor) -> Tensor:
-        outer = torch.is_grad_enabled()
-        with torch.enable_grad():
-            yy = y if y.requires_grad else y.detach().requires_grad_(True)
-            e = energy(yy, s, Cw, Cb, c)
-            (g,) = torch.autograd.grad(e.sum(), yy, create_graph=outer)
-        if not outer:
-            g = g.detach()
-        return torch.clamp(y - step_size * g, 0.0, 1.0)
+        return torch.clamp(y - step_size * energy_grad(energy, y, s, Cw, Cb, c), 0.0, 1.0)
 
     return f
 
@@ -246,14 +241,7 @@ def smooth_gd_map(step_size: float) -> Map:
         return 0.5 * (F.linear(y, M) ** 2).sum(1) - (s * y).sum(1) + F.softplus(F.linear(y, Cw, Cb)) @ c
 
     def f(y: Tensor, s: Tensor, M: Tensor, Cw: Tensor, Cb: Tensor, c: Tensor) -> Tensor:
-        outer = torch.is_grad_enabled()
-        with torch.enable_grad():
-            yy = y if y.requires_grad else y.detach().requires_grad_(True)
-            e = energy(yy, s, M, Cw, Cb, c)
-            (g,) = torch.autograd.grad(e.sum(), yy, create_graph=outer)
-        if not outer:
-            g = g.detach()
-        return y - step_size * g
+        return y - step_size * energy_grad(energy, y, s, M, Cw, Cb, c)
 
     return f
 

@@ -174,8 +174,7 @@ def run_train(args: argparse.Namespace) -> int:
             # MAP scaling: the data weight of an energy goes as 1 / sigma^2.
             init_state[key] = init_state[key] + 2.0 * math.log(float(blob["sigma"]) / sigma)
     progress = not args.quiet and sys.stderr.isatty()
-    ctx = _distributed.setup(None)
-    try:
+    with _distributed.session(None) as ctx:
         if args.batch_size < ctx.world_size:
             raise UsageError(f"--batch-size: {args.batch_size} is smaller than the {ctx.world_size} "
                              "processes of this torchrun (each process needs a crop of every batch)")
@@ -183,10 +182,6 @@ def run_train(args: argparse.Namespace) -> int:
                        progress=progress, log=(lambda s: None) if args.quiet else print,
                        limit_images=args.limit_images, init_state=init_state, ctx=ctx,
                        on_nonfinite=args.on_nonfinite)
-    except BaseException:
-        _distributed.teardown(ctx, sync=False)
-        raise
-    _distributed.teardown(ctx)
     if not ctx.is_main:  # rank 0 writes the weights and prints
         return 0
     export["train"]["command"] = "torchfpi " + " ".join(sys.argv[1:])

@@ -96,8 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     root = None if args.procedural else data_root(args.data_root)
     command = "torchfpi " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    ctx = _distributed.setup(torch.device("cpu"))
-    try:
+    with _distributed.session(torch.device("cpu")) as ctx:
         if ctx.distributed and args.batch_size % ctx.world_size:
             raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world_size} "
                              "processes of this torchrun: choose a multiple of --nproc_per_node")
@@ -114,10 +113,6 @@ def run_train(args: argparse.Namespace) -> int:
             summary = train(out, cfg, FlowConfig(max_iter=args.max_iter), data_root=root,
                             resume=args.resume, quiet=args.quiet, command=command, ctx=ctx)
             best_file = out / "best.pt"
-    except BaseException:
-        _distributed.teardown(ctx, sync=False)
-        raise
-    _distributed.teardown(ctx)
     if not args.quiet and ctx.is_main:
         b = summary["best"]
         print(f"best synthetic validation EPE {b['val_epe']:.4f} at step {b['step']}: {best_file}")

@@ -156,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
     )
     splits = make_splits(train, test, args.val_fraction)
     ckpt = Path(args.checkpoint_dir) / f"{args.dataset}-{args.model}-seed{args.seed}.pt"
-    ctx = _distributed.setup(device)
-    try:
+    with _distributed.session(device) as ctx:
         result = train_multilabel(
             cfg,
             splits,
@@ -169,10 +168,6 @@ def run(args: argparse.Namespace) -> int:
             ctx=ctx,
             on_nonfinite=args.on_nonfinite,
         )
-    except BaseException:
-        _distributed.teardown(ctx, sync=False)
-        raise
-    _distributed.teardown(ctx)
     if not ctx.is_main:  # rank 0 prints and writes the results
         return 0
     result["command"] = "torchfpi " + " ".join(sys.argv[1:]) if sys.argv else None

@@ -40,6 +40,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from torchfpi._partial import energy_grad
+
 MODELS = ("mlp", "spen", "fpi_nn", "fpi_gd")
 
 
@@ -180,16 +182,6 @@ class ICNNLabelEnergy(nn.Module):
 
     def forward(self, z: torch.Tensor, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return self.icnn(z, h) - (z * s).sum(1)
-
-
-def energy_grad(energy: nn.Module, z: torch.Tensor, *inputs: Any) -> torch.Tensor:
-    """``∇_z E(z; inputs)`` for the unrolled SPEN, a node of the graph when grad mode is on."""
-    create = torch.is_grad_enabled()
-    with torch.enable_grad():
-        zz = z if z.requires_grad else z.detach().requires_grad_(True)
-        e = energy(zz, *inputs).sum()
-        (g,) = torch.autograd.grad(e, zz, create_graph=create)
-    return g
 
 
 class MultiLabelModel(nn.Module):
