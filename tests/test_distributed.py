@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import socket
+import subprocess
+import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import torchfpi
 from torchfpi.apps import _distributed as D
@@ -44,31 +43,26 @@ def _train(ctx: D.DistContext) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in D.unwrap(model).parameters()])
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+def _worker(out: str) -> None:
+    """One torchrun process (``python -m torch.distributed.run ... tests/test_distributed.py OUT``)."""
     torch.set_num_threads(1)
-    ctx = D.setup(torch.device("cpu"))
-    try:
+    with D.session(torch.device("cpu")) as ctx:
         params = _train(ctx)
         if ctx.is_main:
             torch.save(params, out)
-    finally:
-        D.teardown(ctx)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_processes_match_single_process(tmp_path):
+    # Launched the documented way, by torchrun: its agent hosts the rendezvous store, so no
+    # worker's exit can pull the store from under a peer that is still leaving the group
+    # (with mp.spawn, rank 0 hosts it, and a peer aborted at exit once in CI).
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     single = _train(D.DistContext())
     out = str(tmp_path / "params.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, out]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     multi = torch.load(out)
     torch.testing.assert_close(multi, single, rtol=0, atol=1e-6)
     assert not torch.equal(single, torch.cat([p.detach().flatten() for p in _model().parameters()]))
@@ -87,3 +81,7 @@ def test_single_process_context_is_inert():
     assert ctx.reduce_mean({"a": 2.0}) == {"a": 2.0}
     t = torch.ones(2)
     assert ctx.all_reduce_sum(t) is t
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
