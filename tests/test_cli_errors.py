@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import torchfpi
 from torchfpi.cli import main
 
 USAGE, RUNTIME = 2, 1
@@ -116,6 +117,7 @@ TINY_FLOW = ["--procedural", "--size", "32", "--batch-size", "1", "--val-pairs",
              "--max-iter", "2", "--quiet"]
 TINY_NN = ["--procedural", "--size", "32", "--pairs", "2", "--batch-size", "1", "--val-pairs", "1", "--steps", "1",
            "--lr", "1e-3", "--quiet"]
+_SHIPPED_FPI_GD_25 = str(Path(torchfpi.__file__).parent / "weights" / "denoise_fpi_gd_s25.pt")
 ML = ["--train-arff", "@m1.arff", "--test-arff", "@m2.arff", "--quiet", "--checkpoint-dir", "@ck"]
 
 CASES = [
@@ -286,6 +288,16 @@ CASES = [
     ("train-dn-lr", ["train", "denoise", "--lr", "0"], USAGE, r"--lr: expected a positive number, got 0"),
     ("train-dn-budget", ["train", "denoise", "--budget-minutes", "-1"], USAGE,
      r"--budget-minutes: expected a positive number, got -1"),
+    ("train-dn-filters-fpi-nn", ["train", "denoise", "--model", "fpi_nn", "--filters", "8"], USAGE,
+     r"--filters: only for --model fpi_gd or unrolled"),
+    ("train-dn-filters", ["train", "denoise", "--filters", "0"], USAGE, r"--filters: expected a positive integer, got 0"),
+    ("train-dn-kernel-even", ["train", "denoise", "--kernel-size", "4"], USAGE,
+     r"--kernel-size: expected an odd integer >= 3, got 4"),
+    ("train-dn-too-many-filters", ["train", "denoise", "--filters", "30"], USAGE,
+     r"--filters: at most 24 filters of size 5, got 30"),
+    ("train-dn-shrink-init", ["train", "denoise", "--data-root", "@empty", "--init", _SHIPPED_FPI_GD_25, "--filters", "8"],
+     USAGE, r"--filters/--kernel-size: the --init energy has 24 filters of size 5; a bank can grow, not shrink "
+     r"\(got 8 of size 5\)"),
 ]
 
 

@@ -20,6 +20,7 @@ from torchfpi.apps.denoise import (
     TrainConfig,
     UnrolledDenoiser,
     available_sigmas,
+    grow_energy_state,
     load_denoiser,
     save_weights,
     train,
@@ -282,6 +283,46 @@ def test_cli_fpi_gd_from_unrolled_energy(data_dir: Path, tmp_path: Path, capsys)
     assert blob["config"]["energy"] == unrolled["config"]["energy"]
     assert main(["train", "denoise", "--model", "fpi_nn", *common, "--calibrate-data-weight"]) == 2
     assert "--calibrate-data-weight" in capsys.readouterr().err
+
+
+def test_grow_energy_state_keeps_the_trained_energy_and_adds_filters() -> None:
+    """Padding keeps the trained responses; new filters start small; shrinking is refused."""
+    torch.manual_seed(0)
+    small = FoEEnergy(6, 3)
+    with torch.no_grad():
+        small.weight.add_(0.3 * torch.randn_like(small.weight))  # not zero-mean: padding must handle it
+    state = {"energy." + k: v for k, v in small.state_dict().items()}
+    z, y = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+    same = FoEEnergy(6, 5)
+    same.load_state_dict({k[7:]: v for k, v in grow_energy_state(state, 6, 5).items()})
+    # a valid 5x5 correlation loses one more pixel per side: compare away from the border
+    torch.testing.assert_close(same.grad(z, y)[..., 4:-4, 4:-4], small.grad(z, y)[..., 4:-4, 4:-4])
+    grown = grow_energy_state(state, 10, 5, new_weight=0.1)
+    big = FoEEnergy(10, 5)
+    big.load_state_dict({k[7:]: v for k, v in grown.items()})
+    alpha = big.log_alpha.exp()
+    torch.testing.assert_close(alpha[6:], 0.1 * small.log_alpha.exp().median(dim=0).values.expand(4, -1))
+    torch.testing.assert_close(big.filters()[:6], same.filters())
+    with pytest.raises(ValueError, match="n_filters: expected at least the 6 trained filters, got 4"):
+        grow_energy_state(state, 4, 5)
+    with pytest.raises(ValueError, match="kernel_size: expected an odd size >= the trained 3, got 4"):
+        grow_energy_state(state, 6, 4)
+
+
+def test_cli_grows_the_filter_bank_of_init_weights(data_dir: Path, tmp_path: Path) -> None:
+    """--filters / --kernel-size with --init start a larger FoE from the trained one."""
+    common = ["--data-root", str(data_dir), "--steps", "1", "--batch-size", "2", "--crop", "24",
+              "--val-images", "2", "--quiet", "--tol", "1e-3"]
+    assert main(["train", "denoise", *common, "--filters", "8", "--kernel-size", "3",
+                 "--checkpoint", str(tmp_path / "a.pt")]) == 0
+    small = torch.load(tmp_path / "denoise_fpi_gd_s25.pt", weights_only=False)
+    assert small["config"]["energy"]["n_filters"] == 8 and small["state_dict"]["energy.weight"].shape == (8, 1, 3, 3)
+    assert main(["train", "denoise", *common, "--init", str(tmp_path / "denoise_fpi_gd_s25.pt"),
+                 "--filters", "12", "--kernel-size", "5", "--checkpoint", str(tmp_path / "b.pt"),
+                 "--export", str(tmp_path / "big.pt")]) == 0
+    big = torch.load(tmp_path / "big.pt", weights_only=False)
+    assert big["config"]["energy"]["n_filters"] == 12 and big["config"]["energy"]["kernel_size"] == 5
+    assert big["state_dict"]["energy.weight"].shape == (12, 1, 5, 5)
 
 
 def test_cli_denoise_shipped_weights(tmp_path: Path, capsys) -> None:

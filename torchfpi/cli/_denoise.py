@@ -56,6 +56,12 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
                    help="fpi_gd / unrolled: before training, set the data weight to the best of "
                    "lambda * exp(-1.0 .. 1.0), steps of 0.1, on the validation crops (an unrolled energy's "
                    "exact minimiser needs a larger lambda)")
+    t.add_argument("--filters", type=int, default=None,
+                   help="fpi_gd / unrolled: number of FoE filters (default 24); with --init, a "
+                   "larger bank than the file's grows it (trained filters kept, new ones added)")
+    t.add_argument("--kernel-size", type=int, default=None,
+                   help="fpi_gd / unrolled: odd FoE filter size (default 5); with --init, a larger "
+                   "size zero-pads the trained filters")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--budget-minutes", type=float, default=40.0)
     t.add_argument("--threads", type=int, default=1)
@@ -99,6 +105,26 @@ def run_denoise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _filter_bank(args: argparse.Namespace) -> dict:
+    """``--filters`` / ``--kernel-size`` as energy options, checked."""
+    from torchfpi.apps._common import UsageError
+
+    bank = {}
+    if args.filters is not None:
+        if args.model == "fpi_nn":
+            raise UsageError("--filters: only for --model fpi_gd or unrolled")
+        if args.filters < 1:
+            raise UsageError(f"--filters: expected a positive integer, got {args.filters}")
+        bank["n_filters"] = args.filters
+    if args.kernel_size is not None:
+        if args.model == "fpi_nn":
+            raise UsageError("--kernel-size: only for --model fpi_gd or unrolled")
+        if args.kernel_size < 3 or args.kernel_size % 2 != 1:
+            raise UsageError(f"--kernel-size: expected an odd integer >= 3, got {args.kernel_size}")
+        bank["kernel_size"] = args.kernel_size
+    return bank
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Train one denoiser and export its best-validation weights."""
     import torch
@@ -135,6 +161,7 @@ def run_train(args: argparse.Namespace) -> int:
     for name in ("tol", "max_iter"):
         if getattr(args, name) is not None:
             model_config[name] = getattr(args, name)
+    bank = _filter_bank(args)
     cfg = TrainConfig(model=args.model, sigma=sigma, steps=args.steps, batch_size=args.batch_size,
                       crop=args.crop, lr=args.lr, val_images=args.val_images,
                       val_every=args.val_every, seed=args.seed,
@@ -173,6 +200,24 @@ def run_train(args: argparse.Namespace) -> int:
         if key in init_state and float(blob.get("sigma", sigma)) != sigma:
             # MAP scaling: the data weight of an energy goes as 1 / sigma^2.
             init_state[key] = init_state[key] + 2.0 * math.log(float(blob["sigma"]) / sigma)
+    if bank:
+        from torchfpi.apps.denoise import DEFAULT_CONFIGS
+        from torchfpi.apps.denoise._energy import grow_energy_state
+
+        energy = {**DEFAULT_CONFIGS[args.model]["energy"], **model_config.get("energy", {})}
+        if init_state is not None and "energy.weight" in init_state:
+            k0, k_old = init_state["energy.weight"].shape[0], init_state["energy.weight"].shape[-1]
+            n, k = bank.get("n_filters", k0), bank.get("kernel_size", k_old)
+            if n < k0 or k < k_old:
+                raise UsageError(f"--filters/--kernel-size: the --init energy has {k0} filters of "
+                                 f"size {k_old}; a bank can grow, not shrink (got {n} of size {k})")
+            bank = {"n_filters": n, "kernel_size": k}
+            init_state = grow_energy_state(init_state, n, k)
+        model_config["energy"] = {**energy, **bank}
+        if model_config["energy"]["n_filters"] > model_config["energy"]["kernel_size"] ** 2 - 1:
+            raise UsageError(f"--filters: at most {model_config['energy']['kernel_size'] ** 2 - 1} "
+                             f"filters of size {model_config['energy']['kernel_size']}, got "
+                             f"{model_config['energy']['n_filters']}")
     progress = not args.quiet and sys.stderr.isatty()
     with _distributed.session(None) as ctx:
         if args.batch_size < ctx.world_size:

@@ -15,7 +15,7 @@ from torchfpi.apps.denoise._api import (
     weights_path,
 )
 from torchfpi.apps.denoise._baselines import bm3d_denoise, choose_tv_weight, tv_denoise
-from torchfpi.apps.denoise._energy import FoEEnergy, dct_filters
+from torchfpi.apps.denoise._energy import FoEEnergy, dct_filters, grow_energy_state
 from torchfpi.apps.denoise._models import (
     MODELS,
     ConvUpdate,
@@ -27,7 +27,7 @@ from torchfpi.apps.denoise._models import (
 from torchfpi.apps.denoise._train import DEFAULT_CONFIGS, TrainConfig, train
 
 __all__ = [
-    "DEFAULT_CONFIGS", "MODELS", "ConvUpdate", "FPIGDDenoiser", "FPINNDenoiser", "FoEEnergy",
+    "DEFAULT_CONFIGS", "MODELS", "ConvUpdate", "FPIGDDenoiser", "FPINNDenoiser", "FoEEnergy", "grow_energy_state",
     "TrainConfig", "UnrolledDenoiser", "available_sigmas", "bm3d_denoise", "build_model",
     "choose_tv_weight", "dct_filters", "denoise_array", "load_denoiser", "save_weights", "train",
     "tv_denoise", "weights_path",

@@ -28,7 +28,7 @@ computed with one ``conv2d`` and one ``conv_transpose2d``; autograd differentiat
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,57 @@ def dct_filters(size: int, count: int) -> Tensor:
         raise ValueError(f"count: at most {len(pairs)} DCT filters of size {size}, got {count}")
     atoms = [torch.outer(basis[u], basis[v]) for u, v in pairs[:count]]
     return torch.stack(atoms).unsqueeze(1).float()
+
+
+def grow_energy_state(
+    state: Dict[str, Tensor], n_filters: int, kernel_size: int, new_weight: float = 0.1, prefix: str = "energy."
+) -> Dict[str, Tensor]:
+    """A trained :class:`FoEEnergy` state (under ``prefix``) mapped to a larger filter bank.
+
+    The trained filters are made zero-mean and zero-padded to ``kernel_size`` (the same
+    responses, so the same energy up to the image border); the ``n_filters - K`` new filters are
+    the next DCT atoms of the new size, scaled to the trained filters' median norm, with the
+    median trained scale and ``new_weight`` times the median trained weight, so the grown energy
+    starts close to the trained one and training decides what the new filters become.
+
+    Args:
+        state: a state dict holding ``{prefix}weight`` ``(K, 1, k, k)``, ``{prefix}log_alpha``
+            and ``{prefix}log_scale`` ``(K, M)``; other entries are copied.
+        n_filters: filters of the grown bank (``>= K``, at most ``kernel_size**2 - 1``).
+        kernel_size: filter size of the grown bank (odd, ``>= k``).
+        new_weight: the new filters' penalty weight relative to the median trained one.
+
+    Returns:
+        A new state dict for ``FoEEnergy(n_filters, kernel_size, M)``.
+
+    Example:
+        >>> small = {"energy." + k: v for k, v in FoEEnergy(4, 3).state_dict().items()}
+        >>> grown = grow_energy_state(small, 8, 5)
+        >>> tuple(grown["energy.weight"].shape), tuple(grown["energy.log_alpha"].shape)
+        ((8, 1, 5, 5), (8, 1))
+    """
+    w = state[prefix + "weight"]
+    k0, k_old = w.shape[0], w.shape[-1]
+    if n_filters < k0:
+        raise ValueError(f"n_filters: expected at least the {k0} trained filters, got {n_filters}")
+    if kernel_size < k_old or kernel_size % 2 != 1:
+        raise ValueError(f"kernel_size: expected an odd size >= the trained {k_old}, got {kernel_size}")
+    q = (kernel_size - k_old) // 2
+    w0 = F.pad(w - w.mean(dim=(2, 3), keepdim=True), (q, q, q, q))
+    out = dict(state)
+    extra = n_filters - k0
+    log_alpha, log_scale = state[prefix + "log_alpha"], state[prefix + "log_scale"]
+    if extra > 0:
+        atoms = dct_filters(kernel_size, n_filters)[k0:].to(w)
+        norm = w0.flatten(1).norm(dim=1).median()
+        w0 = torch.cat([w0, atoms * norm])
+        new_alpha = (log_alpha.median(dim=0).values + math.log(new_weight)).expand(extra, -1)
+        new_scale = log_scale.median(dim=0).values.expand(extra, -1)
+        log_alpha = torch.cat([log_alpha, new_alpha])
+        log_scale = torch.cat([log_scale, new_scale])
+    out.update({prefix + "weight": w0, prefix + "log_alpha": log_alpha.clone(),
+                prefix + "log_scale": log_scale.clone()})
+    return out
 
 
 class _PriorGradZ(torch.autograd.Function):
