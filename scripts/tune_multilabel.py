@@ -49,6 +49,11 @@ VARIANTS: Dict[str, Tuple[str, Dict[str, Any], Dict[str, Any]]] = {
     "fpi_nn_h256": ("fpi_nn", {}, {"update_hidden": 256}),
     "fpi_nn_gain1": ("fpi_nn", {}, {"update_max_gain": 1.0}),
     "fpi_nn_gain2": ("fpi_nn", {}, {"update_max_gain": 2.0}),
+    "fpi_nn_r": ("fpi_nn", {}, {}),  # the current recipe, rerun with 3 seeds (session 3)
+    "fpi_nn_h256_r": ("fpi_nn", {}, {"update_hidden": 256}),
+    "fpi_nn_tied": ("fpi_nn", {}, {"update_tied": True}),
+    "fpi_nn_tied_h256": ("fpi_nn", {}, {"update_tied": True, "update_hidden": 256}),
+    "mlp_r": ("mlp", {}, {}),
     "fpi_gd_bwd_anderson": ("fpi_gd", {}, {"backward": "anderson"}),
     "fpi_gd_anderson": ("fpi_gd", {}, {"solver": "anderson", "backward": "anderson"}),
 }

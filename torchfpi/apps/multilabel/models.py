@@ -65,6 +65,8 @@ class ModelConfig:
         update_hidden: width of FPI_NN's update network.
         update_max_gain: upper bound (< 4) of FPI_NN's learned output gain; the update's Lipschitz
             constant in z is at most a quarter of it.
+        update_tied: FPI_NN's output weights are the transpose of its input weights
+            (``z <- s + g W^T tanh(W σ(z) + U h)``, the shape of an energy's gradient step).
         tau: weight of the quadratic term of the energy.
         step_size: gradient step α of SPEN and FPI_GD.
         unroll_steps: T, number of unrolled steps of SPEN.
@@ -86,6 +88,7 @@ class ModelConfig:
     energy_kind: str = "label"
     update_hidden: int = 128
     update_max_gain: float = 3.6
+    update_tied: bool = False
     tau: float = 1.0
     step_size: float = 1.0
     unroll_steps: int = 10
@@ -214,7 +217,8 @@ class MultiLabelModel(nn.Module):
         if kind == "fpi_nn":
             sn = nn.utils.parametrizations.spectral_norm
             self.w_a = sn(nn.Linear(num_labels, cfg.update_hidden, bias=False))
-            self.w_b = sn(nn.Linear(cfg.update_hidden, num_labels, bias=False))
+            if not cfg.update_tied:
+                self.w_b = sn(nn.Linear(cfg.update_hidden, num_labels, bias=False))
             self.u = nn.Linear(cfg.hidden, cfg.update_hidden)
             # Lipschitz constant of the update in z is at most gain/4 (σ' <= 1/4, ||W|| <= 1).
             self.gain_logit = nn.Parameter(torch.tensor(0.0))
@@ -228,7 +232,9 @@ class MultiLabelModel(nn.Module):
         return self.cfg.update_max_gain * torch.sigmoid(self.gain_logit)  # < 4: contracts by construction
 
     def _nn_update(self, z: torch.Tensor, s: torch.Tensor, hu: torch.Tensor) -> torch.Tensor:
-        return s + self._gain() * self.w_b(torch.tanh(self.w_a(torch.sigmoid(z)) + hu))
+        t = torch.tanh(self.w_a(torch.sigmoid(z)) + hu)
+        out = t @ self.w_a.weight if self.cfg.update_tied else self.w_b(t)
+        return s + self._gain() * out
 
     def _gd_update(self, z: torch.Tensor, s: torch.Tensor, *energy_inputs: Any) -> torch.Tensor:
         return z - self.cfg.step_size * energy_grad(self.energy, z, s, *energy_inputs)
