@@ -226,3 +226,16 @@ def test_update_max_gain_bounds_the_fpi_nn_gain():
     assert float(model._gain().detach()) <= 1.0
     with pytest.raises(ValueError, match=r"update_max_gain: expected a value in \(0, 4\), got 4.0"):
         MultiLabelModel("fpi_nn", 10, 3, ModelConfig(update_max_gain=4.0))
+
+
+def test_tied_fpi_nn_update_uses_the_transposed_input_weights():
+    torch.manual_seed(0)
+    model = MultiLabelModel("fpi_nn", 10, 3, ModelConfig(hidden=8, update_hidden=5, update_tied=True))
+    assert not hasattr(model, "w_b")
+    z, s, hu = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 5)
+    w = model.w_a.weight  # (5, 3), spectral norm <= 1
+    expected = s + model._gain() * torch.tanh(torch.sigmoid(z) @ w.t() + hu) @ w
+    torch.testing.assert_close(model._nn_update(z, s, hu), expected)
+    # the Jacobian in z is bounded by gain / 4 < 1: the update contracts
+    jac = torch.autograd.functional.jacobian(lambda v: model._nn_update(v, s[:1], hu[:1]), z[:1])
+    assert float(torch.linalg.matrix_norm(jac.reshape(3, 3), ord=2)) <= float(model._gain()) / 4 + 1e-6
