@@ -54,6 +54,8 @@ VARIANTS: Dict[str, Tuple[str, Dict[str, Any], Dict[str, Any]]] = {
     "fpi_nn_tied": ("fpi_nn", {}, {"update_tied": True}),
     "fpi_nn_tied_h256": ("fpi_nn", {}, {"update_tied": True, "update_hidden": 256}),
     "mlp_r": ("mlp", {}, {}),
+    "fpi_nn_g002": ("fpi_nn", {}, {"update_gain_init": 0.02}),
+    "fpi_nn_h256_g002": ("fpi_nn", {}, {"update_hidden": 256, "update_gain_init": 0.02}),
     "fpi_gd_bwd_anderson": ("fpi_gd", {}, {"backward": "anderson"}),
     "fpi_gd_anderson": ("fpi_gd", {}, {"solver": "anderson", "backward": "anderson"}),
 }

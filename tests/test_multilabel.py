@@ -226,6 +226,10 @@ def test_update_max_gain_bounds_the_fpi_nn_gain():
     assert float(model._gain().detach()) <= 1.0
     with pytest.raises(ValueError, match=r"update_max_gain: expected a value in \(0, 4\), got 4.0"):
         MultiLabelModel("fpi_nn", 10, 3, ModelConfig(update_max_gain=4.0))
+    small = MultiLabelModel("fpi_nn", 10, 3, ModelConfig(hidden=8, update_max_gain=2.0, update_gain_init=0.02))
+    assert abs(float(small._gain().detach()) - 0.04) < 1e-6
+    with pytest.raises(ValueError, match=r"update_gain_init: expected a fraction in \(0, 1\), got 1.0"):
+        MultiLabelModel("fpi_nn", 10, 3, ModelConfig(update_gain_init=1.0))
 
 
 def test_tied_fpi_nn_update_uses_the_transposed_input_weights():
@@ -233,7 +237,7 @@ def test_tied_fpi_nn_update_uses_the_transposed_input_weights():
     model = MultiLabelModel("fpi_nn", 10, 3, ModelConfig(hidden=8, update_hidden=5, update_tied=True))
     assert not hasattr(model, "w_b")
     for _ in range(30):  # let spectral norm's power iteration converge, then freeze it
-        model.w_a.weight
+        _ = model.w_a.weight
     model.eval()
     z, s, hu = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 5)
     w = model.w_a.weight  # (5, 3), spectral norm <= 1

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -65,6 +66,8 @@ class ModelConfig:
         update_hidden: width of FPI_NN's update network.
         update_max_gain: upper bound (< 4) of FPI_NN's learned output gain; the update's Lipschitz
             constant in z is at most a quarter of it.
+        update_gain_init: FPI_NN's initial gain as a fraction of ``update_max_gain`` (small: the
+            model starts as the unary MLP and learns the label interactions from there).
         update_tied: FPI_NN's output weights are the transpose of its input weights
             (``z <- s + g W^T tanh(W σ(z) + U h)``, the shape of an energy's gradient step).
         tau: weight of the quadratic term of the energy.
@@ -88,6 +91,7 @@ class ModelConfig:
     energy_kind: str = "label"
     update_hidden: int = 128
     update_max_gain: float = 3.6
+    update_gain_init: float = 0.5
     update_tied: bool = False
     tau: float = 1.0
     step_size: float = 1.0
@@ -221,7 +225,9 @@ class MultiLabelModel(nn.Module):
                 self.w_b = sn(nn.Linear(cfg.update_hidden, num_labels, bias=False))
             self.u = nn.Linear(cfg.hidden, cfg.update_hidden)
             # Lipschitz constant of the update in z is at most gain/4 (σ' <= 1/4, ||W|| <= 1).
-            self.gain_logit = nn.Parameter(torch.tensor(0.0))
+            if not 0 < cfg.update_gain_init < 1:
+                raise ValueError(f"update_gain_init: expected a fraction in (0, 1), got {cfg.update_gain_init}")
+            self.gain_logit = nn.Parameter(torch.tensor(math.log(cfg.update_gain_init / (1 - cfg.update_gain_init))))
         if kind in ("fpi_gd", "fpi_nn"):
             self._build_layer()
         if not 0 < cfg.update_max_gain < 4:
