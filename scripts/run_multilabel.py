@@ -149,6 +149,8 @@ def main(argv: List[str]) -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--out", default="results/multilabel.json")
+    p.add_argument("--redo", nargs="+", default=[], choices=MODELS, metavar="MODEL",
+                   help="discard these models' finished runs on --datasets first (after a recipe change)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-root", default=None)
     args = p.parse_args(argv)
@@ -164,6 +166,13 @@ def main(argv: List[str]) -> int:
     results["budget"] = BUDGET
     results["model_options"] = MODEL_OPTIONS
     for ds in args.datasets:
+        for model in args.redo:
+            if model in results.get(ds, {}):
+                print(f"redo {ds}/{model}: its {len(results[ds][model].get('runs', {}))} finished runs discarded")
+                del results[ds][model]
+                on_disk = read_json(out, default={}) or {}
+                on_disk.get(ds, {}).pop(model, None)
+                atomic_write_json(on_disk, out)
         data = None
         for seed in args.seeds:
             for model in args.models:
