@@ -182,17 +182,21 @@ def markdown_table(results: Dict[str, Any]) -> str:
 
 def _memory(results: Dict[str, Any], args: argparse.Namespace, out: Path) -> None:
     """Peak extra memory of one training step, implicit FPI_GD vs unrolled, equal iterations."""
+    import torch
+
+    from torchfpi.apps.denoise import weights_path
     from torchfpi.apps.denoise._memory import measure_training_memory
     from torchfpi.apps.denoise._train import DEFAULT_CONFIGS
 
-    block = results.setdefault("memory", {
-        "what": "peak RSS growth (MiB) during a training step (batch 8, 64x64 crops, FoE energy "
-                "24 filters 5x5), measured in a fresh subprocess; FPI_GD runs exactly N forward "
-                "iterations (Anderson) + backward FPI, the unrolled model N gradient steps"})
-    energy = DEFAULT_CONFIGS["fpi_gd"]["energy"]
-    from torchfpi.apps.denoise import weights_path
-
     w = str(weights_path("fpi_gd", 25, args.weights_dir))
+    # the energy of the sigma-25 weights (its filter bank), for both models
+    energy = {**DEFAULT_CONFIGS["fpi_gd"]["energy"],
+              **torch.load(w, map_location="cpu", weights_only=False)["config"].get("energy", {})}
+    block = results.setdefault("memory", {
+        "what": f"peak RSS growth (MiB) during a training step (batch 8, 64x64 crops, FoE energy "
+                f"{energy['n_filters']} filters {energy['kernel_size']}x{energy['kernel_size']} of the "
+                "sigma-25 FPI_GD weights), measured in a fresh subprocess; FPI_GD runs exactly N forward "
+                "iterations (Anderson) + backward FPI, the unrolled model N gradient steps"})
     imgs = str(Path(args.root) / "denoise" / "Train400")
     if "trained_sigma25_tol1e-3" not in block:
         # the trained sigma-25 energy at the training tolerance: natural iteration counts
