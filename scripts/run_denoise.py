@@ -182,16 +182,14 @@ def markdown_table(results: Dict[str, Any]) -> str:
 
 def _memory(results: Dict[str, Any], args: argparse.Namespace, out: Path) -> None:
     """Peak extra memory of one training step, implicit FPI_GD vs unrolled, equal iterations."""
-    import torch
-
-    from torchfpi.apps.denoise import weights_path
+    from torchfpi.apps.denoise import load_denoiser
     from torchfpi.apps.denoise._memory import measure_training_memory
     from torchfpi.apps.denoise._train import DEFAULT_CONFIGS
 
-    w = str(weights_path("fpi_gd", 25, args.weights_dir))
+    _, meta = load_denoiser("fpi_gd", 25, args.weights_dir)
+    w = meta["weights"]
     # the energy of the sigma-25 weights (its filter bank), for both models
-    energy = {**DEFAULT_CONFIGS["fpi_gd"]["energy"],
-              **torch.load(w, map_location="cpu", weights_only=False)["config"].get("energy", {})}
+    energy = {**DEFAULT_CONFIGS["fpi_gd"]["energy"], **meta["config"].get("energy", {})}
     block = results.setdefault("memory", {
         "what": f"peak RSS growth (MiB) during a training step (batch 8, 64x64 crops, FoE energy "
                 f"{energy['n_filters']} filters {energy['kernel_size']}x{energy['kernel_size']} of the "

@@ -295,6 +295,9 @@ CASES = [
      r"--kernel-size: expected an odd integer >= 3, got 4"),
     ("train-dn-too-many-filters", ["train", "denoise", "--filters", "30"], USAGE,
      r"--filters: at most 24 filters of size 5, got 30"),
+    ("train-dn-too-many-grown", ["train", "denoise", "--data-root", "@empty", "--init", _SHIPPED_FPI_GD_25,
+                                 "--kernel-size", "9", "--filters", "90"], USAGE,
+     r"--filters: at most 80 filters of size 9, got 90"),
     ("train-dn-shrink-init", ["train", "denoise", "--data-root", "@empty", "--init", _SHIPPED_FPI_GD_25, "--filters", "8"],
      USAGE, r"--filters/--kernel-size: the --init energy has \d+ filters of size (\d+); a bank can grow, not "
      r"shrink \(got 8 of size \1\)"),

@@ -110,18 +110,17 @@ def _filter_bank(args: argparse.Namespace) -> dict:
     from torchfpi.apps._common import UsageError
 
     bank = {}
-    if args.filters is not None:
+    for flag, key, value in (("--filters", "n_filters", args.filters),
+                             ("--kernel-size", "kernel_size", args.kernel_size)):
+        if value is None:
+            continue
         if args.model == "fpi_nn":
-            raise UsageError("--filters: only for --model fpi_gd or unrolled")
-        if args.filters < 1:
-            raise UsageError(f"--filters: expected a positive integer, got {args.filters}")
-        bank["n_filters"] = args.filters
-    if args.kernel_size is not None:
-        if args.model == "fpi_nn":
-            raise UsageError("--kernel-size: only for --model fpi_gd or unrolled")
-        if args.kernel_size < 3 or args.kernel_size % 2 != 1:
-            raise UsageError(f"--kernel-size: expected an odd integer >= 3, got {args.kernel_size}")
-        bank["kernel_size"] = args.kernel_size
+            raise UsageError(f"{flag}: only for --model fpi_gd or unrolled")
+        if key == "n_filters" and value < 1:
+            raise UsageError(f"--filters: expected a positive integer, got {value}")
+        if key == "kernel_size" and (value < 3 or value % 2 != 1):
+            raise UsageError(f"--kernel-size: expected an odd integer >= 3, got {value}")
+        bank[key] = value
     return bank
 
 
@@ -205,19 +204,21 @@ def run_train(args: argparse.Namespace) -> int:
         from torchfpi.apps.denoise._energy import grow_energy_state
 
         energy = {**DEFAULT_CONFIGS[args.model]["energy"], **model_config.get("energy", {})}
-        if init_state is not None and "energy.weight" in init_state:
+        grow = init_state is not None and "energy.weight" in init_state
+        if grow:
             k0, k_old = init_state["energy.weight"].shape[0], init_state["energy.weight"].shape[-1]
-            n, k = bank.get("n_filters", k0), bank.get("kernel_size", k_old)
-            if n < k0 or k < k_old:
+            bank = {"n_filters": bank.get("n_filters", k0), "kernel_size": bank.get("kernel_size", k_old)}
+            if bank["n_filters"] < k0 or bank["kernel_size"] < k_old:
                 raise UsageError(f"--filters/--kernel-size: the --init energy has {k0} filters of "
-                                 f"size {k_old}; a bank can grow, not shrink (got {n} of size {k})")
-            bank = {"n_filters": n, "kernel_size": k}
+                                 f"size {k_old}; a bank can grow, not shrink (got {bank['n_filters']} "
+                                 f"of size {bank['kernel_size']})")
+        energy.update(bank)
+        n, k = energy["n_filters"], energy["kernel_size"]
+        if n > k * k - 1:
+            raise UsageError(f"--filters: at most {k * k - 1} filters of size {k}, got {n}")
+        if grow:
             init_state = grow_energy_state(init_state, n, k)
-        model_config["energy"] = {**energy, **bank}
-        if model_config["energy"]["n_filters"] > model_config["energy"]["kernel_size"] ** 2 - 1:
-            raise UsageError(f"--filters: at most {model_config['energy']['kernel_size'] ** 2 - 1} "
-                             f"filters of size {model_config['energy']['kernel_size']}, got "
-                             f"{model_config['energy']['n_filters']}")
+        model_config["energy"] = energy
     progress = not args.quiet and sys.stderr.isatty()
     with _distributed.session(None) as ctx:
         if args.batch_size < ctx.world_size:
