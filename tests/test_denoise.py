@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -370,6 +371,13 @@ def test_results_script_skips_finished_units(data_dir: Path, tmp_path: Path) -> 
     assert "command" in res and "machine" in res
     second = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "(skipped)" in second.stdout
+
+
+def test_self_ensemble_script_prints_both_scores(data_dir: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "scripts" / "denoise_self_ensemble.py"), "--data-root", str(data_dir),
+           "--val-images", "2", "--crop", "24"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert re.search(r"validation PSNR: model \d+\.\d{3} dB, 8-fold dihedral mean \d+\.\d{3} dB", done.stdout)
 
 
 @pytest.mark.slow
