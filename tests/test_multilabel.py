@@ -246,3 +246,31 @@ def test_tied_fpi_nn_update_uses_the_transposed_input_weights():
     # the Jacobian in z is bounded by gain / 4 < 1: the update contracts
     jac = torch.autograd.functional.jacobian(lambda v: model._nn_update(v, s[:1], hu[:1]), z[:1])
     assert float(torch.linalg.matrix_norm(jac.reshape(3, 3), ord=2)) <= float(model._gain().detach()) / 4 + 1e-6
+
+
+
+def test_tuning_folds_partition_the_training_set():
+    """scripts/tune_multilabel.py --folds: fold 0 is the grid's validation split; folds are disjoint."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    from torchfpi.data import train_val_split
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "tune_multilabel.py"
+    spec = importlib.util.spec_from_file_location("tune_multilabel", path)
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    n = 4880
+    vals = []
+    for fold in range(10):
+        tr, va = tune.fold_indices(n, fold)
+        assert len(va) == 488 and np.array_equal(np.union1d(tr, va), np.arange(n))
+        assert len(np.intersect1d(tr, va)) == 0
+        vals.append(va)
+        if fold == 0:
+            assert all(np.array_equal(a, b) for a, b in zip((tr, va), train_val_split(n, 0.1, 0)))
+    assert len(np.unique(np.concatenate(vals))) == n  # ten disjoint tenths
+    s = tune.validation_splits("bibtex", None, 3)
+    assert (len(s.x_train), len(s.x_val)) == (4392, 488)
