@@ -155,17 +155,28 @@ def main(argv: List[str]) -> int:
                    help="measure the interleaved training-step times of --datasets again (all models)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-root", default=None)
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"epoch cap (default: the recipes' {BUDGET['epochs']}); smaller for smoke runs, "
+                        "into another --out: a file holds runs of one budget only")
     args = p.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        p.error(f"--epochs: expected >= 1, got {args.epochs}")
+    budget = BUDGET if args.epochs is None else {**BUDGET, "epochs": args.epochs}
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     results: Dict[str, Any] = read_json(out, default={}) or {}
+    has_runs = any(isinstance(v, dict) and isinstance(m, dict) and m.get("runs")
+                   for v in results.values() if isinstance(v, dict) for m in v.values())
+    if has_runs and results.get("budget") not in (None, budget):
+        p.error(f"--out: {out} holds runs of budget {results['budget']}, this run's budget is {budget}: "
+                "use another --out")
     results["command"] = "python scripts/run_multilabel.py" + (" " + " ".join(argv) if argv else "")
     results.setdefault("commands", [])
     if results["command"] not in results["commands"]:
         results["commands"].append(results["command"])
     results["machine"] = machine_info()
     results["threads"] = args.threads
-    results["budget"] = BUDGET
+    results["budget"] = budget
     results["model_options"] = MODEL_OPTIONS
     for ds in args.datasets:
         for model in args.redo:
@@ -187,7 +198,7 @@ def main(argv: List[str]) -> int:
                     train = load_multilabel(ds, "train", root=args.data_root)
                     test = load_multilabel(ds, "test", root=args.data_root)
                     data = make_splits(train, test)
-                cfg = TrainConfig(dataset=ds, model=model, seed=seed, **BUDGET,
+                cfg = TrainConfig(dataset=ds, model=model, seed=seed, **budget,
                                   model_cfg=model_config(model))
                 t0 = time.perf_counter()
                 res = train_multilabel(cfg, data, log=lambda m: print(m, flush=True))

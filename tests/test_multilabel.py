@@ -274,3 +274,32 @@ def test_tuning_folds_partition_the_training_set():
     assert len(np.unique(np.concatenate(vals))) == n  # ten disjoint tenths
     s = tune.validation_splits("bibtex", None, 3)
     assert (len(s.x_train), len(s.x_val)) == (4392, 488)
+
+
+def test_results_grid_script_keeps_units_and_refuses_mixed_budgets(tmp_path, capsys):
+    """scripts/run_multilabel.py on the embedded Bibtex with a 1-epoch budget: JSON keys, markdown
+    table, finished units skipped on a rerun, and a different budget refused for the same file."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "run_multilabel.py"
+    spec = importlib.util.spec_from_file_location("run_multilabel", path)
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    out = tmp_path / "grid.json"
+    args = ["--datasets", "bibtex", "--models", "mlp", "fpi_gd", "--seeds", "0", "--epochs", "1", "--out", str(out)]
+    assert grid.main(args) == 0
+    res = json.loads(out.read_text())
+    assert res["budget"]["epochs"] == 1
+    for model in ("mlp", "fpi_gd"):
+        entry = res["bibtex"][model]
+        assert set(entry["runs"]) == {"0"} and 0.0 < entry["test_f1_mean"] < 100.0
+    assert res["bibtex"]["fpi_gd"]["runs"]["0"]["train_forward_iterations"] > 0
+    assert "| bibtex | fpi_gd |" in out.with_suffix(".md").read_text()
+    capsys.readouterr()
+    assert grid.main(args) == 0
+    assert capsys.readouterr().out.count("skip bibtex/") == 2
+    assert json.loads(out.read_text())["bibtex"]["mlp"]["runs"] == res["bibtex"]["mlp"]["runs"]
+    with pytest.raises(SystemExit):
+        grid.main([a if a != "1" else "2" for a in args])
+    assert "holds runs of budget" in capsys.readouterr().err
