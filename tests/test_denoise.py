@@ -244,13 +244,15 @@ def test_train_few_steps_and_resume(kind: str, data_dir: Path, tmp_path: Path) -
     else:
         cfg.model_config.update(channels=4)
     ck = tmp_path / "ck.pt"
-    export = train(cfg, data_dir / "denoise" / "Train400", ck, progress=False, log=lambda s: None)
+    export = train(cfg, data_dir / "denoise" / "Train400", ck, progress=False, log=lambda s: None,
+                   command="first")
     assert export["train"]["steps"] == 2 and ck.exists()
     assert math.isfinite(export["train"]["best"]["psnr"])
     cfg2 = TrainConfig(**{**cfg.__dict__, "steps": 3})
     export2 = train(cfg2, data_dir / "denoise" / "Train400", ck, resume=True, progress=False,
-                    log=lambda s: None)
+                    log=lambda s: None, command="second")
     assert export2["train"]["steps"] == 3
+    assert export2["train"]["commands"] == ["first", "second"]  # a resumed run keeps every command
     save_weights(export2, tmp_path / f"denoise_{kind}_s25.pt")
     model, meta = load_denoiser(kind, 25, tmp_path)
     assert meta["kind"] == kind and not model.training
@@ -262,6 +264,14 @@ def test_cli_train_and_denoise(data_dir: Path, tmp_path: Path, capsys) -> None:
                "--crop", "24", "--val-images", "2", "--checkpoint", str(w / "ck.pt"), "--quiet"])
     assert rc == 0
     assert (w / "denoise_fpi_gd_s25.pt").exists()
+    # the weights record the command given to main (not the test runner's sys.argv); a resumed
+    # run adds its own
+    args = ["train", "denoise", "--data-root", str(data_dir), "--steps", "2", "--batch-size", "2",
+            "--crop", "24", "--val-images", "2", "--checkpoint", str(w / "ck.pt"), "--quiet", "--resume"]
+    assert main(args) == 0
+    record = torch.load(w / "denoise_fpi_gd_s25.pt", weights_only=False)["train"]
+    assert [c.split()[:3] for c in record["commands"]] == [["torchfpi", "train", "denoise"]] * 2
+    assert record["commands"][-1].endswith("--quiet --resume") and record["command"] == record["commands"][-1]
     src = data_dir / "denoise" / "BSD68" / "img_000.png"
     out = tmp_path / "out.png"
     rc = main(["denoise", str(src), "--sigma", "25", "--out", str(out), "--weights", str(w)])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 from typing import List, NoReturn, Optional, Sequence
 
@@ -62,6 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ns = parser.parse_args(args)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code) if isinstance(exc.code, int) else 2
+    ns.command_line = "torchfpi " + shlex.join(args)  # recorded in results (the argv given, not sys.argv)
     try:
         return int(ns.func(ns) or 0)
     except UsageError as exc:

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         with_torchdeq=with_torchdeq,
         sweep=do_sweep,
         make_plots=not args.no_plots,
-        command=" ".join(["torchfpi", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else None,
+        command=args.command_line,
         progress=progress,
     )
     if bar is not None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "flow_fpi_gd.pt"
@@ -95,7 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--out: '{out}' is a file, expected a folder for checkpoint.pt, best.pt and train.json")
     torch.set_num_threads(args.threads)
     root = None if args.procedural else data_root(args.data_root)
-    command = "torchfpi " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = args.command_line
     with _distributed.session(torch.device("cpu")) as ctx:
         if ctx.distributed and args.batch_size % ctx.world_size:
             raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world_size} "

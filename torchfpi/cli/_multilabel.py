@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if not ctx.is_main:  # rank 0 prints and writes the results
         return 0
-    result["command"] = "torchfpi " + " ".join(sys.argv[1:]) if sys.argv else None
+    result["command"] = args.command_line
     print(
         f"{args.dataset} {args.model} seed {args.seed}: test F1 {result['test_f1']:.2f} "
         f"(validation F1 {result['val_f1']:.2f}, threshold {result['threshold']:.2f}, "

@@ -192,10 +192,13 @@ def train(
     init_state: Optional[Dict[str, Tensor]] = None,
     ctx: Optional[DistContext] = None,
     on_nonfinite: str = "skip",
+    command: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Train one denoiser; returns the export dict (kind, config, best state, training record).
 
     Args:
+        command: the command line of this call, appended to the run's ``commands`` (kept in the
+            checkpoint, so a run resumed several times records every command that made it).
         ctx: data-parallel context from :func:`torchfpi.apps._distributed.setup` (None: one
             process). Every process needs the same ``cfg``; only rank 0 logs and writes files.
         on_nonfinite: ``"skip"`` a step whose loss or gradient is NaN/Inf, or ``"stop"`` there
@@ -233,6 +236,7 @@ def train(
     best_state = None
     skipped = 0
     calibration: Optional[Dict[str, Any]] = None
+    commands: List[str] = []
     found = resume and checkpoint.exists()
     if resume and ctx.distributed:
         seen = int(ctx.all_reduce_sum(torch.tensor([float(found)], dtype=torch.float64)))
@@ -251,8 +255,11 @@ def train(
         calibration = ck.get("calibration")
         best_state = ck["best_state"]
         skipped = ck.get("skipped_updates", 0)
+        commands = list(ck.get("commands", []))
         guard.skipped = ck.get("nonfinite_skipped", 0)
         log(f"resumed from {checkpoint} at step {step}")
+    if command:
+        commands.append(command)
     net = wrap(model, ctx)  # after loading: DDP starts by broadcasting rank 0's weights
 
     def save() -> None:
@@ -261,7 +268,7 @@ def train(
             "rng": rng_state(), "generator": gen.get_state(), "step": step, "elapsed": elapsed,
             "best": best, "history": history, "best_state": best_state, "config": asdict(cfg),
             "skipped_updates": skipped, "nonfinite_skipped": guard.skipped, "world_size": ctx.world_size,
-            "calibration": calibration,
+            "calibration": calibration, "commands": commands,
         }, checkpoint, ctx, check=("model", "optimizer", "best_state"))
 
     bar = None
@@ -352,5 +359,5 @@ def train(
         "kind": cfg.model, "sigma": cfg.sigma, "config": mcfg, "state_dict": best_state,
         "train": {"steps": step, "seconds": round(elapsed, 1), "best": best, "history": history,
                   "settings": asdict(cfg), "nonfinite_skipped": guard.skipped,
-                  "world_size": ctx.world_size, "calibration": calibration},
+                  "world_size": ctx.world_size, "calibration": calibration, "commands": commands},
     }
