@@ -165,8 +165,7 @@ def main(argv: List[str]) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     results: Dict[str, Any] = read_json(out, default={}) or {}
-    has_runs = any(isinstance(v, dict) and isinstance(m, dict) and m.get("runs")
-                   for v in results.values() if isinstance(v, dict) for m in v.values())
+    has_runs = any(entry.get("runs") for ds in DATASETS for entry in results.get(ds, {}).values())
     if has_runs and results.get("budget") not in (None, budget):
         p.error(f"--out: {out} holds runs of budget {results['budget']}, this run's budget is {budget}: "
                 "use another --out")

@@ -117,3 +117,5 @@ def test_train_val_split_fixed_and_disjoint():
     assert len(va) == 10 and len(tr) == 90 and not set(tr) & set(va)
     with pytest.raises(UsageError, match="--val-fraction"):
         train_val_split(100, 1.5)
+    with pytest.raises(UsageError, match=r"fold: expected 0 \.\. 9 \(100 rows in blocks of 10\), got 10"):
+        train_val_split(100, 0.1, fold=10)

@@ -248,20 +248,25 @@ def test_tied_fpi_nn_update_uses_the_transposed_input_weights():
     assert float(torch.linalg.matrix_norm(jac.reshape(3, 3), ord=2)) <= float(model._gain().detach()) / 4 + 1e-6
 
 
-
-def test_tuning_folds_partition_the_training_set():
-    """scripts/tune_multilabel.py --folds: fold 0 is the grid's validation split; folds are disjoint."""
+def _load_script(name: str):
+    """Import ``scripts/<name>.py`` as a module (the scripts are not a package)."""
     import importlib.util
     from pathlib import Path
 
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tuning_folds_partition_the_training_set():
+    """scripts/tune_multilabel.py --folds: fold 0 is the grid's validation split; folds are disjoint."""
     import numpy as np
 
     from torchfpi.data import train_val_split
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "tune_multilabel.py"
-    spec = importlib.util.spec_from_file_location("tune_multilabel", path)
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)
+    tune = _load_script("tune_multilabel")
     n = 4880
     vals = []
     for fold in range(10):
@@ -279,13 +284,7 @@ def test_tuning_folds_partition_the_training_set():
 def test_results_grid_script_keeps_units_and_refuses_mixed_budgets(tmp_path, capsys):
     """scripts/run_multilabel.py on the embedded Bibtex with a 1-epoch budget: JSON keys, markdown
     table, finished units skipped on a rerun, and a different budget refused for the same file."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "run_multilabel.py"
-    spec = importlib.util.spec_from_file_location("run_multilabel", path)
-    grid = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grid)
+    grid = _load_script("run_multilabel")
     out = tmp_path / "grid.json"
     args = ["--datasets", "bibtex", "--models", "mlp", "fpi_gd", "--seeds", "0", "--epochs", "1", "--out", str(out)]
     assert grid.main(args) == 0

@@ -220,7 +220,6 @@ def run_train(args: argparse.Namespace) -> int:
             init_state = grow_energy_state(init_state, n, k)
         model_config["energy"] = energy
     progress = not args.quiet and sys.stderr.isatty()
-    command = args.command_line
     with _distributed.session(None) as ctx:
         if args.batch_size < ctx.world_size:
             raise UsageError(f"--batch-size: {args.batch_size} is smaller than the {ctx.world_size} "
@@ -228,10 +227,10 @@ def run_train(args: argparse.Namespace) -> int:
         export = train(cfg, root / "denoise" / "Train400", ckpt, resume=args.resume,
                        progress=progress, log=(lambda s: None) if args.quiet else print,
                        limit_images=args.limit_images, init_state=init_state, ctx=ctx,
-                       on_nonfinite=args.on_nonfinite, command=command)
+                       on_nonfinite=args.on_nonfinite, command=args.command_line)
     if not ctx.is_main:  # rank 0 writes the weights and prints
         return 0
-    export["train"]["command"] = command  # the last one; every command of the run: "commands"
+    export["train"]["command"] = args.command_line  # the last one; every command of the run: "commands"
     out = Path(args.export) if args.export else ckpt.with_name(f"denoise_{args.model}_s{sigma:g}.pt")
     save_weights(export, out)
     best = export["train"]["best"]

@@ -165,19 +165,28 @@ def write_embedded_bibtex(root: Optional[PathLike] = None, out: PathLike = EMBED
     return out
 
 
-def train_val_split(num: int, val_fraction: float = 0.1, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+def train_val_split(
+    num: int, val_fraction: float = 0.1, seed: int = 0, fold: int = 0
+) -> Tuple[np.ndarray, np.ndarray]:
     """A fixed-seed random split of ``range(num)`` into (train, validation) index arrays.
 
     The seed is the split's own (default 0), independent of the training seed, so that every model
-    and every training seed sees the same validation rows.
+    and every training seed sees the same validation rows. ``fold`` k holds out the k-th block of
+    ``round(num * val_fraction)`` rows of the same permutation (cross-validation folds; fold 0 is
+    the default split).
 
     Raises:
-        UsageError: if ``val_fraction`` is not in (0, 1) or leaves an empty part.
+        UsageError: if ``val_fraction`` is not in (0, 1) or leaves an empty part, or ``fold`` is
+            out of range.
     """
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"--val-fraction: expected a number in (0, 1), got {val_fraction}")
     num_val = int(round(num * val_fraction))
     if num_val < 1 or num_val >= num:
         raise UsageError(f"--val-fraction {val_fraction} leaves an empty split of {num} rows")
+    folds = num // num_val
+    if not 0 <= fold < folds:
+        raise UsageError(f"fold: expected 0 .. {folds - 1} ({num} rows in blocks of {num_val}), got {fold}")
     perm = np.random.default_rng(seed).permutation(num)
-    return np.sort(perm[num_val:]), np.sort(perm[:num_val])
+    val = perm[fold * num_val:(fold + 1) * num_val]
+    return np.sort(np.concatenate([perm[:fold * num_val], perm[(fold + 1) * num_val:]])), np.sort(val)
