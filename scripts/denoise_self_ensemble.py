@@ -15,10 +15,10 @@ from typing import List
 
 import torch
 
-from torchfpi.apps._common import data_root
 from torchfpi.apps.denoise import load_denoiser
 from torchfpi.apps.denoise._train import _to_tensor, batch_psnr, validation_set
 from torchfpi.data.images import load_folder
+from torchfpi.io import data_root
 
 
 def _dihedral(x: torch.Tensor, k: int, flip: bool, inverse: bool = False) -> torch.Tensor:

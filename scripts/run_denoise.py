@@ -26,7 +26,6 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-from torchfpi.apps._common import atomic_write_json, data_root, machine_info, read_json
 from torchfpi.data.images import (
     add_noise,
     list_images,
@@ -36,6 +35,8 @@ from torchfpi.data.images import (
     read_grey_png,
     ssim,
 )
+from torchfpi.io import atomic_write_json, data_root, read_json
+from torchfpi.runtime import machine_info
 
 METHODS = ("noisy", "tv", "bm3d", "fpi_gd", "unrolled", "fpi_nn")
 MODEL_METHODS = ("fpi_gd", "unrolled", "fpi_nn")

@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torchfpi.apps._common import atomic_write_json, data_root, machine_info, read_json
 from torchfpi.apps.flow import _ops
 from torchfpi.apps.flow.baselines import dis, farneback, horn_schunck
 from torchfpi.apps.flow.refine import load_refined
 from torchfpi.apps.flow.train import load_weights
 from torchfpi.apps.flow.variational import VariationalFlow
 from torchfpi.data.flo import end_point_error, flow_to_color, valid_mask
+from torchfpi.io import atomic_write_json, data_root, read_json
+from torchfpi.runtime import machine_info
 
 METHODS = ("fpi_gd", "fpi_nn", "horn_schunck", "farneback", "dis", "fpi_gd_init")
 # fpi_gd_init: the same model at its hand-set initial values before training (an ablation that

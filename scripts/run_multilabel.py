@@ -24,10 +24,11 @@ from typing import Any, Dict, List
 
 import torch
 
-from torchfpi.apps._common import atomic_write_bytes, atomic_write_json, machine_info, read_json
 from torchfpi.apps.multilabel import TrainConfig, make_splits, train_multilabel
 from torchfpi.apps.multilabel.recipes import BUDGET, MODEL_OPTIONS, model_config
 from torchfpi.data import load_multilabel
+from torchfpi.io import atomic_write_bytes, atomic_write_json, read_json
+from torchfpi.runtime import machine_info
 
 DATASETS = ("bibtex", "delicious")
 MODELS = ("mlp", "spen", "fpi_nn", "fpi_gd")

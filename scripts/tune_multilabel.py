@@ -29,11 +29,12 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 
-from torchfpi.apps._common import atomic_write_json, machine_info, read_json
 from torchfpi.apps.multilabel import TrainConfig, train_multilabel
 from torchfpi.apps.multilabel.recipes import BUDGET, model_config
 from torchfpi.apps.multilabel.train import Splits
 from torchfpi.data import load_multilabel, train_val_split
+from torchfpi.io import atomic_write_json, read_json
+from torchfpi.runtime import machine_info
 
 # name -> (model, TrainConfig overrides, ModelConfig overrides)
 VARIANTS: Dict[str, Tuple[str, Dict[str, Any], Dict[str, Any]]] = {

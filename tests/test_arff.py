@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchfpi.apps._common import DataError, UsageError
 from torchfpi.data import (
     load_embedded_bibtex,
     load_multilabel,
@@ -15,6 +14,7 @@ from torchfpi.data import (
     read_label_names,
     train_val_split,
 )
+from torchfpi.errors import DataError, UsageError
 
 HEADER = "@relation t\n@attribute f0 {0,1}\n@attribute f1 numeric\n@attribute y0 {0,1}\n@attribute y1 {0,1}\n@data\n"
 XML = '<?xml version="1.0"?>\n<labels xmlns="http://mulan.sourceforge.net/labels">\n<label name="y0"></label>\n<label name="y1"></label>\n</labels>\n'
@@ -78,7 +78,7 @@ def test_embedded_bibtex_shapes():
 
 
 def test_embedded_bibtex_matches_arff():
-    from torchfpi.apps._common import data_root
+    from torchfpi.io import data_root
 
     try:
         root = data_root(None)

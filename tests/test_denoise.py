@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from torchfpi.apps._common import DataError, UsageError
 from torchfpi.apps.denoise import (
     FoEEnergy,
     FPIGDDenoiser,
@@ -36,6 +35,7 @@ from torchfpi.data.images import (
     ssim,
     write_grey_png,
 )
+from torchfpi.errors import DataError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Agreement of two computations of the same float64 fixed point solved to 1e-10.

@@ -119,7 +119,7 @@ def test_guard_skips_then_stops_after_consecutive_non_finite_steps():
 def test_guard_stop_policy_and_bad_policy():
     with pytest.raises(NonFiniteError, match="step 7: the loss is inf; the last good checkpoint is kept"):
         NonFiniteGuard("stop").check(torch.tensor(float("inf")), [], step=7)
-    from torchfpi.apps._common import UsageError
+    from torchfpi.errors import UsageError
 
     with pytest.raises(UsageError, match="--on-nonfinite: expected one of"):
         NonFiniteGuard("ignore")

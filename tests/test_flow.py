@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from torchfpi.apps._common import DataError, UsageError
 from torchfpi.apps.flow import _ops
 from torchfpi.apps.flow.baselines import horn_schunck, horn_schunck_step
 from torchfpi.apps.flow.synthetic import TextureBank, batch_epe, make_batch
@@ -23,6 +22,7 @@ from torchfpi.data.flo import (
     write_flo,
     write_flow_png,
 )
+from torchfpi.errors import DataError, UsageError
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "torchfpi" / "weights" / "flow_fpi_gd.pt"
 

@@ -101,7 +101,7 @@ def test_checkpoint_and_resume(tmp_path, tiny_bibtex):
     train_multilabel(cfg1, tiny_bibtex, checkpoint=ck, log=lambda m: None)
     assert ck.exists()
     # A checkpoint of other options is refused; the same options continue where it stopped.
-    from torchfpi.apps._common import UsageError
+    from torchfpi.errors import UsageError
 
     with pytest.raises(UsageError, match="other options"):
         train_multilabel(TrainConfig(model="fpi_gd", epochs=2, batch_size=64, model_cfg=SMALL, lr=0.1),
@@ -116,7 +116,7 @@ def test_checkpoint_and_resume(tmp_path, tiny_bibtex):
 
 
 def test_train_config_errors(tiny_bibtex):
-    from torchfpi.apps._common import UsageError
+    from torchfpi.errors import UsageError
 
     with pytest.raises(UsageError, match="--model"):
         train_multilabel(TrainConfig(model="svm"), tiny_bibtex)

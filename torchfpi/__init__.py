@@ -6,7 +6,7 @@
 True
 """
 
-from torchfpi import energies  # noqa: E402  (public sub-module of energy building blocks)
+from torchfpi import energies, errors, io, runtime  # public sub-modules
 from torchfpi._backward import (
     AndersonBackward,
     DenseBackward,
@@ -16,12 +16,12 @@ from torchfpi._backward import (
     UnrollBackward,
 )
 from torchfpi._diagnostics import GradientCheck, check_gradients, jacobian_penalty, spectral_radius
-from torchfpi._errors import ConvergenceWarning, FixedPointError
 from torchfpi._layers import FPIGD, FPINN, ConvUpdate, MLPUpdate
 from torchfpi._partial import energy_grad
 from torchfpi._solution import Solution, SolveStats, Status
 from torchfpi._solve import FPILayer, fixed_point
 from torchfpi._solvers import FPI, Anderson
+from torchfpi.errors import ConvergenceWarning, FixedPointError
 
 __version__ = "0.1.0"
 
@@ -48,6 +48,9 @@ __all__ = [
     "__version__",
     "check_gradients",
     "energies",
+    "errors",
+    "io",
+    "runtime",
     "energy_grad",
     "fixed_point",
     "jacobian_penalty",

@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from torchfpi._errors import FixedPointError
+from torchfpi.errors import FixedPointError
 
 
 def _is_float(t: object) -> bool:

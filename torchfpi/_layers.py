@@ -12,10 +12,10 @@ from torch import Tensor, nn
 
 from torchfpi._backward import Backward
 from torchfpi._diagnostics import spectral_radius
-from torchfpi._errors import ConvergenceWarning
 from torchfpi._partial import energy_grad
 from torchfpi._solution import Solution
 from torchfpi._solve import FPILayer, fixed_point
+from torchfpi.errors import ConvergenceWarning
 
 _ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "elu": F.elu, "softplus": F.softplus}
 _OUT = {None: None, "sigmoid": torch.sigmoid, "tanh": torch.tanh}

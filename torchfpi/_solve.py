@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from torchfpi._autograd import _grad, _is_float, find_leaves, vjp
 from torchfpi._backward import Backward, UnrollBackward, resolve_backward
-from torchfpi._errors import ConvergenceWarning, FixedPointError
 from torchfpi._solution import Solution, SolveStats, Status, _Record
 from torchfpi._solvers import DIVERGENCE_FACTOR, FPI, Anderson, _iterate
+from torchfpi.errors import ConvergenceWarning, FixedPointError
 
 State = Union[Tensor, Tuple[Tensor, ...]]
 

@@ -20,8 +20,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from torchfpi._errors import FixedPointError
 from torchfpi._solution import SolveStats, Status
+from torchfpi.errors import FixedPointError
 
 State = Dict[str, object]
 

@@ -7,10 +7,10 @@
 - :func:`save_checkpoint` refuses to write a state whose model weights, optimiser state or
   metrics hold NaN or Inf: the last good checkpoint is never replaced by a bad one.
 - :func:`load_checkpoint` turns an unreadable or incomplete file into a one-line
-  :class:`~torchfpi.apps._common.DataError` (exit code 1) that names the fix.
+  :class:`~torchfpi.errors.DataError` (exit code 1) that names the fix.
 
 A checkpoint is a dict holding at least ``model``, ``optimizer``, ``rng`` (see
-:func:`torchfpi.apps._common.rng_state`) and ``step``; applications add ``scheduler``, ``epoch``,
+:func:`torchfpi.runtime.rng_state`) and ``step``; applications add ``scheduler``, ``epoch``,
 their generators and history. It is written atomically (temporary file, fsync, rename).
 """
 
@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from torchfpi.apps._common import DataError, PathLike, UsageError, atomic_torch_save
 from torchfpi.apps._distributed import DistContext
+from torchfpi.errors import DataError, UsageError
+from torchfpi.io import PathLike, atomic_torch_save
 
 POLICIES = ("skip", "stop")
 
@@ -123,7 +124,7 @@ class NonFiniteGuard:
         Raises:
             NonFiniteError: with policy ``"stop"``, or after ``max_consecutive`` skips in a row.
         """
-        from torchfpi._errors import FixedPointError
+        from torchfpi.errors import FixedPointError
 
         params = list(parameters)
         what = "" if bool(torch.isfinite(loss.detach()).all()) else f"the loss is {float(loss.detach().flatten()[0])}"

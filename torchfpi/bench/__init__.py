@@ -73,8 +73,9 @@ def run_benchmark(
     Returns:
         The results dictionary (as written to ``results.json``).
     """
-    from torchfpi.apps._common import atomic_write_json, machine_info, read_json
     from torchfpi.bench._report import markdown, plots
+    from torchfpi.io import atomic_write_json, read_json
+    from torchfpi.runtime import machine_info
 
     if with_torchdeq is None:
         try:

@@ -49,8 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``) and return its exit code."""
-    from torchfpi._errors import FixedPointError
-    from torchfpi.apps._common import DataError, MissingExtraError, UsageError
+    from torchfpi.errors import DataError, FixedPointError, MissingExtraError, UsageError
 
     def one_line(exc: BaseException) -> str:
         # Every failure is reported in one line, whatever the exception's message holds.

@@ -45,7 +45,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
 
 
 def _split(value: str, what: str, allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
-    from torchfpi.apps._common import UsageError
+    from torchfpi.errors import UsageError
 
     items = tuple(s.strip() for s in value.split(",") if s.strip())
     if not items:
@@ -61,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print the claims table."""
     from pathlib import Path
 
-    from torchfpi.apps._common import UsageError, require, resolve_device
     from torchfpi.bench import PROBLEMS, Config, methods, run_benchmark
+    from torchfpi.errors import UsageError
+    from torchfpi.runtime import require, resolve_device
 
     require("numpy", "bench")
     if args.list:

@@ -32,7 +32,9 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
 
 def run(args: argparse.Namespace) -> int:
     """Train, print the test F1 and iteration counts, save the plot."""
-    from torchfpi.apps._common import UsageError, atomic_write_json, require, resolve_device
+    from torchfpi.errors import UsageError
+    from torchfpi.io import atomic_write_json
+    from torchfpi.runtime import require, resolve_device
 
     if args.epochs < 1:
         raise UsageError(f"--epochs: expected >= 1, got {args.epochs}")

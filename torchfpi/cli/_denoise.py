@@ -79,7 +79,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
 
 
 def _check_positive(value: float, name: str) -> None:
-    from torchfpi.apps._common import UsageError
+    from torchfpi.errors import UsageError
 
     if not value > 0:
         raise UsageError(f"{name}: expected a positive number, got {value:g}")
@@ -87,9 +87,9 @@ def _check_positive(value: float, name: str) -> None:
 
 def run_denoise(args: argparse.Namespace) -> int:
     """Apply a trained denoiser to one image."""
-    from torchfpi.apps._common import UsageError
     from torchfpi.apps.denoise import denoise_array, load_denoiser
     from torchfpi.data.images import check_sigma, read_grey_png, write_grey_png
+    from torchfpi.errors import UsageError
 
     sigma = check_sigma(args.sigma)
     _check_positive(args.tol, "--tol")
@@ -107,7 +107,7 @@ def run_denoise(args: argparse.Namespace) -> int:
 
 def _filter_bank(args: argparse.Namespace) -> dict:
     """``--filters`` / ``--kernel-size`` as energy options, checked."""
-    from torchfpi.apps._common import UsageError
+    from torchfpi.errors import UsageError
 
     bank = {}
     for flag, key, value in (("--filters", "n_filters", args.filters),
@@ -129,10 +129,11 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from torchfpi.apps import _distributed
-    from torchfpi.apps._common import DataError, UsageError, data_root
     from torchfpi.apps._training import describe_exception
     from torchfpi.apps.denoise import TrainConfig, save_weights, train
     from torchfpi.data.images import check_sigma
+    from torchfpi.errors import DataError, UsageError
+    from torchfpi.io import data_root
 
     sigma = check_sigma(args.sigma)
     for name in ("steps", "batch_size", "crop", "val_images", "val_every", "threads"):

@@ -61,9 +61,10 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from torchfpi.apps import _distributed
-    from torchfpi.apps._common import UsageError, data_root
     from torchfpi.apps.flow.train import TrainConfig, train
     from torchfpi.apps.flow.variational import FlowConfig
+    from torchfpi.errors import UsageError
+    from torchfpi.io import data_root
 
     if args.batch_size is None:
         args.batch_size = 4 if args.model == "fpi_gd" else 8
@@ -137,9 +138,9 @@ def run_flow(args: argparse.Namespace) -> int:
     """Estimate the flow of one pair and write the requested outputs."""
     import torch
 
-    from torchfpi.apps._common import UsageError
     from torchfpi.apps.flow import _ops
     from torchfpi.data.flo import write_flo, write_flow_png
+    from torchfpi.errors import UsageError
 
     if args.threads < 0:
         raise UsageError(f"--threads: expected 0 (default) or a positive integer, got {args.threads}")
@@ -154,8 +155,8 @@ def run_flow(args: argparse.Namespace) -> int:
     _ops.check_pair(f1, f2)
     truth = None
     if args.truth is not None:
-        from torchfpi.apps._common import DataError
         from torchfpi.data.flo import read_flo
+        from torchfpi.errors import DataError
 
         truth = read_flo(args.truth)
         if truth.shape[:2] != tuple(f1.shape[-2:]):

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from torchfpi import check_gradients
-    from torchfpi.apps._common import UsageError
+    from torchfpi.errors import UsageError
 
     if args.batch < 1 or args.dim < 1:
         raise UsageError(f"--batch and --dim must be >= 1, got {args.batch} and {args.dim}")

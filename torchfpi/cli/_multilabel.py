@@ -64,7 +64,7 @@ def _check_options(args: argparse.Namespace) -> None:
     """Refuse non-positive sizes, tolerances and steps with a usage error naming the flag."""
     import math
 
-    from torchfpi.apps._common import UsageError
+    from torchfpi.errors import UsageError
 
     for name in ("hidden", "energy_hidden", "unroll_steps"):
         value = getattr(args, name)
@@ -89,7 +89,9 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train and print the test F1."""
-    from torchfpi.apps._common import UsageError, atomic_write_json, require, resolve_device
+    from torchfpi.errors import UsageError
+    from torchfpi.io import atomic_write_json
+    from torchfpi.runtime import require, resolve_device
 
     for module in ("numpy", "arff"):
         require(module)

@@ -13,8 +13,9 @@ from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from torchfpi.apps._common import DataError, UsageError, data_root
 from torchfpi.data.arff import MultiLabelData, read_arff, read_label_names
+from torchfpi.errors import DataError, UsageError
+from torchfpi.io import data_root
 
 PathLike = Union[str, Path]
 
@@ -69,7 +70,7 @@ def load_multilabel(
     Args:
         name: ``"bibtex"``, ``"delicious"`` or ``"bookmarks"``.
         split: ``"train"`` or ``"test"`` (ignored when ``path`` is given).
-        root: data root (see :func:`torchfpi.apps._common.data_root`).
+        root: data root (see :func:`torchfpi.io.data_root`).
         path: an ARFF file to read instead of the standard layout.
 
     Raises:

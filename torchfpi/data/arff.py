@@ -6,7 +6,7 @@ binary label attributes, plus an XML header naming the labels. Sparse rows look 
 
 Parsing is done by ``liac-arff`` (part of the ``apps`` extra), which reads sparse ARFF as
 coordinate lists; every parse failure is re-raised as
-:class:`torchfpi.apps._common.DataError` naming the file and the line.
+:class:`torchfpi.errors.DataError` naming the file and the line.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
-from torchfpi.apps._common import DataError, require
+from torchfpi.errors import DataError
+from torchfpi.runtime import require
 
 PathLike = Union[str, Path]
 

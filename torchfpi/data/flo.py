@@ -17,7 +17,8 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
-from torchfpi.apps._common import DataError, atomic_write_bytes
+from torchfpi.errors import DataError
+from torchfpi.io import atomic_write_bytes
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -17,7 +17,8 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
-from torchfpi.apps._common import DataError, PathLike, UsageError
+from torchfpi.errors import DataError, UsageError
+from torchfpi.io import PathLike
 
 #: The noise levels of the standard protocol (on the [0, 255] scale).
 STANDARD_SIGMAS = (15, 25, 50)

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchfpi.apps._common import DataError, PathLike, UsageError, atomic_torch_save
 from torchfpi.apps.denoise._models import MODELS, build_model
+from torchfpi.errors import DataError, UsageError
+from torchfpi.io import PathLike, atomic_torch_save
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 

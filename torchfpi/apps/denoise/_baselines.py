@@ -9,8 +9,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from torchfpi.apps._common import require
 from torchfpi.data.images import add_noise, noise_seed, psnr
+from torchfpi.runtime import require
 
 #: TV weights tried on Train400 images (on the [0, 1] scale) when choosing the TV weight.
 TV_WEIGHT_GRID = (0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.2, 0.25, 0.3)

@@ -26,17 +26,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from torchfpi.apps._common import (
-    DataError,
-    UsageError,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
 from torchfpi.apps._distributed import DistContext, wrap
 from torchfpi.apps._training import NonFiniteGuard, load_checkpoint, save_checkpoint
 from torchfpi.apps.denoise._models import build_model
 from torchfpi.data.images import load_folder
+from torchfpi.errors import DataError, UsageError
+from torchfpi.runtime import rng_state, seed_everything, set_rng_state
 
 #: Default model configurations (JSON-able; stored in checkpoints and weights).
 DEFAULT_CONFIGS: Dict[str, Dict[str, Any]] = {

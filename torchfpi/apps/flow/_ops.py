@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from torchfpi.apps._common import DataError, UsageError
+from torchfpi.errors import DataError, UsageError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 import torchfpi
-from torchfpi.apps import _common
+from torchfpi import errors, io, runtime
 from torchfpi.apps._distributed import DistContext, wrap
 from torchfpi.apps._training import (
     NonFiniteGuard,
@@ -108,7 +108,7 @@ def save_refined(model: RefinedFlow, path: Path, extra: Optional[Dict[str, Any]]
     """Save base and refinement weights with their configs, atomically."""
     blob = {"base": model.base.state_dict(), "flow_config": asdict(model.base.config),
             "update": model.update.state_dict(), "refine_config": asdict(model.config), **(extra or {})}
-    _common.atomic_torch_save(blob, path)
+    io.atomic_torch_save(blob, path)
 
 
 def load_refined(path: Path) -> RefinedFlow:
@@ -120,9 +120,9 @@ def load_refined(path: Path) -> RefinedFlow:
     except FileNotFoundError:
         raise
     except Exception as exc:  # torch.load raises many types on a bad file
-        raise _common.DataError(f"'{path}': cannot read fpi_nn flow weights ({describe_exception(exc)})") from exc
+        raise errors.DataError(f"'{path}': cannot read fpi_nn flow weights ({describe_exception(exc)})") from exc
     if not isinstance(blob, dict) or "update" not in blob:
-        raise _common.DataError(f"'{path}': not a torchfpi fpi_nn flow weights file")
+        raise errors.DataError(f"'{path}': not a torchfpi fpi_nn flow weights file")
     base = VariationalFlow(FlowConfig(**blob["flow_config"]))
     base.load_state_dict(blob["base"])
     model = RefinedFlow(base, RefineConfig(**blob["refine_config"]))
@@ -217,14 +217,14 @@ def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pai
     if resume and ctx.distributed:
         seen = int(ctx.all_reduce_sum(torch.tensor([float(found)], dtype=torch.float64)))
         if 0 < seen < ctx.world_size:
-            raise _common.DataError(f"--resume: '{ckpt}' exists for {seen} of {ctx.world_size} processes: "
+            raise errors.DataError(f"--resume: '{ckpt}' exists for {seen} of {ctx.world_size} processes: "
                                     "put --out on a file system every machine sees, or copy the checkpoint")
     state = None
     if found:  # read and check before the (slow) data set, so that a wrong --resume fails at once
         state = load_checkpoint(ckpt, required=("model", "optimizer", "rng", "generator", "noise", "step",
                                                 "settings", "base"))
         _check_resumable(ckpt, state, settings, base)
-    gen = _common.seed_everything(seed + 1)
+    gen = runtime.seed_everything(seed + 1)
     bank = TextureBank(default_texture_folder(data_root))
     t0 = time.time()
     train_set = _precompute(pairs, size, gen, bank, max_motion, base, tdtype, ctx)
@@ -252,7 +252,7 @@ def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pai
     if state is not None:
         model.update.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        _common.set_rng_state(state["rng"])
+        runtime.set_rng_state(state["rng"])
         gen.set_state(state["generator"])
         noise.set_state(state["noise"])
         step, history, best = state["step"], state["history"], state["best"]
@@ -309,16 +309,16 @@ def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pai
                     save_refined(model, out_dir / "best_nn.pt", {"val_epe": v, "step": step})
         if validate or step % every == 0:
             save_checkpoint({
-                "model": model.update.state_dict(), "optimizer": opt.state_dict(), "rng": _common.rng_state(),
+                "model": model.update.state_dict(), "optimizer": opt.state_dict(), "rng": runtime.rng_state(),
                 "generator": gen.get_state(), "noise": noise.get_state(), "step": step, "history": history,
                 "best": best, "skipped": guard.skipped, "settings": settings, "base": model.base.state_dict(),
                 "metrics": {"train_loss": train_loss} if math.isfinite(train_loss) else {}}, ckpt, ctx)  # fmt: skip
     bar.close()
     summary = {"best": best, "history": history, "seconds": round(time.time() - t0, 1), "settings": settings,
                "skipped_steps": guard.skipped, "world_size": ctx.world_size,
-               "refine_config": asdict(model.config), "command": command, "machine": _common.machine_info()}
+               "refine_config": asdict(model.config), "command": command, "machine": runtime.machine_info()}
     if ctx.is_main:
-        _common.atomic_write_json(summary, out_dir / "train_nn.json")
+        io.atomic_write_json(summary, out_dir / "train_nn.json")
     ctx.barrier()
     return summary
 
@@ -328,11 +328,11 @@ def _check_resumable(path: Path, state: Dict[str, Any], settings: Dict[str, Any]
     for key, value in settings.items():
         if key != "steps" and state["settings"].get(key) != value:
             flag = "--" + key.replace("_", "-")
-            raise _common.UsageError(f"--resume: '{path}' was written with {flag} {state['settings'].get(key)}, "
+            raise errors.UsageError(f"--resume: '{path}' was written with {flag} {state['settings'].get(key)}, "
                                      f"this run has {flag} {value}: resume with the same settings, or train "
                                      "without --resume")
     mine = base.state_dict()
     if set(state["base"]) != set(mine) or any(not torch.equal(state["base"][k].to(mine[k].dtype), mine[k])
                                               for k in mine):
-        raise _common.UsageError(f"--resume: '{path}' was trained on another --base model: give the same "
+        raise errors.UsageError(f"--resume: '{path}' was trained on another --base model: give the same "
                                  "--base, or train without --resume")

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from torchfpi.apps import _common
+from torchfpi import errors, io, runtime
 from torchfpi.apps._distributed import DistContext, wrap
 from torchfpi.apps._training import (
     NonFiniteGuard,
@@ -67,9 +67,9 @@ def load_weights(path: Path, device: Optional[torch.device] = None) -> Variation
     except FileNotFoundError:
         raise
     except Exception as exc:  # torch.load raises many types (pickle, zip, runtime) on a bad file
-        raise _common.DataError(f"'{path}': cannot read flow weights ({describe_exception(exc)})") from exc
+        raise errors.DataError(f"'{path}': cannot read flow weights ({describe_exception(exc)})") from exc
     if not isinstance(blob, dict) or "model" not in blob or "flow_config" not in blob:
-        raise _common.DataError(f"'{path}': not a torchfpi flow weights file (keys 'model', 'flow_config' missing)")
+        raise errors.DataError(f"'{path}': not a torchfpi flow weights file (keys 'model', 'flow_config' missing)")
     model = VariationalFlow(FlowConfig(**blob["flow_config"]))
     model.load_state_dict(blob["model"])
     return model.to(device or "cpu")
@@ -78,7 +78,7 @@ def load_weights(path: Path, device: Optional[torch.device] = None) -> Variation
 def save_weights(model: VariationalFlow, path: Path, extra: Optional[Dict[str, Any]] = None) -> None:
     """Save the learned scalars and the solver config (a few kB), atomically."""
     blob = {"model": model.state_dict(), "flow_config": asdict(model.config), **(extra or {})}
-    _common.atomic_torch_save(blob, path)
+    io.atomic_torch_save(blob, path)
 
 
 def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] = None,
@@ -103,7 +103,7 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
     quiet = quiet or not ctx.is_main
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    gen = _common.seed_everything(config.seed)
+    gen = runtime.seed_everything(config.seed)
     bank = TextureBank(default_texture_folder(data_root), limit=config.textures)
     val_gen = torch.Generator().manual_seed(10_000 + config.seed)
     val = make_batch(config.val_pairs, config.size, config.size, val_gen, bank, config.max_motion)
@@ -119,14 +119,14 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
     if resume and ctx.distributed:
         seen = int(ctx.all_reduce_sum(torch.tensor([float(found)], dtype=torch.float64)))
         if 0 < seen < ctx.world_size:
-            raise _common.DataError(f"--resume: '{ckpt}' exists for {seen} of {ctx.world_size} processes: "
+            raise errors.DataError(f"--resume: '{ckpt}' exists for {seen} of {ctx.world_size} processes: "
                                     "put --out on a file system every machine sees, or copy the checkpoint")
     if found:
         state = load_checkpoint(ckpt, required=("model", "optimizer", "scheduler", "rng", "generator", "step"))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        _common.set_rng_state(state["rng"])
+        runtime.set_rng_state(state["rng"])
         gen.set_state(state["generator"])
         step, history, best = state["step"], state["history"], state["best"]
         guard.skipped = state.get("skipped", 0)
@@ -173,15 +173,15 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
         if validate or step % every == 0:
             save_checkpoint({
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": _common.rng_state(), "generator": gen.get_state(), "step": step,
+                "rng": runtime.rng_state(), "generator": gen.get_state(), "step": step,
                 "history": history, "best": best, "skipped": guard.skipped,
                 "metrics": {"train_epe": train_epe} if math.isfinite(train_epe) else {}}, ckpt, ctx)  # fmt: skip
     bar.close()
     summary = {"config": asdict(config), "flow_config": asdict(model.config), "best": best,
                "history": history, "skipped_steps": guard.skipped, "world_size": ctx.world_size,
                "seconds": round(time.time() - t0, 1), "command": command,
-               "machine": _common.machine_info()}
+               "machine": runtime.machine_info()}
     if ctx.is_main:
-        _common.atomic_write_json(summary, out_dir / "train.json")
+        io.atomic_write_json(summary, out_dir / "train.json")
     ctx.barrier()
     return summary

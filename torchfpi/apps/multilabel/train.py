@@ -24,15 +24,6 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from torchfpi.apps._common import (
-    DataError,
-    UsageError,
-    atomic_torch_save,
-    machine_info,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
 from torchfpi.apps._distributed import DistContext, wrap
 from torchfpi.apps._training import (
     NonFiniteGuard,
@@ -48,6 +39,9 @@ from torchfpi.apps.multilabel.metrics import (
     mean_example_f1,
 )
 from torchfpi.apps.multilabel.models import MODELS, ModelConfig, MultiLabelModel
+from torchfpi.errors import DataError, UsageError
+from torchfpi.io import atomic_torch_save
+from torchfpi.runtime import machine_info, rng_state, seed_everything, set_rng_state
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -1,37 +1,31 @@
-"""Shared plumbing of the training commands: data roots, devices, seeds, atomic files, machine info.
+"""Run-time helpers shared by the applications, the benchmarks and the command line.
 
-Everything here is deliberately small and dependency-free (torch and the standard library), so
-that every application trains, checkpoints and reports the same way.
+Optional imports that name their extra, the device choice, seeding and random-state capture, and a
+description of the machine for results files.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import random
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict
 
 import torch
 
-PathLike = Union[str, "os.PathLike[str]"]
+from torchfpi.errors import MissingExtraError, UsageError
 
-DATA_ENV = "TORCHFPI_DATA"
-
-
-class UsageError(ValueError):
-    """A wrong or contradictory user argument. The CLI prints it in one line and exits with 2."""
-
-
-class DataError(RuntimeError):
-    """A missing, truncated or malformed data file. The CLI prints it and exits with 1."""
-
-
-class MissingExtraError(ImportError):
-    """A third-party package of an extra is not installed; the message names the extra."""
+__all__ = [
+    "finite_or_raise",
+    "machine_info",
+    "require",
+    "resolve_device",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+]
 
 
 def require(module: str, extra: str = "apps") -> Any:
@@ -45,36 +39,6 @@ def require(module: str, extra: str = "apps") -> Any:
             f"this command needs the Python package '{module}', which is part of the "
             f"'{extra}' extra: install it with  pip install 'torchfpi[{extra}]'"
         ) from exc
-
-
-def data_root(explicit: Optional[PathLike] = None) -> Path:
-    """Resolve the data root: ``explicit``, else ``$TORCHFPI_DATA``, else ``../shared/data``.
-
-    The fallback is searched relative to the current directory and to the source checkout.
-
-    Raises:
-        DataError: if the chosen directory does not exist (the message names where it looked).
-    """
-    if explicit is not None:
-        root = Path(explicit).expanduser()
-        if not root.is_dir():
-            raise DataError(f"--data-root: directory '{root}' does not exist")
-        return root
-    env = os.environ.get(DATA_ENV)
-    if env:
-        root = Path(env).expanduser()
-        if not root.is_dir():
-            raise DataError(f"${DATA_ENV}: directory '{root}' does not exist")
-        return root
-    here = Path(__file__).resolve().parents[2]
-    candidates = [Path.cwd() / ".." / "shared" / "data", here / ".." / "shared" / "data"]
-    for cand in candidates:
-        if cand.is_dir():
-            return cand.resolve()
-    raise DataError(
-        "no data root found: pass --data-root DIR or set "
-        f"${DATA_ENV} (looked for ../shared/data next to the working directory and the checkout)"
-    )
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -129,59 +93,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         import numpy as np
 
         np.random.set_state(state["numpy"])
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: PathLike) -> None:
-    """``torch.save`` made atomic (temporary file, fsync, rename): a crash never leaves half a file."""
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_write_json(obj: Any, path: PathLike) -> None:
-    """Write JSON atomically, pretty-printed, with a trailing newline."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: PathLike, default: Any = None) -> Any:
-    """Read a JSON file, or return ``default`` if it does not exist."""
-    path = Path(path)
-    if not path.exists():
-        return default
-    return json.loads(path.read_text())
 
 
 def machine_info() -> Dict[str, Any]:
