@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, List, Optional, Union
 
 import torch
 
@@ -26,6 +28,8 @@ __all__ = [
     "data_root",
     "default_data_root",
     "read_json",
+    "remove_stale_temp_files",
+    "safe_load",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -88,13 +92,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's file-mode creation mask, read without changing it where the OS allows."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):  # pragma: no cover - not Linux
+        pass
+    mask = os.umask(0o022)  # pragma: no cover - elsewhere: read it by setting it back at once
+    os.umask(mask)  # pragma: no cover
+    return mask  # pragma: no cover
+
+
+#: Temporary files of :func:`atomic_write_bytes`: ``.<name>.<pid>.<random>.tmp`` next to the target.
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+#: The same without the process id, as torchfpi 0.1 wrote them.
+_OLD_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename."""
+    """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename.
+
+    The file gets the permissions of a plain ``open(path, "w")`` (``0o666`` less the umask), not
+    the ``0o600`` of a temporary file. The temporary file is ``.<name>.<pid>.<random>.tmp``; one
+    left behind by a killed process is removed by :func:`remove_stale_temp_files`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as fh:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fh.fileno(), 0o666 & ~_umask())
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -104,6 +135,101 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's process, or no way to tell: keep the file
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: PathLike, min_age_s: float = 60.0) -> List[Path]:
+    """Delete the temporary files that :func:`atomic_write_bytes` left in ``folder`` when killed.
+
+    A temporary file ``.<name>.<pid>.<random>.tmp`` is stale when process ``pid`` no longer runs
+    on this machine; one without a process id (older versions) when it is older than
+    ``min_age_s`` seconds. Files of running writers and every other file are left alone. The
+    training commands call this on their output folder when they start.
+
+    Returns:
+        The files removed (an empty list when ``folder`` does not exist).
+    """
+    folder = Path(folder)
+    removed: List[Path] = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if m is not None:
+            stale = not _pid_alive(int(m.group("pid")))
+        elif _OLD_TEMP_RE.match(entry.name):
+            try:
+                stale = now - entry.stat().st_mtime > min_age_s
+            except OSError:
+                continue
+        else:
+            continue
+        if stale and entry.is_file():
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError:  # pragma: no cover - removed meanwhile, or read-only folder
+                pass
+    return removed
+
+
+def safe_load(path: PathLike, what: str = "torchfpi file", map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain data only, never code.
+
+    A file whose pickle names any other Python object (a crafted file that would run code on
+    load, or a file of another program) is refused before anything of it runs.
+
+    Args:
+        path: the file.
+        what: what the file should be, for the message (``"checkpoint"``, ``"denoiser weights"``).
+        map_location: as for :func:`torch.load`.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        DataError: if ``path`` is a directory, is not a torch file, or holds objects other than
+            tensors and plain data; the one-line message says which.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+    if path.is_dir():
+        raise DataError(f"'{path}' is a directory, expected a {what} file")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        raise DataError(f"'{path}' is not a {what} file: the file is empty")
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip, or its legacy pickle
+        raise DataError(f"'{path}' is not a {what} file: not written by torch.save")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch.load raises pickle, zip, EOF and runtime errors on a bad file
+        text = str(exc)
+        if "Weights only load failed" in text or "weights_only" in text:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(
+                r"Unsupported operand[^\n]*", text)
+            detail = f" ({found.group(1) if found.lastindex else found.group(0)})" if found else ""
+            raise DataError(
+                f"'{path}' is not a {what} file: it holds Python objects other than tensors and "
+                f"plain data{detail}; refused unread, since loading them could run code"
+            ) from exc
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        first = lines[0][:100] if lines else ""
+        raise DataError(f"'{path}' is not a {what} file: cannot read it ({type(exc).__name__}"
+                        f"{': ' + first if first else ''})") from exc
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:

@@ -70,21 +70,28 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def rng_state() -> Dict[str, Any]:
-    """Capture every random number generator state a training run uses."""
+    """Capture every random number generator state a training run uses.
+
+    Only tensors and plain Python data (tuples, ints, floats, strings), so that a checkpoint
+    holding it loads with ``torch.load(..., weights_only=True)``: numpy's state array is stored as
+    an int64 tensor.
+    """
     state: Dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()), int(pos),
+                          int(has_gauss), float(cached))
     except ImportError:  # pragma: no cover
         pass
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
+    """Restore what :func:`rng_state` captured (also numpy states stored as numpy arrays)."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -92,7 +99,10 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        if isinstance(keys, torch.Tensor):
+            keys = keys.numpy()
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
 
 
 def machine_info() -> Dict[str, Any]:

@@ -24,7 +24,7 @@ import torch
 
 from torchfpi.apps._distributed import DistContext
 from torchfpi.errors import DataError, UsageError
-from torchfpi.io import PathLike, atomic_torch_save
+from torchfpi.io import PathLike, atomic_torch_save, safe_load
 
 POLICIES = ("skip", "stop")
 
@@ -217,25 +217,30 @@ def load_checkpoint(path: PathLike, required: Sequence[str] = ("model", "optimiz
                     map_location: Any = "cpu") -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
+    The file is read with ``weights_only=True`` (:func:`torchfpi.io.safe_load`): tensors and plain
+    data only, so a crafted file cannot run code.
+
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        DataError: if the file cannot be read or lacks a ``required`` key (the message says to
-            delete it or to train without ``--resume``).
+        DataError: if the file cannot be read, holds objects other than tensors and plain data, or
+            lacks a ``required`` key (the message says to delete it or to train without
+            ``--resume``).
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(2, "No such file or directory", str(path))
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # torch.load raises pickle, zip and runtime errors on a bad file
-        raise DataError(
-            f"checkpoint '{path}' is unreadable ({describe_exception(exc)}): "
-            "delete it or train without --resume"
-        ) from exc
-    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+        state = safe_load(path, "training checkpoint", map_location)
+    except DataError as exc:
+        raise DataError(f"checkpoint {exc}: delete it or train without --resume") from exc
+    if not isinstance(state, dict):
+        raise DataError(f"checkpoint '{path}' is not a training checkpoint (it holds a {type(state).__name__}): "
+                        "delete it or train without --resume")
+    missing = [k for k in required if k not in state]
     if missing:
+        kind = ""
+        if "meta" in state or {"kind", "state_dict"} <= set(state) or "flow_config" in state:
+            kind = "it holds exported weights, not a checkpoint; "
         raise DataError(
-            f"checkpoint '{path}' is not a training checkpoint (missing {missing}): "
+            f"checkpoint '{path}' is not a training checkpoint of this command ({kind}missing {missing}): "
             "delete it or train without --resume"
         )
     return state

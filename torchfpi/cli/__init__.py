@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shlex
 import sys
-from typing import List, NoReturn, Optional, Sequence
+import warnings
+from typing import List, NoReturn, Optional, Sequence, TextIO
 
 _COMMAND_MODULES = ("_demo", "_gradcheck", "_multilabel", "_denoise", "_flow", "_bench")
 
@@ -63,20 +65,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code) if isinstance(exc.code, int) else 2
     ns.command_line = "torchfpi " + shlex.join(args)  # recorded in results (the argv given, not sys.argv)
-    try:
-        return int(ns.func(ns) or 0)
-    except UsageError as exc:
-        print(f"torchfpi: error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except (DataError, MissingExtraError, FixedPointError, FloatingPointError) as exc:
-        print(f"torchfpi: error: {one_line(exc)}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        print(f"torchfpi: error: {exc.strerror or exc}: '{exc.filename}'", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("torchfpi: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        # A warning is one line on stderr too ("torchfpi: warning: ..."); the filters stay the
+        # caller's (python -W error turns it into an error, reported in one line below).
+        warnings.showwarning = _show_warning
+        try:
+            return int(ns.func(ns) or 0)
+        except UsageError as exc:
+            print(f"torchfpi: error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        except (DataError, MissingExtraError, FixedPointError, FloatingPointError) as exc:
+            print(f"torchfpi: error: {one_line(exc)}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # missing file, permission, disk full, ...
+            where = f": '{exc.filename}'" if exc.filename else ""
+            print(f"torchfpi: error: {exc.strerror or one_line(exc)}{where}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("torchfpi: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:  # anything else: still one line, and how to see the traceback
+            if os.environ.get(_TRACEBACK_ENV):
+                raise
+            print(f"torchfpi: error: unexpected {type(exc).__name__}: {one_line(exc)} (a bug: please "
+                  f"report it; set {_TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+            return 1
+
+
+#: Set to see the traceback of an unexpected error instead of its one-line summary.
+_TRACEBACK_ENV = "TORCHFPI_TRACEBACK"
+
+
+def _show_warning(message: Warning | str, category: type, filename: str, lineno: int,
+                  file: Optional[TextIO] = None, line: Optional[str] = None) -> None:
+    text = " ".join(str(message).split())
+    print(f"torchfpi: warning: {text}", file=file or sys.stderr)
 
 
 def entry() -> None:

@@ -78,8 +78,14 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {value}")
     if args.warmup < 0:
         raise UsageError(f"--warmup: expected an integer >= 0, got {args.warmup}")
-    if not args.tol > 0:
+    if not (args.tol > 0 and args.tol < float("inf")):
         raise UsageError(f"--tol: expected a positive number, got {args.tol}")
+    if args.threads > 1024 or (args.repeats or 0) > 10_000 or args.warmup > 10_000 or args.max_iter > 10_000_000:
+        raise UsageError("--threads, --repeats, --warmup or --max-iter: too large (at most 1024, 10000, 10000 "
+                         "and 10000000)")
+    from torchfpi.cli import _checks
+
+    _checks.seed(args.seed)
     with_torchdeq = not args.no_torchdeq
     if with_torchdeq:
         require("torchdeq", "bench")
@@ -104,13 +110,24 @@ def run(args: argparse.Namespace) -> int:
                 ks = tuple(int(s) for s in _split(args.sweep, "sweep"))
             except ValueError:
                 raise UsageError(f"--sweep: expected comma-separated integers or 'none', got {args.sweep!r}") from None
-            if min(ks) < 1:
-                raise UsageError(f"--sweep: iteration counts must be >= 1, got {args.sweep!r}")
+            if min(ks) < 1 or max(ks) > 100_000:
+                raise UsageError(f"--sweep: iteration counts must be in 1 .. 100000, got {args.sweep!r}")
             kw["sweep"] = ks
     cfg = Config.quick_config(**kw) if args.quick else Config(**kw)  # type: ignore[arg-type]
     if not args.quick and args.repeats is None:
         cfg.repeats = 7
-    out = Path(args.out) if args.out else Path("benchmarks/results") / ("quick" if args.quick else "")
+    out = _checks.output_dir(args.out, "--out") if args.out else Path("benchmarks/results") / (
+        "quick" if args.quick else "")
+    if args.resume and (out / "results.json").exists():
+        import json
+
+        from torchfpi.errors import DataError
+
+        try:
+            json.loads((out / "results.json").read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(f"--resume: '{out / 'results.json'}' is not a JSON results file ({exc}): delete it "
+                            "or run without --resume") from exc
     show = not args.quiet and sys.stderr.isatty()
 
     bar = None

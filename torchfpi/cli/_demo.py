@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAction) -> None:
@@ -32,22 +31,26 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
 
 def run(args: argparse.Namespace) -> int:
     """Train, print the test F1 and iteration counts, save the plot."""
+    from torchfpi.cli import _checks
     from torchfpi.errors import UsageError
-    from torchfpi.io import atomic_write_json
+    from torchfpi.io import atomic_write_bytes, atomic_write_json, remove_stale_temp_files
     from torchfpi.runtime import require, resolve_device
 
     if args.epochs < 1:
         raise UsageError(f"--epochs: expected >= 1, got {args.epochs}")
+    if args.patience < 1:
+        raise UsageError(f"--patience: expected >= 1, got {args.patience}")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max-steps: expected >= 1, got {args.max_steps}")
+    _checks.seed(args.seed)
+    device = resolve_device(args.device)
+    out_dir = _checks.output_dir(args.out_dir, "--out-dir")
     for module in ("numpy", "matplotlib"):
         require(module)
     from torchfpi.apps.multilabel import TrainConfig, make_splits, train_multilabel
     from torchfpi.apps.multilabel.recipes import BUDGET, model_config
     from torchfpi.data import load_embedded_bibtex
 
-    device = resolve_device(args.device)
-    out_dir = Path(args.out_dir)
     splits = make_splits(load_embedded_bibtex("train"), load_embedded_bibtex("test"))
     cfg = TrainConfig(
         dataset="bibtex",
@@ -75,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out_dir)
     plot = out_dir / "training_curves.png"
-    _plot(result["history"], plot)
+    atomic_write_bytes(plot, _plot(result["history"]))
     atomic_write_json(result, out_dir / "result.json")
 
     def fmt(v: object) -> str:
@@ -92,7 +96,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plot(history: list, path: Path) -> None:
+def _plot(history: list) -> bytes:
+    """The training curves as PNG bytes (written atomically by the caller)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,5 +118,7 @@ def _plot(history: list, path: Path) -> None:
     axes[2].set(title="fixed-point iterations per batch", xlabel="epoch")
     axes[2].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    return buf.getvalue()

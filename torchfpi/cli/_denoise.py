@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 
 def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAction) -> None:
@@ -79,28 +80,48 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
 
 
 def _check_positive(value: float, name: str) -> None:
-    from torchfpi.errors import UsageError
+    from torchfpi.cli._checks import positive_number
 
-    if not value > 0:
-        raise UsageError(f"{name}: expected a positive number, got {value:g}")
+    positive_number(value, name)
 
 
 def run_denoise(args: argparse.Namespace) -> int:
-    """Apply a trained denoiser to one image."""
+    """Apply a trained denoiser to one image: every argument is checked before the solve."""
+    import io
+
+    from PIL import Image
+
     from torchfpi.apps.denoise import denoise_array, load_denoiser
-    from torchfpi.data.images import check_sigma, read_grey_png, write_grey_png
+    from torchfpi.apps.denoise._api import MIN_IMAGE_SIDE
+    from torchfpi.cli import _checks
+    from torchfpi.data.images import check_sigma, read_grey_png
     from torchfpi.errors import UsageError
+    from torchfpi.io import atomic_write_bytes, remove_stale_temp_files
 
     sigma = check_sigma(args.sigma)
-    _check_positive(args.tol, "--tol")
-    if args.max_iter < 1:
-        raise UsageError(f"--max-iter: expected a positive integer, got {args.max_iter}")
+    _checks.positive_number(args.tol, "--tol")
+    _checks.positive_int(args.max_iter, "--max-iter")
+    out = _checks.output_file(args.out, "--out", _checks.image_suffixes())
+    if args.weights is not None and not Path(args.weights).exists():
+        raise FileNotFoundError(2, "No such file or directory", str(args.weights))
+    if Path(args.input).resolve() == out.resolve():
+        raise UsageError(f"--out: '{out}' is the input image: write the result to another file")
     noisy = read_grey_png(args.input)
+    if min(noisy.shape) < MIN_IMAGE_SIDE:
+        raise UsageError(f"IN: '{args.input}' is {noisy.shape[1]}x{noisy.shape[0]} pixels; the denoisers need "
+                         f"at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
     model, meta = load_denoiser(args.model, sigma, args.weights)
     est, info = denoise_array(model, noisy, sigma, tol=args.tol, max_iter=args.max_iter)
-    write_grey_png(args.out, est)
+    import numpy as np
+
+    arr = np.clip(np.rint(est), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
+    Image.fromarray(arr).save(buf, format=fmt)  # uint8 (H, W): mode "L"
+    remove_stale_temp_files(out.parent)
+    atomic_write_bytes(out, buf.getvalue())
     if not args.quiet:
-        print(f"{args.input} -> {args.out}: {args.model} sigma {sigma:g}, "
+        print(f"{args.input} -> {out}: {args.model} sigma {sigma:g}, "
               f"{info['forward_iterations']:.0f} iterations, residual {info['residual']:.1e}")
     return 0
 
@@ -124,31 +145,72 @@ def _filter_bank(args: argparse.Namespace) -> dict:
     return bank
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Train one denoiser and export its best-validation weights."""
-    import torch
+def _read_init(args: argparse.Namespace, sigma: float, model_config: dict) -> Optional[dict]:
+    """``--init``: read the weights file safely, check its kind, merge its config; return its state."""
+    import math
 
-    from torchfpi.apps import _distributed
-    from torchfpi.apps._training import describe_exception
-    from torchfpi.apps.denoise import TrainConfig, save_weights, train
-    from torchfpi.data.images import check_sigma
+    from torchfpi.apps._weights import read_weights
     from torchfpi.errors import DataError, UsageError
-    from torchfpi.io import data_root
+
+    if args.init is None:
+        return None
+    init = Path(args.init)
+    try:
+        blob = read_weights(init, "denoise", "torchfpi denoiser weights")
+    except DataError as exc:
+        raise DataError(f"--init: {exc}") from exc
+    kind = blob["meta"].get("kind")
+    from_unrolled = kind == "unrolled" and args.model == "fpi_gd"
+    if kind != args.model and not from_unrolled:
+        raise UsageError(f"--init: '{args.init}' holds {kind} weights, not {args.model}: pass --model {kind}")
+    if not isinstance(blob.get("state_dict"), dict) or not isinstance(blob.get("config"), dict):
+        raise DataError(f"--init: '{init}' is not a torchfpi denoiser weights file (expected a state_dict "
+                        "and a config)")
+    init_state = dict(blob["state_dict"])
+    file_config = dict(blob["config"])
+    if from_unrolled:  # same energy class: keep the energy, drop the learned unrolled step
+        init_state = {k: v for k, v in init_state.items() if k.startswith("energy.")}
+        file_config = {"energy": file_config.get("energy", {})}
+    merged = {**file_config, **model_config}  # explicit flags win over the file's config
+    model_config.clear()
+    model_config.update(merged)
+    key = "energy.log_data_weight"
+    file_sigma = blob["meta"].get("sigma") or blob.get("sigma")
+    if key in init_state and file_sigma is not None and float(file_sigma) != sigma:
+        # MAP scaling: the data weight of an energy goes as 1 / sigma^2.
+        init_state[key] = init_state[key] + 2.0 * math.log(float(file_sigma) / sigma)
+    return init_state
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train one denoiser and export its best-validation weights.
+
+    Order: every flag, then ``--init`` and the filter bank, then the output paths, then the data
+    (image count and sizes against ``--val-images``, ``--limit-images`` and ``--crop``): a wrong
+    argument is reported before any data is loaded or any file written.
+    """
+    from torchfpi.apps import _distributed
+    from torchfpi.apps.denoise import TrainConfig, save_weights, train
+    from torchfpi.apps.denoise._train import check_training_data
+    from torchfpi.cli import _checks
+    from torchfpi.data.images import check_sigma
+    from torchfpi.errors import UsageError
+    from torchfpi.io import data_root, remove_stale_temp_files
 
     sigma = check_sigma(args.sigma)
-    for name in ("steps", "batch_size", "crop", "val_images", "val_every", "threads"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
-    _check_positive(args.lr, "--lr")
-    _check_positive(args.budget_minutes, "--budget-minutes")
-    model_config = {}
+    for name in ("steps", "batch_size", "crop", "val_images", "val_every", "threads", "limit_images"):
+        _checks.positive_int(getattr(args, name), f"--{name.replace('_', '-')}")
+    _checks.positive_int(args.threads, "--threads", maximum=1024)
+    _checks.positive_number(args.lr, "--lr")
+    _checks.positive_number(args.budget_minutes, "--budget-minutes")
+    _checks.seed(args.seed)
+    model_config: dict = {}
     if args.calibrate_data_weight and args.model == "fpi_nn":
         raise UsageError("--calibrate-data-weight: only for --model fpi_gd or unrolled")
     if args.unroll_steps is not None:
         if args.model != "unrolled":
             raise UsageError("--unroll-steps: only for --model unrolled")
-        if args.unroll_steps < 1:
-            raise UsageError(f"--unroll-steps: expected a positive integer, got {args.unroll_steps}")
+        _checks.positive_int(args.unroll_steps, "--unroll-steps")
         model_config["steps"] = args.unroll_steps
     for name in ("tol", "max_iter"):
         value = getattr(args, name)
@@ -156,57 +218,28 @@ def run_train(args: argparse.Namespace) -> int:
             continue
         if args.model == "unrolled":
             raise UsageError(f"--{name.replace('_', '-')}: not for --model unrolled (use --unroll-steps)")
-        if not value > 0:
+        if not (value > 0 and value != float("inf")):
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
-    for name in ("tol", "max_iter"):
-        if getattr(args, name) is not None:
-            model_config[name] = getattr(args, name)
+        model_config[name] = value
+    if args.limit_images is not None and args.limit_images <= args.val_images:
+        raise UsageError(f"--limit-images: {args.limit_images} images leave none for training after the "
+                         f"{args.val_images} validation images (--val-images); expected more than {args.val_images}")
     bank = _filter_bank(args)
-    cfg = TrainConfig(model=args.model, sigma=sigma, steps=args.steps, batch_size=args.batch_size,
-                      crop=args.crop, lr=args.lr, val_images=args.val_images,
-                      val_every=args.val_every, seed=args.seed,
-                      budget_minutes=args.budget_minutes, threads=args.threads,
-                      model_config=model_config, dtype=args.dtype,
-                      calibrate_data_weight=args.calibrate_data_weight)
-    root = data_root(args.data_root)
-    ckpt = Path(args.checkpoint or f"runs/denoise/{args.model}_s{sigma:g}.pt")
-    init_state = None
-    if args.init is not None:
-        import math
-
-        init = Path(args.init)
-        if not init.exists():
-            raise FileNotFoundError(2, "No such file or directory", str(init))
-        try:
-            blob = torch.load(init, map_location="cpu", weights_only=False)
-        except Exception as exc:  # torch.load raises pickle, zip and runtime errors on a bad file
-            raise DataError(f"--init: '{init}' is not a torchfpi denoiser weights file "
-                            f"({describe_exception(exc)})") from exc
-        if not isinstance(blob, dict) or not {"kind", "state_dict", "config"} <= set(blob):
-            raise DataError(f"--init: '{init}' is not a torchfpi denoiser weights file "
-                            "(expected kind, state_dict and config)")
-        from_unrolled = blob.get("kind") == "unrolled" and args.model == "fpi_gd"
-        if blob.get("kind") != args.model and not from_unrolled:
-            raise UsageError(f"--init: '{args.init}' holds a {blob.get('kind')} model, not {args.model}")
-        init_state = dict(blob["state_dict"])
-        file_config = dict(blob["config"])
-        if from_unrolled:  # same energy class: keep the energy, drop the learned unrolled step
-            init_state = {k: v for k, v in init_state.items() if k.startswith("energy.")}
-            file_config = {"energy": file_config.get("energy", {})}
-        merged = {**file_config, **model_config}  # explicit flags win over the file's config
-        model_config.clear()
-        model_config.update(merged)
-        key = "energy.log_data_weight"
-        if key in init_state and float(blob.get("sigma", sigma)) != sigma:
-            # MAP scaling: the data weight of an energy goes as 1 / sigma^2.
-            init_state[key] = init_state[key] + 2.0 * math.log(float(blob["sigma"]) / sigma)
+    if args.init is not None and not Path(args.init).exists():
+        raise FileNotFoundError(2, "No such file or directory", str(args.init))
+    ckpt = _checks.output_file(args.checkpoint or f"runs/denoise/{args.model}_s{sigma:g}.pt", "--checkpoint")
+    out = (_checks.output_file(args.export, "--export") if args.export
+           else ckpt.with_name(f"denoise_{args.model}_s{sigma:g}.pt"))
+    if out.resolve() == ckpt.resolve():
+        raise UsageError(f"--export: '{out}' is also the checkpoint: give another file name")
+    init_state = _read_init(args, sigma, model_config)
     if bank:
         from torchfpi.apps.denoise import DEFAULT_CONFIGS
         from torchfpi.apps.denoise._energy import grow_energy_state
 
         energy = {**DEFAULT_CONFIGS[args.model]["energy"], **model_config.get("energy", {})}
         grow = init_state is not None and "energy.weight" in init_state
-        if grow:
+        if grow and init_state is not None:
             k0, k_old = init_state["energy.weight"].shape[0], init_state["energy.weight"].shape[-1]
             bank = {"n_filters": bank.get("n_filters", k0), "kernel_size": bank.get("kernel_size", k_old)}
             if bank["n_filters"] < k0 or bank["kernel_size"] < k_old:
@@ -217,22 +250,30 @@ def run_train(args: argparse.Namespace) -> int:
         n, k = energy["n_filters"], energy["kernel_size"]
         if n > k * k - 1:
             raise UsageError(f"--filters: at most {k * k - 1} filters of size {k}, got {n}")
-        if grow:
+        if grow and init_state is not None:
             init_state = grow_energy_state(init_state, n, k)
         model_config["energy"] = energy
+    cfg = TrainConfig(model=args.model, sigma=sigma, steps=args.steps, batch_size=args.batch_size,
+                      crop=args.crop, lr=args.lr, val_images=args.val_images,
+                      val_every=args.val_every, seed=args.seed,
+                      budget_minutes=args.budget_minutes, threads=args.threads,
+                      model_config=model_config, dtype=args.dtype,
+                      calibrate_data_weight=args.calibrate_data_weight)
+    train_dir = data_root(args.data_root) / "denoise" / "Train400"
+    check_training_data(cfg, train_dir, args.limit_images)
     progress = not args.quiet and sys.stderr.isatty()
     with _distributed.session(None) as ctx:
         if args.batch_size < ctx.world_size:
             raise UsageError(f"--batch-size: {args.batch_size} is smaller than the {ctx.world_size} "
                              "processes of this torchrun (each process needs a crop of every batch)")
-        export = train(cfg, root / "denoise" / "Train400", ckpt, resume=args.resume,
+        export = train(cfg, train_dir, ckpt, resume=args.resume,
                        progress=progress, log=(lambda s: None) if args.quiet else print,
                        limit_images=args.limit_images, init_state=init_state, ctx=ctx,
                        on_nonfinite=args.on_nonfinite, command=args.command_line)
     if not ctx.is_main:  # rank 0 writes the weights and prints
         return 0
     export["train"]["command"] = args.command_line  # the last one; every command of the run: "commands"
-    out = Path(args.export) if args.export else ckpt.with_name(f"denoise_{args.model}_s{sigma:g}.pt")
+    remove_stale_temp_files(out.parent)
     save_weights(export, out)
     best = export["train"]["best"]
     print(f"trained {args.model} sigma {sigma:g}: {export['train']['steps']} steps, "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+from typing import Any, Optional
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "flow_fpi_gd.pt"
 DEFAULT_NN_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "flow_fpi_nn.pt"
@@ -56,21 +58,50 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     t.set_defaults(func=run_train)
 
 
+def _texture_root(args: argparse.Namespace) -> Optional[Path]:
+    """The data root whose ``denoise/Train400`` images give the textures; None with ``--procedural``.
+
+    Raises:
+        DataError: no such data root, or no Train400 images under it (the message names the
+            command that fetches them and ``--procedural``).
+    """
+    from torchfpi.data.images import list_images
+    from torchfpi.errors import DataError
+    from torchfpi.io import data_root
+
+    if args.procedural:
+        return None
+    root = data_root(args.data_root)
+    folder = root / "denoise" / "Train400"
+    try:
+        list_images(folder)
+    except DataError as exc:
+        raise DataError(f"train flow: no texture images ({exc}): fetch them with 'torchfpi data fetch "
+                        "train400', or pass --procedural to train on procedural noise textures") from exc
+    return root
+
+
 def run_train(args: argparse.Namespace) -> int:
-    """Train the model; print the best validation EPE. Runs unchanged under ``torchrun``."""
+    """Train the model; print the best validation EPE. Runs unchanged under ``torchrun``.
+
+    Every flag, the ``--base`` weights, the ``--out`` folder and the texture images are checked
+    before any work.
+    """
     import torch
 
     from torchfpi.apps import _distributed
-    from torchfpi.apps.flow.train import TrainConfig, train
+    from torchfpi.apps.flow.train import TrainConfig, load_weights, train
     from torchfpi.apps.flow.variational import FlowConfig
+    from torchfpi.cli import _checks
     from torchfpi.errors import UsageError
-    from torchfpi.io import data_root
 
     if args.batch_size is None:
         args.batch_size = 4 if args.model == "fpi_gd" else 8
     for name in ("steps", "batch_size", "size", "val_pairs", "val_every", "max_iter", "threads"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+        _checks.positive_int(getattr(args, name), f"--{name.replace('_', '-')}")
+    _checks.positive_int(args.threads, "--threads", maximum=1024)
+    _checks.positive_int(args.size, "--size", maximum=4096)
+    _checks.seed(args.seed)
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every: expected 0 (at each validation) or a positive integer, got {args.checkpoint_every}")
     if args.size < 32:
@@ -80,20 +111,21 @@ def run_train(args: argparse.Namespace) -> int:
                          "draws new pairs at every step: drop --pairs")
     if args.pairs is None:
         args.pairs = 320
-    if args.pairs < 1:
-        raise UsageError(f"--pairs: expected a positive integer, got {args.pairs}")
+    _checks.positive_int(args.pairs, "--pairs", maximum=100_000)
     if args.lr is None:
         args.lr = 0.03 if args.model == "fpi_gd" else 1e-3
-    if not args.lr > 0 or not args.max_motion > 0:
+    if not (math.isfinite(args.lr) and args.lr > 0 and math.isfinite(args.max_motion) and args.max_motion > 0):
         raise UsageError(f"--lr and --max-motion must be positive, got {args.lr} and {args.max_motion}")
     if args.procedural and args.data_root is not None:
         raise UsageError("--procedural and --data-root contradict each other: procedural textures "
                          "need no data; drop one of them")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out: '{out}' is a file, expected a folder for checkpoint.pt, best.pt and train.json")
+    base = Path(args.base)
+    if args.model == "fpi_nn" and not base.exists():
+        raise FileNotFoundError(2, "No such file or directory", str(base))
+    out = _checks.output_dir(args.out, "--out")
+    base_model = load_weights(base) if args.model == "fpi_nn" else None
+    root = _texture_root(args)
     torch.set_num_threads(args.threads)
-    root = None if args.procedural else data_root(args.data_root)
     command = args.command_line
     with _distributed.session(torch.device("cpu")) as ctx:
         if ctx.distributed and args.batch_size % ctx.world_size:
@@ -102,8 +134,8 @@ def run_train(args: argparse.Namespace) -> int:
         if ctx.distributed and args.val_pairs < ctx.world_size:
             raise UsageError(f"--val-pairs {args.val_pairs} is smaller than the {ctx.world_size} processes of this "
                              "torchrun: each process validates on its share, give at least one pair each")
-        if args.model == "fpi_nn":
-            summary, best_file = _train_refine(args, root, command, ctx), out / "best_nn.pt"
+        if base_model is not None:
+            summary, best_file = _train_refine(args, base_model, root, command, ctx), out / "best_nn.pt"
         else:
             cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, size=args.size, lr=args.lr,
                               max_motion=args.max_motion, val_pairs=args.val_pairs, val_every=args.val_every,
@@ -114,19 +146,16 @@ def run_train(args: argparse.Namespace) -> int:
             best_file = out / "best.pt"
     if not args.quiet and ctx.is_main:
         b = summary["best"]
-        print(f"best synthetic validation EPE {b['val_epe']:.4f} at step {b['step']}: {best_file}")
+        where = "procedural noise textures" if root is None else "Train400 textures"
+        print(f"best synthetic validation EPE {b['val_epe']:.4f} at step {b['step']} ({where}): {best_file}")
     return 0
 
 
-def _train_refine(args: argparse.Namespace, root, command: str, ctx) -> dict:
+def _train_refine(args: argparse.Namespace, base: Any, root: Optional[Path], command: str, ctx: Any) -> dict:
     """``--model fpi_nn``: train the FPI_NN refinement of the ``--base`` model; returns the summary."""
     from torchfpi.apps.flow.refine import train_refine
-    from torchfpi.apps.flow.train import load_weights
 
-    base = Path(args.base)
-    if not base.exists():
-        raise FileNotFoundError(2, "No such file or directory", str(base))
-    return train_refine(Path(args.out), load_weights(base), pairs=args.pairs, steps=args.steps, size=args.size,
+    return train_refine(Path(args.out), base, pairs=args.pairs, steps=args.steps, size=args.size,
                         batch_size=args.batch_size, val_pairs=args.val_pairs, val_every=args.val_every,
                         seed=args.seed, max_motion=args.max_motion, data_root=root, quiet=args.quiet,
                         lr=args.lr, command=command, resume=args.resume,
@@ -135,56 +164,72 @@ def _train_refine(args: argparse.Namespace, root, command: str, ctx) -> dict:
 
 
 def run_flow(args: argparse.Namespace) -> int:
-    """Estimate the flow of one pair and write the requested outputs."""
+    """Estimate the flow of one pair and write the requested outputs (checked before the solve)."""
     import torch
 
     from torchfpi.apps.flow import _ops
+    from torchfpi.cli import _checks
     from torchfpi.data.flo import write_flo, write_flow_png
-    from torchfpi.errors import UsageError
+    from torchfpi.errors import DataError, UsageError
+    from torchfpi.io import remove_stale_temp_files
 
     if args.threads < 0:
         raise UsageError(f"--threads: expected 0 (default) or a positive integer, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _checks.positive_int(args.threads or None, "--threads", maximum=1024)
     if args.out is None and args.png is None and args.truth is None:
         raise UsageError("nothing to write: give --out FLOW.flo and/or --png FLOW.png (or --truth GT.flo for the error)")
     if args.out is not None and not str(args.out).endswith(".flo"):
         raise UsageError(f"--out: expected a path ending in .flo, got '{args.out}'")
+    if args.png is not None and not str(args.png).lower().endswith(".png"):
+        raise UsageError(f"--png: expected a path ending in .png, got '{args.png}'")
+    out = _checks.output_file(args.out, "--out", (".flo",)) if args.out is not None else None
+    png = _checks.output_file(args.png, "--png", (".png",)) if args.png is not None else None
+    if out is not None and png is not None and out.resolve() == png.resolve():
+        raise UsageError("--out and --png name the same file")
+    if args.method == "fpi_nn":
+        weights = Path(args.weights) if args.weights else DEFAULT_NN_WEIGHTS
+    elif args.method == "fpi_gd":
+        weights = Path(args.weights) if args.weights else DEFAULT_WEIGHTS
+    elif args.weights is not None:
+        raise UsageError("--weights: not for --method horn_schunck (it has no learned weights)")
+    if args.method != "horn_schunck" and not weights.exists():
+        raise FileNotFoundError(2, "No such file or directory", str(weights))
     f1 = _ops.to_grey_tensor(_ops.read_image(args.frame1))
     f2 = _ops.to_grey_tensor(_ops.read_image(args.frame2))
     _ops.check_pair(f1, f2)
     truth = None
     if args.truth is not None:
         from torchfpi.data.flo import read_flo
-        from torchfpi.errors import DataError
 
         truth = read_flo(args.truth)
         if truth.shape[:2] != tuple(f1.shape[-2:]):
             raise DataError(f"--truth: '{args.truth}' is {truth.shape[0]}x{truth.shape[1]} (H x W) but the "
                             f"frames are {f1.shape[-2]}x{f1.shape[-1]}: give the ground truth of this pair")
+    model: Any = None
+    if args.method == "fpi_nn":
+        from torchfpi.apps.flow.refine import load_refined
+
+        model = load_refined(weights)
+    elif args.method == "fpi_gd":
+        from torchfpi.apps.flow.train import load_weights
+
+        model = load_weights(weights)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with torch.no_grad():
-        if args.method == "horn_schunck":
+        if model is None:
             from torchfpi.apps.flow.baselines import horn_schunck
 
             flow, info = horn_schunck(f1, f2)
-        elif args.method == "fpi_nn":
-            from torchfpi.apps.flow.refine import load_refined
-
-            weights = Path(args.weights) if args.weights else DEFAULT_NN_WEIGHTS
-            if not weights.exists():
-                raise FileNotFoundError(2, "No such file or directory", str(weights))
-            flow, info = load_refined(weights)(f1, f2)
         else:
-            from torchfpi.apps.flow.train import load_weights
-
-            weights = Path(args.weights) if args.weights else DEFAULT_WEIGHTS
-            if not weights.exists():
-                raise FileNotFoundError(2, "No such file or directory", str(weights))
-            flow, info = load_weights(weights)(f1, f2)
-    if args.out is not None:
-        write_flo(args.out, flow[0])
-    if args.png is not None:
-        write_flow_png(args.png, flow[0])
+            flow, info = model(f1, f2)
+    for target in (out, png):
+        if target is not None:
+            remove_stale_temp_files(target.parent)
+    if out is not None:
+        write_flo(out, flow[0])
+    if png is not None:
+        write_flow_png(png, flow[0])
     if not args.quiet:
         mag = flow[0].norm(dim=0)
         print(f"flow {tuple(flow.shape[-2:])}: mean |flow| {float(mag.mean()):.3f} px, max {float(mag.max()):.3f} px, "

@@ -31,9 +31,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch < 1 or args.dim < 1:
         raise UsageError(f"--batch and --dim must be >= 1, got {args.batch} and {args.dim}")
+    if args.batch > 256 or args.dim > 256:
+        raise UsageError(f"--batch and --dim: at most 256 (a dense Jacobian check), got {args.batch} and {args.dim}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed: expected an integer in [0, 2**63), got {args.seed}")
     if not 0 < args.radius < 1:
         raise UsageError(f"--radius: expected a number in (0, 1), got {args.radius}")
-    if args.tolerance <= 0:
+    if not 0 < args.tolerance < float("inf"):
         raise UsageError(f"--tolerance: expected a positive number, got {args.tolerance}")
     gen = torch.Generator().manual_seed(args.seed)
     dt = torch.float64

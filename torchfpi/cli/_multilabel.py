@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 DATASETS = ("bibtex", "delicious", "bookmarks")
 MODEL_NAMES = ("mlp", "spen", "fpi_nn", "fpi_gd")
@@ -41,7 +40,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
                    help="forward solver of fpi_gd / fpi_nn (default fpi)")
     p.add_argument("--backward", choices=("fpi", "anderson", "neumann", "onestep", "unroll"), default="fpi",
                    help="backward mode of fpi_gd / fpi_nn (default fpi: the exact implicit gradient)")
-    p.add_argument("--data-root", default=None, help="data folder (default $TORCHFPI_DATA or ../shared/data)")
+    p.add_argument("--data-root", default=None, help="data folder (default $TORCHFPI_DATA, then the per-user cache)")
     p.add_argument("--train-arff", default=None, help="ARFF file of the training split (e.g. Bookmarks)")
     p.add_argument("--test-arff", default=None, help="ARFF file of the test split")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto'")
@@ -61,17 +60,33 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    """Refuse non-positive sizes, tolerances and steps with a usage error naming the flag."""
+    """Refuse every bad flag with a usage error naming it, before any data is read."""
     import math
 
+    from torchfpi.cli import _checks
     from torchfpi.errors import UsageError
 
     for name in ("hidden", "energy_hidden", "unroll_steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
+        _checks.positive_int(getattr(args, name), f"--{name.replace('_', '-')}", maximum=1_000_000)
     if args.max_iter < 1:
         raise UsageError(f"--max-iter: expected a positive integer, got {args.max_iter}")
+    for name in ("epochs", "batch_size", "patience"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if args.pretrain_epochs < 0:
+        raise UsageError(f"--pretrain-epochs: expected >= 0, got {args.pretrain_epochs}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr: expected > 0, got {args.lr}")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction: expected a number in (0, 1), got {args.val_fraction}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps: expected >= 1, got {args.max_steps}")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise UsageError(f"--threads: expected >= 1, got {args.threads}" if args.threads < 1
+                         else f"--threads: expected at most 1024, got {args.threads}")
+    _checks.seed(args.seed)
+    if (args.train_arff is None) != (args.test_arff is None):
+        raise UsageError("--train-arff and --test-arff go together: give both or neither")
     for name in ("tol", "step_size"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -88,11 +103,16 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train and print the test F1."""
+    """Train and print the test F1. Every flag and output path is checked before the data is read."""
+    from torchfpi.cli import _checks
     from torchfpi.errors import UsageError
-    from torchfpi.io import atomic_write_json
+    from torchfpi.io import atomic_write_json, remove_stale_temp_files
     from torchfpi.runtime import require, resolve_device
 
+    _check_options(args)
+    device = resolve_device(args.device)
+    ckpt_dir = _checks.output_dir(args.checkpoint_dir, "--checkpoint-dir")
+    out = _checks.output_file(args.out, "--out", (".json",)) if args.out else None
     for module in ("numpy", "arff"):
         require(module)
     import torch
@@ -102,16 +122,6 @@ def run(args: argparse.Namespace) -> int:
     from torchfpi.apps.multilabel.recipes import model_config
     from torchfpi.data import load_multilabel
 
-    _check_options(args)
-    if (args.train_arff is None) != (args.test_arff is None):
-        raise UsageError("--train-arff and --test-arff go together: give both or neither")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UsageError(f"--max-steps: expected >= 1, got {args.max_steps}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads: expected >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
     train = load_multilabel(args.dataset, "train", root=args.data_root, path=args.train_arff)
     test = load_multilabel(args.dataset, "test", root=args.data_root, path=args.test_arff)
     if train.num_labels != test.num_labels or train.num_features != test.num_features:
@@ -119,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
             f"train and test files disagree: {train.num_features} vs {test.num_features} features, "
             f"{train.num_labels} vs {test.num_labels} labels"
         )
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     overrides = {
         k: v
         for k, v in dict(
@@ -157,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         model_cfg=model_cfg,
     )
     splits = make_splits(train, test, args.val_fraction)
-    ckpt = Path(args.checkpoint_dir) / f"{args.dataset}-{args.model}-seed{args.seed}.pt"
+    ckpt = ckpt_dir / f"{args.dataset}-{args.model}-seed{args.seed}.pt"
     with _distributed.session(device) as ctx:
         result = train_multilabel(
             cfg,
@@ -189,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         )
         + ")"
     )
-    if args.out:
-        atomic_write_json(result, args.out)
+    if out is not None:
+        remove_stale_temp_files(out.parent)
+        atomic_write_json(result, out)
     return 0

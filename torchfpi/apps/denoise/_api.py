@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -9,9 +10,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchfpi.apps._training import describe_exception
+from torchfpi.apps._weights import check_kind, read_weights, sigma_mismatch, weights_meta
 from torchfpi.apps.denoise._models import MODELS, build_model
 from torchfpi.errors import DataError, UsageError
 from torchfpi.io import PathLike, atomic_torch_save
+
+#: Smallest image side the denoisers accept (their filters reflect-pad the image by up to 3 pixels).
+MIN_IMAGE_SIDE = 8
+
+#: What the shipped and trained denoisers learned from (stored in their metadata).
+TRAINING_DATA = "Train400 crops with white Gaussian noise"
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 
@@ -37,6 +46,8 @@ def save_weights(export: Dict[str, Any], path: PathLike) -> None:
     """Write a trained model (``train()``'s export dict) as a small weights file (float32 state)."""
     slim = dict(export)
     slim["state_dict"] = {k: v.detach().float().clone() for k, v in export["state_dict"].items()}
+    slim["meta"] = weights_meta("denoise", export["kind"], export["config"], sigma=export["sigma"],
+                                data=TRAINING_DATA)
     atomic_torch_save(slim, path)
 
 
@@ -55,8 +66,13 @@ def load_denoiser(
         ``(model in eval mode, metadata)`` where metadata has kind, sigma, config and training record.
 
     Raises:
-        UsageError: unknown kind or no weights for this sigma (the message lists the ones there are).
-        DataError: the file is not a torchfpi denoiser weights file.
+        UsageError: unknown kind, no weights for this sigma (the message lists the ones there are),
+            or a file holding weights of another kind.
+        DataError: the file is not a torchfpi denoiser weights file (read with ``weights_only=True``:
+            a file holding other Python objects is refused unread).
+
+    Warns:
+        UserWarning: ``weights`` names a file trained for another sigma (the message names it).
     """
     if kind not in MODELS:
         raise UsageError(f"--model: expected one of {sorted(MODELS)}, got '{kind}'")
@@ -70,16 +86,20 @@ def load_denoiser(
                 f"(available: {', '.join(f'{s:g}' for s in have) or 'none'}); train them with "
                 f"'torchfpi train denoise --model {kind} --sigma {sigma:g}'"
             )
-    import pickle
-
+    blob = read_weights(path, "denoise", "torchfpi denoiser weights")
+    check_kind(blob, path, kind, "--model")
+    if weights is not None:  # a file the user chose: say so if it was trained for another noise level
+        text = sigma_mismatch(blob, path, sigma)
+        if text is not None:
+            warnings.warn(text, UserWarning, stacklevel=2)
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
         model = build_model(blob["kind"], blob["config"])
         model.load_state_dict(blob["state_dict"])
-    except (KeyError, RuntimeError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise DataError(f"'{path}' is not a torchfpi denoiser weights file ({exc})") from exc
+    except (KeyError, RuntimeError, TypeError, ValueError, UsageError) as exc:
+        raise DataError(f"'{path}' is not a torchfpi denoiser weights file ({describe_exception(exc)})") from exc
     model.eval()
     meta = {k: blob.get(k) for k in ("kind", "sigma", "config")}
+    meta["meta"] = blob["meta"]
     train = blob.get("train", {})
     meta["train"] = {k: train.get(k) for k in ("steps", "seconds", "best", "settings")}
     meta["weights"] = str(path)
@@ -91,7 +111,15 @@ def denoise_array(
     model: nn.Module, noisy: np.ndarray, sigma: float, tol: Optional[float] = None,
     max_iter: Optional[int] = None,
 ) -> Tuple[np.ndarray, Dict[str, float]]:
-    """Denoise one ``(H, W)`` [0, 255] image; returns the estimate (not clipped) and solve stats."""
+    """Denoise one ``(H, W)`` [0, 255] image; returns the estimate (not clipped) and solve stats.
+
+    Raises:
+        UsageError: ``noisy`` is not 2-D or a side is shorter than :data:`MIN_IMAGE_SIDE`.
+    """
+    shape = np.shape(noisy)
+    if len(shape) != 2 or min(shape) < MIN_IMAGE_SIDE:
+        raise UsageError(f"image: expected a 2-D grey image of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} "
+                         f"pixels, got shape {tuple(shape)}")
     y = torch.tensor(np.asarray(noisy, dtype=np.float64) / 255.0, dtype=torch.float32)[None, None]
     kw = {}
     if tol is not None and model.kind != "unrolled":

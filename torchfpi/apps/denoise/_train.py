@@ -31,6 +31,7 @@ from torchfpi.apps._training import NonFiniteGuard, load_checkpoint, save_checkp
 from torchfpi.apps.denoise._models import build_model
 from torchfpi.data.images import load_folder
 from torchfpi.errors import DataError, UsageError
+from torchfpi.io import remove_stale_temp_files
 from torchfpi.runtime import rng_state, seed_everything, set_rng_state
 
 #: Default model configurations (JSON-able; stored in checkpoints and weights).
@@ -176,6 +177,44 @@ def _validate(model: nn.Module, clean: Tensor, noisy: Tensor, ctx: DistContext) 
     return ctx.reduce_mean(evaluate(model, clean[rows], noisy[rows]), weight=float(len(rows)))
 
 
+def check_training_data(cfg: TrainConfig, train_dir: Path, limit_images: Optional[int] = None) -> int:
+    """Check the settings against the images before anything is loaded; return the image count.
+
+    Reads only the image headers: the count must leave training images after ``cfg.val_images``
+    validation images, and ``cfg.crop`` must fit in every image used.
+
+    Raises:
+        DataError: no image folder, or no PNG in it (the message names the folder).
+        UsageError: ``limit_images < 1``, too few images for ``val_images``, or a crop larger than
+            an image (the message names the flag and the limit).
+    """
+    from PIL import Image
+
+    from torchfpi.data.images import list_images
+
+    if limit_images is not None and limit_images < 1:
+        raise UsageError(f"--limit-images: expected a positive integer, got {limit_images}")
+    files = list_images(train_dir)
+    if limit_images is not None:
+        files = files[:limit_images]
+    if len(files) <= cfg.val_images:
+        raise UsageError(f"--val-images: {cfg.val_images} validation images leave none of the {len(files)} "
+                         f"training images in '{train_dir}'; expected at most {len(files) - 1}")
+    smallest = None
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                w, h = im.size
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"'{f}' is not a readable image file ({exc})") from exc
+        if smallest is None or min(h, w) < min(smallest):
+            smallest = (h, w)
+    if smallest is not None and cfg.crop > min(smallest):
+        raise UsageError(f"--crop: {cfg.crop} is larger than the smallest training image "
+                         f"({smallest[0]}x{smallest[1]} in '{train_dir}'); expected at most {min(smallest)}")
+    return len(files)
+
+
 def train(
     cfg: TrainConfig,
     train_dir: Path,
@@ -201,7 +240,8 @@ def train(
 
     Raises:
         DataError: if ``resume`` and the checkpoint is unreadable or incomplete.
-        UsageError: if ``cfg.dtype`` is unknown.
+        UsageError: if ``cfg.dtype`` is unknown, or the images do not fit the settings
+            (:func:`check_training_data`).
     """
     ctx = ctx or DistContext()
     if not ctx.is_main:
@@ -209,11 +249,12 @@ def train(
     if cfg.dtype not in DTYPES:
         raise UsageError(f"--dtype: expected one of {list(DTYPES)}, got '{cfg.dtype}'")
     dtype = DTYPES[cfg.dtype]
+    check_training_data(cfg, train_dir, limit_images)
+    if ctx.is_main:
+        remove_stale_temp_files(checkpoint.parent)
     torch.set_num_threads(cfg.threads)
     gen = seed_everything(cfg.seed)
     images = _to_tensor(load_folder(train_dir, limit=limit_images), dtype)
-    if len(images) <= cfg.val_images:
-        raise ValueError(f"val_images: need fewer than the {len(images)} training images, got {cfg.val_images}")
     train_imgs, val_imgs = images[: -cfg.val_images], images[-cfg.val_images:]
     val_clean, val_noisy = validation_set(val_imgs, cfg.crop, cfg.sigma)
     mcfg = {**DEFAULT_CONFIGS[cfg.model], **cfg.model_config}
@@ -252,7 +293,9 @@ def train(
         skipped = ck.get("skipped_updates", 0)
         commands = list(ck.get("commands", []))
         guard.skipped = ck.get("nonfinite_skipped", 0)
-        log(f"resumed from {checkpoint} at step {step}")
+        log(f"--resume: resumed from '{checkpoint}' at step {step} of {cfg.steps}")
+    elif resume:
+        log(f"--resume: no checkpoint at '{checkpoint}': starting a fresh run")
     if command:
         commands.append(command)
     net = wrap(model, ctx)  # after loading: DDP starts by broadcasting rank 0's weights

@@ -33,6 +33,7 @@ from torchfpi.apps._training import (
     load_checkpoint,
     save_checkpoint,
 )
+from torchfpi.apps._weights import read_weights, weights_meta
 from torchfpi.apps.flow import _ops
 from torchfpi.apps.flow.synthetic import TextureBank, batch_epe, default_texture_folder, make_batch
 from torchfpi.apps.flow.variational import VariationalFlow
@@ -104,29 +105,38 @@ class RefinedFlow(nn.Module):
         return flow, info
 
 
-def save_refined(model: RefinedFlow, path: Path, extra: Optional[Dict[str, Any]] = None) -> None:
-    """Save base and refinement weights with their configs, atomically."""
+def save_refined(model: RefinedFlow, path: Path, extra: Optional[Dict[str, Any]] = None,
+                 procedural: bool = False) -> None:
+    """Save base and refinement weights with their configs and metadata, atomically."""
+    from torchfpi.apps.flow.train import training_data
+
+    arch = {"flow_config": asdict(model.base.config), "refine_config": asdict(model.config)}
     blob = {"base": model.base.state_dict(), "flow_config": asdict(model.base.config),
-            "update": model.update.state_dict(), "refine_config": asdict(model.config), **(extra or {})}
+            "update": model.update.state_dict(), "refine_config": asdict(model.config), **(extra or {}),
+            "meta": weights_meta("flow", "fpi_nn", arch, data=training_data(procedural))}
     io.atomic_torch_save(blob, path)
 
 
 def load_refined(path: Path) -> RefinedFlow:
-    """Load what :func:`save_refined` wrote."""
+    """Load what :func:`save_refined` wrote (``weights_only=True``: never runs code from the file).
+
+    Raises:
+        FileNotFoundError: no such file.
+        DataError: not a torchfpi flow weights file, or ``fpi_gd`` weights (use ``--method fpi_gd``).
+    """
     from torchfpi.apps.flow.variational import FlowConfig
 
+    blob = read_weights(path, "flow", "torchfpi flow weights")
+    if blob["meta"].get("kind") != "fpi_nn":
+        raise errors.DataError(f"'{path}' holds {blob['meta'].get('kind')} flow weights, not fpi_nn: use them "
+                               f"with --method {blob['meta'].get('kind')}")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # torch.load raises many types on a bad file
-        raise errors.DataError(f"'{path}': cannot read fpi_nn flow weights ({describe_exception(exc)})") from exc
-    if not isinstance(blob, dict) or "update" not in blob:
-        raise errors.DataError(f"'{path}': not a torchfpi fpi_nn flow weights file")
-    base = VariationalFlow(FlowConfig(**blob["flow_config"]))
-    base.load_state_dict(blob["base"])
-    model = RefinedFlow(base, RefineConfig(**blob["refine_config"]))
-    model.update.load_state_dict(blob["update"])
+        base = VariationalFlow(FlowConfig(**blob["flow_config"]))
+        base.load_state_dict(blob["base"])
+        model = RefinedFlow(base, RefineConfig(**blob["refine_config"]))
+        model.update.load_state_dict(blob["update"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise errors.DataError(f"'{path}' is not a torchfpi flow weights file ({describe_exception(exc)})") from exc
     return model
 
 
@@ -208,6 +218,7 @@ def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pai
     quiet = quiet or not ctx.is_main
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        io.remove_stale_temp_files(out_dir)
     tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     base = base.to(tdtype)
     settings = {"pairs": pairs, "val_pairs": val_pairs, "size": size, "steps": steps, "batch_size": batch_size,
@@ -225,7 +236,14 @@ def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pai
                                                 "settings", "base"))
         _check_resumable(ckpt, state, settings, base)
     gen = runtime.seed_everything(seed + 1)
-    bank = TextureBank(default_texture_folder(data_root))
+    folder = default_texture_folder(data_root)
+    if not quiet:
+        print(f"textures: {'procedural noise (no data set)' if folder is None else folder}", flush=True)
+        if state is not None:
+            print(f"--resume: resumed from '{ckpt}' at step {state['step']} of {steps}", flush=True)
+        elif resume:
+            print(f"--resume: no checkpoint at '{ckpt}': starting a fresh run", flush=True)
+    bank = TextureBank(folder)
     t0 = time.time()
     train_set = _precompute(pairs, size, gen, bank, max_motion, base, tdtype, ctx)
     val_set = _precompute(val_pairs, size, torch.Generator().manual_seed(20_000 + seed), bank, max_motion,
@@ -262,7 +280,7 @@ def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pai
         history = [{"step": 0, "val_epe": evaluate()}]
         best = dict(history[0])
         if ctx.is_main:
-            save_refined(model, out_dir / "best_nn.pt", {"val_epe": best["val_epe"], "step": 0})
+            save_refined(model, out_dir / "best_nn.pt", {"val_epe": best["val_epe"], "step": 0}, folder is None)
     if not quiet:
         print(f"fpi_nn: data ready in {time.time() - t0:.0f} s; step {step} val EPE {history[-1]['val_epe']:.4f}",
               flush=True)
@@ -306,7 +324,7 @@ def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pai
             if v < best["val_epe"]:
                 best = {"step": step, "val_epe": v}
                 if ctx.is_main and first_nonfinite(model.update.state_dict()) is None:
-                    save_refined(model, out_dir / "best_nn.pt", {"val_epe": v, "step": step})
+                    save_refined(model, out_dir / "best_nn.pt", {"val_epe": v, "step": step}, folder is None)
         if validate or step % every == 0:
             save_checkpoint({
                 "model": model.update.state_dict(), "optimizer": opt.state_dict(), "rng": runtime.rng_state(),
@@ -314,7 +332,8 @@ def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pai
                 "best": best, "skipped": guard.skipped, "settings": settings, "base": model.base.state_dict(),
                 "metrics": {"train_loss": train_loss} if math.isfinite(train_loss) else {}}, ckpt, ctx)  # fmt: skip
     bar.close()
-    summary = {"best": best, "history": history, "seconds": round(time.time() - t0, 1), "settings": settings,
+    summary = {"textures": str(folder) if folder is not None else "procedural", "procedural": folder is None,
+               "best": best, "history": history, "seconds": round(time.time() - t0, 1), "settings": settings,
                "skipped_steps": guard.skipped, "world_size": ctx.world_size,
                "refine_config": asdict(model.config), "command": command, "machine": runtime.machine_info()}
     if ctx.is_main:

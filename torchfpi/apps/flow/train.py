@@ -24,6 +24,7 @@ from torchfpi.apps._training import (
     load_checkpoint,
     save_checkpoint,
 )
+from torchfpi.apps._weights import read_weights, weights_meta
 from torchfpi.apps.flow.synthetic import TextureBank, batch_epe, default_texture_folder, make_batch
 from torchfpi.apps.flow.variational import FlowConfig, VariationalFlow
 
@@ -61,23 +62,39 @@ def evaluate(model: VariationalFlow, val: tuple, ctx: Optional[DistContext] = No
 
 
 def load_weights(path: Path, device: Optional[torch.device] = None) -> VariationalFlow:
-    """Load a :class:`VariationalFlow` saved by :func:`save_weights` (or a training checkpoint)."""
+    """Load a :class:`VariationalFlow` saved by :func:`save_weights`.
+
+    Read with ``weights_only=True``: a file holding other Python objects is refused unread.
+
+    Raises:
+        FileNotFoundError: no such file.
+        DataError: not a torchfpi flow weights file, or the weights of the ``fpi_nn`` refinement
+            (the message says to use ``--method fpi_nn``).
+    """
+    blob = read_weights(path, "flow", "torchfpi flow weights")
+    if blob["meta"].get("kind") != "fpi_gd":
+        raise errors.DataError(f"'{path}' holds {blob['meta'].get('kind')} flow weights, not fpi_gd: use them "
+                               f"with --method {blob['meta'].get('kind')}")
     try:
-        blob = torch.load(path, map_location=device or "cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # torch.load raises many types (pickle, zip, runtime) on a bad file
-        raise errors.DataError(f"'{path}': cannot read flow weights ({describe_exception(exc)})") from exc
-    if not isinstance(blob, dict) or "model" not in blob or "flow_config" not in blob:
-        raise errors.DataError(f"'{path}': not a torchfpi flow weights file (keys 'model', 'flow_config' missing)")
-    model = VariationalFlow(FlowConfig(**blob["flow_config"]))
-    model.load_state_dict(blob["model"])
+        model = VariationalFlow(FlowConfig(**blob["flow_config"]))
+        model.load_state_dict(blob["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise errors.DataError(f"'{path}' is not a torchfpi flow weights file ({describe_exception(exc)})") from exc
     return model.to(device or "cpu")
 
 
-def save_weights(model: VariationalFlow, path: Path, extra: Optional[Dict[str, Any]] = None) -> None:
-    """Save the learned scalars and the solver config (a few kB), atomically."""
-    blob = {"model": model.state_dict(), "flow_config": asdict(model.config), **(extra or {})}
+#: What the flow models learned from (stored in their weights' metadata).
+def training_data(procedural: bool) -> str:
+    """The ``data`` entry of the weights' metadata."""
+    return ("synthetic pairs on procedural noise textures" if procedural
+            else "synthetic pairs on Train400 image textures")
+
+
+def save_weights(model: VariationalFlow, path: Path, extra: Optional[Dict[str, Any]] = None,
+                 procedural: bool = False) -> None:
+    """Save the learned scalars, the solver config and their metadata (a few kB), atomically."""
+    blob = {"model": model.state_dict(), "flow_config": asdict(model.config), **(extra or {}),
+            "meta": weights_meta("flow", "fpi_gd", asdict(model.config), data=training_data(procedural))}
     io.atomic_torch_save(blob, path)
 
 
@@ -103,8 +120,13 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
     quiet = quiet or not ctx.is_main
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        io.remove_stale_temp_files(out_dir)
     gen = runtime.seed_everything(config.seed)
-    bank = TextureBank(default_texture_folder(data_root), limit=config.textures)
+    folder = default_texture_folder(data_root)
+    textures = str(folder) if folder is not None else "procedural"
+    if not quiet:
+        print(f"textures: {'procedural noise (no data set)' if folder is None else folder}", flush=True)
+    bank = TextureBank(folder, limit=config.textures)
     val_gen = torch.Generator().manual_seed(10_000 + config.seed)
     val = make_batch(config.val_pairs, config.size, config.size, val_gen, bank, config.max_motion)
     val_rows = ctx.shard(config.val_pairs, epoch=0, seed=config.seed, shuffle=False)
@@ -130,13 +152,17 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
         gen.set_state(state["generator"])
         step, history, best = state["step"], state["history"], state["best"]
         guard.skipped = state.get("skipped", 0)
+        if not quiet:
+            print(f"--resume: resumed from '{ckpt}' at step {step} of {config.steps}", flush=True)
     else:
+        if resume and not quiet:
+            print(f"--resume: no checkpoint at '{ckpt}': starting a fresh run", flush=True)
         step = 0
         v0 = evaluate(model, val, ctx)
         best = {"val_epe": v0, "step": 0, "params": model.describe()}
         history = [{"step": 0, "val_epe": v0}]
         if ctx.is_main:
-            save_weights(model, out_dir / "best.pt", {"val_epe": v0, "step": 0})
+            save_weights(model, out_dir / "best.pt", {"val_epe": v0, "step": 0}, folder is None)
     ddp_model = wrap(model, ctx)  # after loading: DDP starts by broadcasting rank 0's weights
     rows = ctx.shard(config.batch_size, epoch=0, seed=config.seed, shuffle=False)
     bar = tqdm(total=config.steps, initial=step, disable=quiet or not sys.stderr.isatty(), desc="train flow")
@@ -169,7 +195,7 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
             if v < best["val_epe"]:
                 best = {"val_epe": v, "step": step, "params": model.describe()}
                 if ctx.is_main and first_nonfinite(model.state_dict()) is None:
-                    save_weights(model, out_dir / "best.pt", {"val_epe": v, "step": step})
+                    save_weights(model, out_dir / "best.pt", {"val_epe": v, "step": step}, folder is None)
         if validate or step % every == 0:
             save_checkpoint({
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -178,6 +204,7 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
                 "metrics": {"train_epe": train_epe} if math.isfinite(train_epe) else {}}, ckpt, ctx)  # fmt: skip
     bar.close()
     summary = {"config": asdict(config), "flow_config": asdict(model.config), "best": best,
+               "textures": textures, "procedural": folder is None,
                "history": history, "skipped_steps": guard.skipped, "world_size": ctx.world_size,
                "seconds": round(time.time() - t0, 1), "command": command,
                "machine": runtime.machine_info()}

@@ -27,7 +27,6 @@ import torch
 from torchfpi.apps._distributed import DistContext, wrap
 from torchfpi.apps._training import (
     NonFiniteGuard,
-    describe_exception,
     first_nonfinite,
     load_checkpoint,
     save_checkpoint,
@@ -40,7 +39,7 @@ from torchfpi.apps.multilabel.metrics import (
 )
 from torchfpi.apps.multilabel.models import MODELS, ModelConfig, MultiLabelModel
 from torchfpi.errors import DataError, UsageError
-from torchfpi.io import atomic_torch_save
+from torchfpi.io import atomic_torch_save, remove_stale_temp_files, safe_load
 from torchfpi.runtime import machine_info, rng_state, seed_everything, set_rng_state
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -233,6 +232,8 @@ def train_multilabel(
     ctx = ctx or DistContext()
     if not ctx.is_main:
         log, progress = (lambda msg: None), False
+    if checkpoint is not None and ctx.is_main:
+        remove_stale_temp_files(checkpoint.parent)
     gen = seed_everything(cfg.seed)
     dev = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
@@ -272,11 +273,12 @@ def train_multilabel(
         guard.skipped = ck.get("skipped", 0)
         if best_path is not None and best_path.exists():
             try:
-                best_state = torch.load(best_path, map_location=dev, weights_only=True)
-            except Exception as exc:  # torch.load raises pickle, zip and runtime errors on a bad file
-                raise DataError(f"best weights '{best_path}' are unreadable ({describe_exception(exc)}): "
-                                "delete them and the checkpoint, or train without --resume") from exc
-        log(f"resumed from {checkpoint} at epoch {start_epoch}")
+                best_state = safe_load(best_path, "best-weights", map_location=dev)
+            except DataError as exc:
+                raise DataError(f"{exc}: delete it and the checkpoint, or train without --resume") from exc
+        log(f"--resume: resumed from '{checkpoint}' at epoch {start_epoch} (step {step})")
+    elif resume:
+        log(f"--resume: no checkpoint at '{checkpoint}': starting a fresh run")
     net = wrap(model, ctx)  # after loading: DDP starts by broadcasting rank 0's weights
     # Unary-only pretraining goes through its own DDP wrapper of the unary MLP, so its gradients
     # are reduced too. Each wrapper's reducer acts only in the backward of a forward through it.
