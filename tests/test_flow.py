@@ -243,7 +243,7 @@ def test_train_and_resume(tmp_path):
     model = load_weights(tmp_path / "best.pt")
     assert isinstance(model, VariationalFlow)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(DataError, match="cannot read flow weights"):
+    with pytest.raises(DataError, match="is not a torchfpi flow weights file"):
         load_weights(tmp_path / "junk.pt")
 
 
