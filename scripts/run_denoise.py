@@ -35,7 +35,7 @@ from torchfpi.data.images import (
     read_grey_png,
     ssim,
 )
-from torchfpi.io import atomic_write_json, data_root, read_json
+from torchfpi.io import atomic_write_bytes, atomic_write_json, data_root, read_json
 from torchfpi.runtime import machine_info
 
 METHODS = ("noisy", "tv", "bm3d", "fpi_gd", "unrolled", "fpi_nn")
@@ -248,10 +248,17 @@ def _figure(results: Dict[str, Any], args: argparse.Namespace, files: List[Path]
         ax.axis("off")
     fig.suptitle(f"BSD68 {files[i].name}, sigma {sigma:g} (PSNR of the whole image)", fontsize=10)
     fig.tight_layout()
-    Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.figure, dpi=110)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(args.figure, buf.getvalue())
     print(f"figure -> {args.figure}", flush=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from torchfpi.cli import run_guarded
+
+    # a missing data set or a bad file is one line and exit 1, not a traceback
+    sys.exit(run_guarded(lambda: main(sys.argv[1:]), prog="run_denoise.py"))

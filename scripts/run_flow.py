@@ -26,7 +26,7 @@ from torchfpi.apps.flow.refine import load_refined
 from torchfpi.apps.flow.train import load_weights
 from torchfpi.apps.flow.variational import VariationalFlow
 from torchfpi.data.flo import end_point_error, flow_to_color, valid_mask
-from torchfpi.io import atomic_write_json, data_root, read_json
+from torchfpi.io import atomic_write_bytes, atomic_write_json, data_root, read_json
 from torchfpi.runtime import machine_info
 
 METHODS = ("fpi_gd", "fpi_nn", "horn_schunck", "farneback", "dis", "fpi_gd_init")
@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     for m in methods:
         if m not in METHODS:
             parser.error(f"--methods: unknown method {m!r}, expected some of {METHODS}")
+    for seq in _ops.MIDDLEBURY_GT_SEQUENCES:  # every pair is there before any work
+        _ops.load_middlebury(root, seq)
     out = Path(args.out)
     results = {} if args.force else read_json(out, default={})
     results.setdefault("methods", {})
@@ -136,10 +138,16 @@ def _figure(path: Path, seq: str, frame: np.ndarray, gt: np.ndarray, flows: dict
         ax.axis("off")
     fig.suptitle(f"Middlebury {seq} (colour scale: max |gt| = {scale:.1f} px)", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from torchfpi.cli import run_guarded
+
+    # a missing data set or a bad file is one line and exit 1, not a traceback
+    sys.exit(run_guarded(lambda: main(sys.argv[1:]), prog="run_flow.py"))

@@ -234,4 +234,7 @@ def main(argv: List[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from torchfpi.cli import run_guarded
+
+    # a missing data set or a bad file is one line and exit 1, not a traceback
+    sys.exit(run_guarded(lambda: main(sys.argv[1:]), prog="run_multilabel.py"))

@@ -17,7 +17,7 @@ import os
 import shlex
 import sys
 import warnings
-from typing import List, NoReturn, Optional, Sequence, TextIO
+from typing import Callable, List, NoReturn, Optional, Sequence, TextIO
 
 _COMMAND_MODULES = ("_demo", "_gradcheck", "_multilabel", "_denoise", "_flow", "_bench")
 
@@ -51,13 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``) and return its exit code."""
-    from torchfpi.errors import DataError, FixedPointError, MissingExtraError, UsageError
-
-    def one_line(exc: BaseException) -> str:
-        # Every failure is reported in one line, whatever the exception's message holds.
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        return lines[0] if lines else type(exc).__name__
-
     parser = build_parser()
     args: List[str] = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -65,41 +58,60 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code) if isinstance(exc.code, int) else 2
     ns.command_line = "torchfpi " + shlex.join(args)  # recorded in results (the argv given, not sys.argv)
+    return run_guarded(lambda: int(ns.func(ns) or 0))
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message: every failure is reported in one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def run_guarded(call: Callable[[], int], prog: str = "torchfpi") -> int:
+    """Run ``call()`` and turn every failure into one line on stderr and an exit code.
+
+    :class:`~torchfpi.errors.UsageError` gives 2; data, solver, NaN, file-system and any other
+    errors give 1 (an unexpected one says so, and ``$TORCHFPI_TRACEBACK=1`` shows its traceback);
+    Ctrl-C gives 130. Warnings are printed as one line each (``PROG: warning: ...``); the warning
+    filters stay the caller's. The command line and the scripts in ``scripts/`` run through it.
+
+    Example:
+        >>> run_guarded(lambda: 0)
+        0
+    """
+    from torchfpi.errors import DataError, FixedPointError, MissingExtraError, UsageError
+
+    def show(message: Warning | str, category: type, filename: str, lineno: int,
+             file: Optional[TextIO] = None, line: Optional[str] = None) -> None:
+        print(f"{prog}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
     with warnings.catch_warnings():
-        # A warning is one line on stderr too ("torchfpi: warning: ..."); the filters stay the
-        # caller's (python -W error turns it into an error, reported in one line below).
-        warnings.showwarning = _show_warning
+        warnings.showwarning = show
         try:
-            return int(ns.func(ns) or 0)
+            return call()
         except UsageError as exc:
-            print(f"torchfpi: error: {one_line(exc)}", file=sys.stderr)
+            print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
             return 2
         except (DataError, MissingExtraError, FixedPointError, FloatingPointError) as exc:
-            print(f"torchfpi: error: {one_line(exc)}", file=sys.stderr)
+            print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
             return 1
         except OSError as exc:  # missing file, permission, disk full, ...
             where = f": '{exc.filename}'" if exc.filename else ""
-            print(f"torchfpi: error: {exc.strerror or one_line(exc)}{where}", file=sys.stderr)
+            print(f"{prog}: error: {exc.strerror or _one_line(exc)}{where}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print("torchfpi: interrupted", file=sys.stderr)
+            print(f"{prog}: interrupted", file=sys.stderr)
             return 130
         except Exception as exc:  # anything else: still one line, and how to see the traceback
             if os.environ.get(_TRACEBACK_ENV):
                 raise
-            print(f"torchfpi: error: unexpected {type(exc).__name__}: {one_line(exc)} (a bug: please "
+            print(f"{prog}: error: unexpected {type(exc).__name__}: {_one_line(exc)} (a bug: please "
                   f"report it; set {_TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
             return 1
 
 
 #: Set to see the traceback of an unexpected error instead of its one-line summary.
 _TRACEBACK_ENV = "TORCHFPI_TRACEBACK"
-
-
-def _show_warning(message: Warning | str, category: type, filename: str, lineno: int,
-                  file: Optional[TextIO] = None, line: Optional[str] = None) -> None:
-    text = " ".join(str(message).split())
-    print(f"torchfpi: warning: {text}", file=file or sys.stderr)
 
 
 def entry() -> None:

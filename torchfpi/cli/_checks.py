@@ -79,6 +79,8 @@ def output_file(path: str, flag: str, suffixes: Optional[Iterable[str]] = None) 
         flag: the flag that gave it, for messages.
         suffixes: accepted extensions (lower case, with the dot); None: any.
     """
+    if not str(path) or str(path).endswith(("/", os.sep)):
+        raise UsageError(f"{flag}: '{path}' names a folder, expected a file name")
     target = Path(path).expanduser()
     if suffixes is not None:
         allowed = tuple(suffixes)
@@ -97,6 +99,8 @@ def output_file(path: str, flag: str, suffixes: Optional[Iterable[str]] = None) 
 
 def output_dir(path: str, flag: str) -> Path:
     """Check that ``path`` is, or can be created as, a folder that accepts files; return it."""
+    if not str(path):
+        raise UsageError(f"{flag}: expected a folder name, got ''")
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
         raise UsageError(f"{flag}: '{target}' is a file, expected a folder")
