@@ -269,7 +269,7 @@ def test_cli_train_and_denoise(data_dir: Path, tmp_path: Path, capsys) -> None:
     args = ["train", "denoise", "--data-root", str(data_dir), "--steps", "2", "--batch-size", "2",
             "--crop", "24", "--val-images", "2", "--checkpoint", str(w / "ck.pt"), "--quiet", "--resume"]
     assert main(args) == 0
-    record = torch.load(w / "denoise_fpi_gd_s25.pt", weights_only=False)["train"]
+    record = torch.load(w / "denoise_fpi_gd_s25.pt", weights_only=True)["train"]
     assert [c.split()[:3] for c in record["commands"]] == [["torchfpi", "train", "denoise"]] * 2
     assert record["commands"][-1].endswith("--quiet --resume") and record["command"] == record["commands"][-1]
     src = data_dir / "denoise" / "BSD68" / "img_000.png"
@@ -285,10 +285,10 @@ def test_cli_fpi_gd_from_unrolled_energy(data_dir: Path, tmp_path: Path, capsys)
               "--val-images", "2", "--quiet"]
     assert main(["train", "denoise", "--model", "unrolled", *common, "--unroll-steps", "2",
                  "--checkpoint", str(w / "u.pt")]) == 0
-    unrolled = torch.load(w / "denoise_unrolled_s25.pt", weights_only=False)
+    unrolled = torch.load(w / "denoise_unrolled_s25.pt", weights_only=True)
     assert main(["train", "denoise", "--model", "fpi_gd", *common, "--init", str(w / "denoise_unrolled_s25.pt"),
                  "--calibrate-data-weight", "--tol", "1e-3", "--checkpoint", str(w / "g.pt")]) == 0
-    blob = torch.load(w / "denoise_fpi_gd_s25.pt", weights_only=False)
+    blob = torch.load(w / "denoise_fpi_gd_s25.pt", weights_only=True)
     assert blob["kind"] == "fpi_gd" and "log_step" not in blob["state_dict"]
     assert blob["train"]["calibration"]["chosen_offset"] in blob["train"]["calibration"]["offsets"]
     assert blob["config"]["energy"] == unrolled["config"]["energy"]
@@ -326,12 +326,12 @@ def test_cli_grows_the_filter_bank_of_init_weights(data_dir: Path, tmp_path: Pat
               "--val-images", "2", "--quiet", "--tol", "1e-3"]
     assert main(["train", "denoise", *common, "--filters", "8", "--kernel-size", "3",
                  "--checkpoint", str(tmp_path / "a.pt")]) == 0
-    small = torch.load(tmp_path / "denoise_fpi_gd_s25.pt", weights_only=False)
+    small = torch.load(tmp_path / "denoise_fpi_gd_s25.pt", weights_only=True)
     assert small["config"]["energy"]["n_filters"] == 8 and small["state_dict"]["energy.weight"].shape == (8, 1, 3, 3)
     assert main(["train", "denoise", *common, "--init", str(tmp_path / "denoise_fpi_gd_s25.pt"),
                  "--filters", "12", "--kernel-size", "5", "--checkpoint", str(tmp_path / "b.pt"),
                  "--export", str(tmp_path / "big.pt")]) == 0
-    big = torch.load(tmp_path / "big.pt", weights_only=False)
+    big = torch.load(tmp_path / "big.pt", weights_only=True)
     assert big["config"]["energy"]["n_filters"] == 12 and big["config"]["energy"]["kernel_size"] == 5
     assert big["state_dict"]["energy.weight"].shape == (12, 1, 5, 5)
 

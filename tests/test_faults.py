@@ -40,7 +40,7 @@ def _restore_threads():
 
 
 def _state(run: Path) -> dict:
-    return torch.load(run / "checkpoint.pt", weights_only=False)
+    return torch.load(run / "checkpoint.pt", weights_only=True)
 
 
 def _history(run: Path) -> list:
@@ -288,7 +288,7 @@ def _ml_args(tmp_path: Path, rows: int) -> list:
 
 
 def _ml_state(ck: Path) -> dict:
-    return torch.load(ck / "bibtex-fpi_gd-seed0.pt", weights_only=False)
+    return torch.load(ck / "bibtex-fpi_gd-seed0.pt", weights_only=True)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -406,7 +406,7 @@ def _dn_args(tmp_path: Path, model: str = "unrolled") -> list:
 
 
 def _dn_state(path: Path) -> dict:
-    return torch.load(path, weights_only=False)
+    return torch.load(path, weights_only=True)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -488,7 +488,7 @@ NN = ["train", "flow", "--model", "fpi_nn", "--procedural", "--size", "32", "--p
 
 
 def _nn_state(run: Path) -> dict:
-    return torch.load(run / "checkpoint_nn.pt", weights_only=False)
+    return torch.load(run / "checkpoint_nn.pt", weights_only=True)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

@@ -106,7 +106,7 @@ def test_checkpoint_and_resume(tmp_path, tiny_bibtex):
     with pytest.raises(UsageError, match="other options"):
         train_multilabel(TrainConfig(model="fpi_gd", epochs=2, batch_size=64, model_cfg=SMALL, lr=0.1),
                          tiny_bibtex, checkpoint=ck, resume=True, log=lambda m: None)
-    ck_state = torch.load(ck, weights_only=False)
+    ck_state = torch.load(ck, weights_only=True)
     ck_state["config"]["epochs"] = 2
     torch.save(ck_state, ck)
     resumed = train_multilabel(cfg, tiny_bibtex, checkpoint=ck, resume=True, log=lambda m: None)

@@ -151,7 +151,7 @@ class NonFiniteGuard:
             what = f"the loss is {float(loss.detach().flatten()[0])}"
         else:
             for p in params:
-                if not bool(torch.isfinite(p.grad).all()):
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                     what = "a gradient holds NaN/Inf"
                     break
         what = self._reduce(what, "another process met a non-finite loss or gradient")

@@ -227,7 +227,7 @@ def run_flow(args: argparse.Namespace) -> int:
         if target is not None:
             remove_stale_temp_files(target.parent)
     if out is not None:
-        write_flo(out, flow[0])
+        write_flo(out, flow[0].numpy().transpose(1, 2, 0))
     if png is not None:
         write_flow_png(png, flow[0])
     if not args.quiet:

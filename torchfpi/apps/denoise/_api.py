@@ -121,12 +121,12 @@ def denoise_array(
         raise UsageError(f"image: expected a 2-D grey image of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} "
                          f"pixels, got shape {tuple(shape)}")
     y = torch.tensor(np.asarray(noisy, dtype=np.float64) / 255.0, dtype=torch.float32)[None, None]
-    kw = {}
+    kw: Dict[str, Any] = {}
     if tol is not None and model.kind != "unrolled":
         kw["tol"] = tol
     if max_iter is not None and model.kind != "unrolled":
         kw["max_iter"] = max_iter
     out = model(y, **kw)
-    info = model.last_info
+    info: Any = model.last_info
     return out[0, 0].double().numpy() * 255.0, {
         "forward_iterations": float(info.iterations), "residual": float(info.residual)}

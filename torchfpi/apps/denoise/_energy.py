@@ -28,7 +28,7 @@ computed with one ``conv2d`` and one ``conv_transpose2d``; autograd differentiat
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +133,14 @@ class _PriorGradZ(torch.autograd.Function):
         return hv, None
 
 
+def _total(terms: List[Tensor]) -> Tensor:
+    """``terms[0] + terms[1] + ...`` in order (what ``sum`` computes, typed as a tensor)."""
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
 class FoEEnergy(nn.Module):
     """Fields-of-Experts energy ``E(z, y)`` (see the module docstring for the equation).
 
@@ -198,13 +206,13 @@ class FoEEnergy(nn.Module):
         """``phi_k'(r)`` for responses ``r`` of shape ``(B, K, H', W')``."""
         alpha, scale2 = self._penalty_params()
         r2 = r * r
-        return sum(2.0 * alpha[m] * r / (scale2[m] + r2) for m in range(self.n_mixture))
+        return _total([2.0 * alpha[m] * r / (scale2[m] + r2) for m in range(self.n_mixture)])
 
     def curvature(self, r: Tensor) -> Tensor:
         """``phi_k''(r) = sum_m 2 alpha_km (s_km^2 - r^2) / (s_km^2 + r^2)^2`` for ``(B, K, H', W')``."""
         alpha, scale2 = self._penalty_params()
         r2 = r * r
-        return sum(2.0 * alpha[m] * (scale2[m] - r2) / (scale2[m] + r2) ** 2 for m in range(self.n_mixture))
+        return _total([2.0 * alpha[m] * (scale2[m] - r2) / (scale2[m] + r2) ** 2 for m in range(self.n_mixture)])
 
     def _adjoint(self, u: Tensor, w: Tensor) -> Tensor:
         """``sum_k w_k^T u_k`` for ``u`` of shape ``(B, K, H', W')``: ``(B, 1, H, W)``."""

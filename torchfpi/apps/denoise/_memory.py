@@ -37,8 +37,11 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
     n = int(spec["iterations"])
     energy = FoEEnergy(**spec.get("energy", {}))
     if spec.get("weights"):
-        state = torch.load(spec["weights"], map_location="cpu", weights_only=False)["state_dict"]
+        from torchfpi.apps._weights import read_weights
+
+        state = read_weights(spec["weights"], "denoise", "torchfpi denoiser weights")["state_dict"]
         energy.load_state_dict({k[len("energy."):]: v for k, v in state.items() if k.startswith("energy.")})
+    model: Any
     if spec["kind"] == "fpi_gd":
         model = FPIGDDenoiser(energy, tol=float(spec.get("tol") or 1e-30), max_iter=n)
     else:

@@ -7,7 +7,7 @@ of the same shape. ``last_info`` holds the statistics of the last solve.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,8 @@ class FPIGDDenoiser(nn.Module):
                                    backward_tol=tol, backward_max_iter=max_iter, on_failure="ignore")
             z = layer(yp)
             sol = layer.last_solution
+            if sol is None:  # pragma: no cover - a layer call always records its solution
+                raise RuntimeError("FPIGD did not record its solution")
             info = SolveInfo(float(sol.iterations.float().mean()), float(sol.residual.mean()), sol)
         else:
             z, info = solve(self.update, yp.detach().clone(), yp, tol=tol, max_iter=max_iter)
@@ -121,10 +123,11 @@ class ConvUpdate(nn.Module):
         for _ in range(depth - 2):
             layers += [nn.utils.parametrizations.spectral_norm(
                 nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect")), nn.ReLU()]
-        layers.append(nn.Conv2d(channels, 1, 3, padding=1, padding_mode="reflect"))
+        last = nn.Conv2d(channels, 1, 3, padding=1, padding_mode="reflect", bias=True)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)  # type: ignore[arg-type]  # bias=True: a tensor
+        layers.append(last)
         self.net = nn.Sequential(*layers)
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, z: Tensor, y: Tensor) -> Tensor:
         return y - 0.5 * self.net(torch.cat([z, y], dim=1))
@@ -153,7 +156,11 @@ class FPINNDenoiser(nn.Module):
 MODELS = {"fpi_gd": FPIGDDenoiser, "unrolled": UnrolledDenoiser, "fpi_nn": FPINNDenoiser}
 
 
-def build_model(kind: str, config: Dict[str, Any]) -> nn.Module:
+#: Any of the three denoisers (each has ``last_info``; the energy models have ``energy``).
+Denoiser = Union["FPIGDDenoiser", "UnrolledDenoiser", "FPINNDenoiser"]
+
+
+def build_model(kind: str, config: Dict[str, Any]) -> Any:
     """Build a denoiser from its kind and a JSON-able configuration (as stored in checkpoints)."""
     if kind not in MODELS:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got '{kind}'")

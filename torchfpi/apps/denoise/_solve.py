@@ -138,5 +138,8 @@ def solve(
             f, z0, y, solver="anderson", backward="anderson", tol=tol, max_iter=max_iter,
             backward_tol=tol, backward_max_iter=2 * max_iter, on_failure="ignore",
         )
-        return sol.value, SolveInfo(float(sol.iterations.float().mean()), float(sol.residual.mean()), sol)
+        value = sol.value
+        if not isinstance(value, torch.Tensor):  # pragma: no cover - a tensor z0 gives a tensor value
+            raise TypeError("expected a tensor fixed point")
+        return value, SolveInfo(float(sol.iterations.float().mean()), float(sol.residual.mean()), sol)
     return local_fixed_point(f, z0, y, tol, max_iter, backward_tol=tol, backward_max_iter=max_iter)

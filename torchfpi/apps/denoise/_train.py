@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from torchfpi.apps._distributed import DistContext, wrap
 from torchfpi.apps._training import NonFiniteGuard, load_checkpoint, save_checkpoint
-from torchfpi.apps.denoise._models import build_model
+from torchfpi.apps.denoise._models import Denoiser, build_model
 from torchfpi.data.images import load_folder
 from torchfpi.errors import DataError, UsageError
 from torchfpi.io import remove_stale_temp_files
@@ -119,7 +119,7 @@ def batch_psnr(est: Tensor, clean: Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, clean: Tensor, noisy: Tensor, chunk: int = 20) -> Dict[str, float]:
+def evaluate(model: Denoiser, clean: Tensor, noisy: Tensor, chunk: int = 20) -> Dict[str, float]:
     """Validation PSNR and mean forward iterations."""
     model.eval()
     ests, its = [], []
@@ -136,7 +136,7 @@ CALIBRATION_OFFSETS = tuple(round(0.1 * i, 1) for i in range(-10, 11))
 
 @torch.no_grad()
 def calibrate_data_weight(
-    model: nn.Module, clean: Tensor, noisy: Tensor, offsets: tuple = CALIBRATION_OFFSETS,
+    model: Any, clean: Tensor, noisy: Tensor, offsets: tuple = CALIBRATION_OFFSETS,
     log: Callable[[str], None] = print,
 ) -> Dict[str, Any]:
     """Set the energy's data weight ``lambda`` to the best of ``lambda * exp(offsets)`` on validation crops.
@@ -166,7 +166,7 @@ def calibrate_data_weight(
             "chosen_offset": offsets[best], "data_weight": float(param.exp())}
 
 
-def _validate(model: nn.Module, clean: Tensor, noisy: Tensor, ctx: DistContext) -> Dict[str, float]:
+def _validate(model: Denoiser, clean: Tensor, noisy: Tensor, ctx: DistContext) -> Dict[str, float]:
     """:func:`evaluate` on this process's interleaved share of the validation crops, reduced over
     the processes (weighted by crops), so the result is the mean over all crops."""
     if not ctx.distributed:

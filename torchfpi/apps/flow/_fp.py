@@ -30,4 +30,7 @@ def solve(f: Callable[..., torch.Tensor], z0: torch.Tensor, *inputs: Any, tol: f
     sol = torchfpi.fixed_point(f, z0, *inputs, solver="fpi", backward="fpi", tol=tol, max_iter=max_iter,
                                backward_tol=backward_tol, backward_max_iter=backward_max_iter,
                                on_failure="ignore")
-    return FlowSolution(sol.value, sol.iterations.cpu(), sol.residual.detach().cpu())
+    value = sol.value
+    if not isinstance(value, torch.Tensor):  # pragma: no cover - a tensor z0 gives a tensor value
+        raise TypeError("expected a tensor fixed point")
+    return FlowSolution(value, sol.iterations.cpu(), sol.residual.detach().cpu())

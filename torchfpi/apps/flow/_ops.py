@@ -149,8 +149,7 @@ def read_image(path: PathLike) -> np.ndarray:
         raise FileNotFoundError(2, "No such file or directory", str(path))
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB") if im.mode not in ("L", "RGB") else im
-            return np.array(im)
+            return np.array(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"'{path}': cannot read it as an image ({exc})") from exc
 

@@ -35,7 +35,8 @@ def farneback(frame1: np.ndarray, frame2: np.ndarray) -> np.ndarray:
     g1, g2 = _grey_uint8(frame1), _grey_uint8(frame2)
     if g1.shape != g2.shape:
         raise ValueError(f"frame sizes differ: {g1.shape} and {g2.shape}")
-    return cv2.calcOpticalFlowFarneback(g1, g2, None, 0.5, 3, 15, 3, 5, 1.2, 0).astype(np.float32)
+    flow = cv2.calcOpticalFlowFarneback(g1, g2, None, 0.5, 3, 15, 3, 5, 1.2, 0)  # type: ignore[call-overload]
+    return np.asarray(flow, dtype=np.float32)
 
 
 def dis(frame1: np.ndarray, frame2: np.ndarray, preset: str = "medium") -> np.ndarray:
@@ -49,7 +50,8 @@ def dis(frame1: np.ndarray, frame2: np.ndarray, preset: str = "medium") -> np.nd
     g1, g2 = _grey_uint8(frame1), _grey_uint8(frame2)
     if g1.shape != g2.shape:
         raise ValueError(f"frame sizes differ: {g1.shape} and {g2.shape}")
-    return cv2.DISOpticalFlow_create(presets[preset]).calc(g1, g2, None).astype(np.float32)
+    dis_flow = cv2.DISOpticalFlow_create(presets[preset])  # type: ignore[attr-defined]
+    return np.asarray(dis_flow.calc(g1, g2, None), dtype=np.float32)
 
 
 def _neighbour_mean(z: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,7 @@ def horn_schunck(frame1: torch.Tensor, frame2: torch.Tensor, alpha: float = 8.0,
     _ops.check_pair(frame1, frame2)
     f1 = _ops.gaussian_blur(frame1, pre_sigma)
     f2 = _ops.gaussian_blur(frame2, pre_sigma)
-    sizes = _ops.pyramid_sizes(*f1.shape[-2:], min_size=min_size)
+    sizes = _ops.pyramid_sizes(f1.shape[-2], f1.shape[-1], min_size=min_size)
     flow = torch.zeros(f1.shape[0], 2, *sizes[-1], dtype=f1.dtype, device=f1.device)
     total, solves = 0, 0
     for size in reversed(sizes):

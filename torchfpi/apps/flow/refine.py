@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -50,8 +50,10 @@ class RefineUpdate(nn.Module):
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.GELU(),
             nn.Conv2d(hidden, 2, 3, padding=1),
         )  # fmt: skip
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        last = self.net[-1]
+        if isinstance(last, nn.Conv2d):  # h starts at zero: z* = z_gd before training
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)  # type: ignore[arg-type]  # bias=True: a tensor
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         zgd, i1, i2 = x[:, :2], x[:, 2:3], x[:, 3:4]
@@ -93,7 +95,7 @@ class RefinedFlow(nn.Module):
         x = torch.cat([zgd.detach(), frame1 / 255.0, frame2 / 255.0], dim=1)
         sol = self.layer.solve(x, z0=zgd.detach())
         self.last_iterations = int(sol.iterations[0])
-        return sol.value
+        return cast(torch.Tensor, sol.value)  # a tensor z0 gives a tensor value
 
     def forward(self, frame1: torch.Tensor, frame2: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """Flow from ``frame1`` to ``frame2`` (grey ``(B, 1, H, W)``, [0, 255]) and solve info."""

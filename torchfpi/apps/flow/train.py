@@ -131,7 +131,7 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
     val = make_batch(config.val_pairs, config.size, config.size, val_gen, bank, config.max_motion)
     val_rows = ctx.shard(config.val_pairs, epoch=0, seed=config.seed, shuffle=False)
     dtype = {"float32": torch.float32, "float64": torch.float64}[config.dtype]
-    val = tuple(t[val_rows].to(dtype) for t in val)
+    val = (val[0][val_rows].to(dtype), val[1][val_rows].to(dtype), val[2][val_rows].to(dtype))
     model = VariationalFlow(flow_config).to(dtype)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.steps, 1))

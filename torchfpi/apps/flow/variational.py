@@ -208,7 +208,7 @@ class VariationalFlow(nn.Module):
         cfg = self.config
         f1 = _ops.gaussian_blur(frame1, cfg.pre_sigma)
         f2 = _ops.gaussian_blur(frame2, cfg.pre_sigma)
-        sizes = _ops.pyramid_sizes(*f1.shape[-2:], min_size=cfg.min_size)
+        sizes = _ops.pyramid_sizes(f1.shape[-2], f1.shape[-1], min_size=cfg.min_size)
         flow = torch.zeros(f1.shape[0], 2, *sizes[-1], dtype=f1.dtype, device=f1.device)
         per_solve: List[int] = []
         grad_on = torch.is_grad_enabled()

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Dict, Optional, cast
 
 import torch
 from torch import nn
@@ -199,6 +199,15 @@ class MultiLabelModel(nn.Module):
     after ``backward()`` the backward solve's statistics) for logging only.
     """
 
+    # Sub-modules whose type depends on ``kind`` and the config (typed loosely for the checker).
+    energy: Any
+    layer: Any
+    w_a: Any
+    w_b: Any
+    u: Any
+    energy_u: Any
+    _power_u: torch.Tensor
+
     def __init__(self, kind: str, num_features: int, num_labels: int, cfg: Optional[ModelConfig] = None) -> None:
         super().__init__()
         if kind not in MODELS:
@@ -262,7 +271,7 @@ class MultiLabelModel(nn.Module):
     def _build_layer(self) -> None:
         import torchfpi
 
-        opts = dict(
+        opts: Dict[str, Any] = dict(
             tol=self.cfg.tol,
             max_iter=self.cfg.max_iter,
             backward_tol=self.cfg.backward_tol,
@@ -274,7 +283,8 @@ class MultiLabelModel(nn.Module):
         if self.kind == "fpi_gd":
             self.layer = torchfpi.FPIGD(self.energy, step_size=self.cfg.step_size, **opts)
         else:
-            self.layer = torchfpi.FPINN(self._nn_update, **opts)
+            # a bound method of this module as the update: its parameters are the model's own
+            self.layer = torchfpi.FPINN(self._nn_update, **opts)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, h = self.unary(x)
@@ -297,4 +307,4 @@ class MultiLabelModel(nn.Module):
         else:
             sol = self.layer.solve(s, self.u(h), z0=s.detach())
         self.last_solution = sol
-        return sol.value
+        return cast(torch.Tensor, sol.value)  # a tensor z0 gives a tensor value
