@@ -12,6 +12,7 @@ skipped on rerun; ``--force`` recomputes.
 from __future__ import annotations
 
 import argparse
+import io
 import shlex
 import sys
 import time
@@ -104,8 +105,9 @@ def main(argv=None) -> int:
                 if "refine_iterations" in info:
                     rec["refine_iterations"] = info["refine_iterations"]
             entry["per_sequence"][seq] = rec
-            flo_cache.parent.mkdir(parents=True, exist_ok=True)
-            np.save(flo_cache, est.astype(np.float32))
+            buf = io.BytesIO()  # atomic: a killed run never leaves half a cache file to load
+            np.save(buf, est.astype(np.float32))
+            atomic_write_bytes(flo_cache, buf.getvalue())
             flows[seq][m] = est
             print(f"{seq:12s} {m:13s} EPE {rec['epe']:.3f}  ({rec['seconds']:.1f} s)", flush=True)
             for e in results["methods"].values():
@@ -138,8 +140,6 @@ def _figure(path: Path, seq: str, frame: np.ndarray, gt: np.ndarray, flows: dict
         ax.axis("off")
     fig.suptitle(f"Middlebury {seq} (colour scale: max |gt| = {scale:.1f} px)", fontsize=10)
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)

@@ -21,7 +21,9 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.add_argument("--sigma", type=float, required=True, help="noise level on the [0, 255] scale")
     p.add_argument("--out", required=True, help="output PNG (8-bit grey)")
     p.add_argument("--model", default="fpi_gd", choices=["fpi_gd", "unrolled", "fpi_nn"])
-    p.add_argument("--weights", default=None, help="weights file or folder (default: shipped)")
+    p.add_argument("--weights", default=None,
+                   help="weights file or folder (default: shipped); a file of another --model is refused, one "
+                   "trained for another --sigma is used with a one-line warning that names its sigma")
     p.add_argument("--tol", type=float, default=1e-4, help="forward solve tolerance")
     p.add_argument("--max-iter", type=int, default=300, help="forward solve iteration limit")
     p.add_argument("--quiet", action="store_true")

@@ -43,8 +43,12 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     t.add_argument("--val-every", type=int, default=25)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-iter", type=int, default=40, help="sweeps per fixed-point solve")
-    t.add_argument("--data-root", default=None, help="data root holding denoise/Train400 (textures)")
-    t.add_argument("--procedural", action="store_true", help="procedural noise textures instead of Train400")
+    t.add_argument("--data-root", default=None,
+                   help="data root holding denoise/Train400, whose images are the textures (default "
+                   "$TORCHFPI_DATA, then the per-user cache; 'torchfpi data fetch train400' brings them); "
+                   "without them the command stops unless --procedural is given")
+    t.add_argument("--procedural", action="store_true",
+                   help="procedural noise textures instead of Train400 (said in the output and train.json)")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt (--model fpi_nn: OUT/checkpoint_nn.pt)")
