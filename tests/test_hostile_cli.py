@@ -201,6 +201,8 @@ CASES = [
     ("tdn-filters-zero", _with(TDN, "--filters", "0"), USAGE, r"--filters"),
     ("tdn-filters-too-many", _with(TDN, "--filters", "30"), USAGE, r"at most 24 filters of size 5"),
     ("tdn-kernel-even", _with(TDN, "--kernel-size", "4"), USAGE, r"--kernel-size: expected an odd integer"),
+    ("tdn-crop-below-kernel", _with(TDN, "--kernel-size", "21", "--filters", "8"), USAGE,
+     r"--crop: 16 is smaller than the 21x21 filters"),
     ("tdn-kernel-one", _with(TDN, "--kernel-size", "1"), USAGE, r"--kernel-size"),
     ("tdn-calibrate-fpi-nn", _with(TDN, "--model", "fpi_nn", "--calibrate-data-weight"), USAGE,
      r"--calibrate-data-weight: only for"),
@@ -437,3 +439,18 @@ def test_real_process_prints_one_line(argv, code, inputs, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (inputs / MARKER).exists()
     assert _tree(tmp_path) == {}
+
+
+@pytest.mark.parametrize("script", ["run_flow.py", "run_denoise.py"])
+def test_scripts_without_data_print_one_line(script, tmp_path):
+    """The result scripts on a machine without their data set: one line naming what is missing."""
+    root = tmp_path / "data"
+    root.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "TORCHFPI_DATA"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / script),
+                           "--data-root", str(root), "--out", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == RUNTIME, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(f"{script}: error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

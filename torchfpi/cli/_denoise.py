@@ -255,6 +255,13 @@ def run_train(args: argparse.Namespace) -> int:
         if grow and init_state is not None:
             init_state = grow_energy_state(init_state, n, k)
         model_config["energy"] = energy
+    if args.model != "fpi_nn":
+        from torchfpi.apps.denoise import DEFAULT_CONFIGS as _DEFAULTS
+
+        kernel = {**_DEFAULTS[args.model]["energy"], **model_config.get("energy", {})}["kernel_size"]
+        if args.crop < kernel:
+            raise UsageError(f"--crop: {args.crop} is smaller than the {kernel}x{kernel} filters of the energy; "
+                             f"expected at least {kernel}")
     cfg = TrainConfig(model=args.model, sigma=sigma, steps=args.steps, batch_size=args.batch_size,
                       crop=args.crop, lr=args.lr, val_images=args.val_images,
                       val_every=args.val_every, seed=args.seed,
