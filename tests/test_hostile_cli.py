@@ -91,6 +91,12 @@ def inputs(tmp_path_factory):
     (d / "ckother").mkdir()
     torch.save({"model": {}, "optimizer": {}, "scheduler": {}, "rng": {}, "generator": torch.zeros(1),
                 "step": 1, "history": [], "best": {}, "skipped": 0}, d / "ckother" / "fpi_gd_s25.pt")
+    full = {"model": {"w": torch.zeros(2)}, "optimizer": {}, "scheduler": {}, "rng": {}, "generator": torch.zeros(1),
+            "step": 1, "elapsed": 0.0, "best": {}, "history": [], "best_state": {}}
+    (d / "ckappflow").mkdir()  # a flow run's checkpoint where train denoise looks
+    torch.save({**full, "app": "flow"}, d / "ckappflow" / "fpi_gd_s25.pt")
+    (d / "ckmismatch").mkdir()  # complete keys, but the weights of some other model
+    torch.save(full, d / "ckmismatch" / "checkpoint.pt")
     (d / "bench").mkdir()
     (d / "bench" / "results.json").write_text("{not json")
     return d
@@ -241,6 +247,8 @@ CASES = [
     ("tdn-resume-weights", _with(TDN, "--checkpoint", _shipped("denoise_fpi_gd_s25.pt"), "--export", "~w.pt",
                                  "--resume"), RUNTIME,
      r"holds exported weights, not a checkpoint"),
+    ("tdn-resume-flow-run", _with(TDN, "--checkpoint", "@ckappflow/fpi_gd_s25.pt", "--resume"), RUNTIME,
+     r"is a checkpoint of 'torchfpi train flow', not of 'torchfpi train denoise'"),
     # -- torchfpi train flow
     *_numbers("tfl", TFL, ["--steps", "--batch-size", "--size", "--val-pairs", "--val-every", "--max-iter",
                            "--threads"], ("0", "-1", "abc"), message=r"--[a-z-]+"),
@@ -270,6 +278,8 @@ CASES = [
     ("tfl-resume-evil", _with(TFL, "--out", "@ckflow", "--resume"), RUNTIME, r"checkpoint .*refused unread"),
     ("tfl-nn-resume-evil", _with(TFL, "--model", "fpi_nn", "--pairs", "2", "--out", "@ckflownn", "--resume"),
      RUNTIME, r"checkpoint .*refused unread"),
+    ("tfl-resume-other-model", _with(TFL, "--out", "@ckmismatch", "--resume"), RUNTIME,
+     r"checkpoint '.*checkpoint\.pt' does not fit this run \(RuntimeError: .*\): delete it"),
     # -- torchfpi flow
     ("fl-missing-frame", ["flow", "@a.png", "@none.png", "--out", "~o.flo"], RUNTIME, r"No such file"),
     ("fl-junk-frame", ["flow", "@a.png", "@junk.png", "--out", "~o.flo"], RUNTIME, r"cannot read it as an image"),

@@ -16,9 +16,10 @@ their generators and history. It is written atomically (temporary file, fsync, r
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -214,8 +215,11 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike, ctx: Optional[Dist
 
 
 def load_checkpoint(path: PathLike, required: Sequence[str] = ("model", "optimizer", "step"),
-                    map_location: Any = "cpu") -> dict:
+                    map_location: Any = "cpu", app: Optional[str] = None) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`.
+
+    ``app`` names the training command (``"denoise"``, ``"flow"``, ``"flow fpi_nn"``,
+    ``"multilabel"``); a checkpoint that records another one (its ``"app"`` entry) is refused.
 
     The file is read with ``weights_only=True`` (:func:`torchfpi.io.safe_load`): tensors and plain
     data only, so a crafted file cannot run code.
@@ -234,6 +238,9 @@ def load_checkpoint(path: PathLike, required: Sequence[str] = ("model", "optimiz
     if not isinstance(state, dict):
         raise DataError(f"checkpoint '{path}' is not a training checkpoint (it holds a {type(state).__name__}): "
                         "delete it or train without --resume")
+    if app is not None and state.get("app", app) != app:
+        raise DataError(f"checkpoint '{path}' is a checkpoint of 'torchfpi train {state['app']}', not of "
+                        f"'torchfpi train {app}': delete it or train without --resume")
     missing = [k for k in required if k not in state]
     if missing:
         kind = ""
@@ -246,4 +253,26 @@ def load_checkpoint(path: PathLike, required: Sequence[str] = ("model", "optimiz
     return state
 
 
-__all__ = ["describe_exception", "NonFiniteError", "NonFiniteGuard", "first_nonfinite", "save_checkpoint", "load_checkpoint"]
+@contextlib.contextmanager
+def restoring(path: PathLike) -> Iterator[None]:
+    """Turn a checkpoint that does not fit the model, optimiser or generators into a one-line
+    :class:`~torchfpi.errors.DataError` (another architecture, another run, a damaged entry).
+
+    Example:
+        >>> with restoring("ck.pt"):
+        ...     torch.nn.Linear(2, 2).load_state_dict({"weight": torch.ones(3, 3)}, strict=False)
+        Traceback (most recent call last):
+        ...
+        torchfpi.errors.DataError: checkpoint 'ck.pt' does not fit this run (RuntimeError: ...
+    """
+    try:
+        yield
+    except (DataError, UsageError):
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise DataError(f"checkpoint '{path}' does not fit this run ({describe_exception(exc)}): delete it "
+                        "or train without --resume") from exc
+
+
+__all__ = ["describe_exception", "NonFiniteError", "NonFiniteGuard", "first_nonfinite", "save_checkpoint",
+           "load_checkpoint", "restoring"]

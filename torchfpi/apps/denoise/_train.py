@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from torchfpi.apps._distributed import DistContext, wrap
-from torchfpi.apps._training import NonFiniteGuard, load_checkpoint, save_checkpoint
+from torchfpi.apps._training import NonFiniteGuard, load_checkpoint, restoring, save_checkpoint
 from torchfpi.apps.denoise._models import Denoiser, build_model
 from torchfpi.data.images import load_folder
 from torchfpi.errors import DataError, UsageError
@@ -281,12 +281,14 @@ def train(
                             "--checkpoint on a file system every machine sees, or copy the checkpoint")
     if found:
         ck = load_checkpoint(checkpoint, required=("model", "optimizer", "scheduler", "rng", "generator",
-                                                   "step", "elapsed", "best", "history", "best_state"))
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"])
-        gen.set_state(ck["generator"])
+                                                   "step", "elapsed", "best", "history", "best_state"),
+                             app="denoise")
+        with restoring(checkpoint):
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            set_rng_state(ck["rng"])
+            gen.set_state(ck["generator"])
         step, elapsed, best, history = ck["step"], ck["elapsed"], ck["best"], ck["history"]
         calibration = ck.get("calibration")
         best_state = ck["best_state"]
@@ -301,7 +303,7 @@ def train(
     net = wrap(model, ctx)  # after loading: DDP starts by broadcasting rank 0's weights
 
     def save() -> None:
-        save_checkpoint({
+        save_checkpoint({"app": "denoise",
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": rng_state(), "generator": gen.get_state(), "step": step, "elapsed": elapsed,
             "best": best, "history": history, "best_state": best_state, "config": asdict(cfg),

@@ -31,6 +31,7 @@ from torchfpi.apps._training import (
     describe_exception,
     first_nonfinite,
     load_checkpoint,
+    restoring,
     save_checkpoint,
 )
 from torchfpi.apps._weights import read_weights, weights_meta
@@ -235,7 +236,7 @@ def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pai
     state = None
     if found:  # read and check before the (slow) data set, so that a wrong --resume fails at once
         state = load_checkpoint(ckpt, required=("model", "optimizer", "rng", "generator", "noise", "step",
-                                                "settings", "base"))
+                                                "settings", "base"), app="flow --model fpi_nn")
         _check_resumable(ckpt, state, settings, base)
     gen = runtime.seed_everything(seed + 1)
     folder = default_texture_folder(data_root)
@@ -270,11 +271,12 @@ def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pai
         return ctx.reduce_mean({"epe": float(epe.mean())}, weight=len(epe))["epe"]
 
     if state is not None:
-        model.update.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        runtime.set_rng_state(state["rng"])
-        gen.set_state(state["generator"])
-        noise.set_state(state["noise"])
+        with restoring(ckpt):
+            model.update.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            runtime.set_rng_state(state["rng"])
+            gen.set_state(state["generator"])
+            noise.set_state(state["noise"])
         step, history, best = state["step"], state["history"], state["best"]
         guard.skipped = state.get("skipped", 0)
     else:
@@ -328,7 +330,7 @@ def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pai
                 if ctx.is_main and first_nonfinite(model.update.state_dict()) is None:
                     save_refined(model, out_dir / "best_nn.pt", {"val_epe": v, "step": step}, folder is None)
         if validate or step % every == 0:
-            save_checkpoint({
+            save_checkpoint({"app": "flow --model fpi_nn",
                 "model": model.update.state_dict(), "optimizer": opt.state_dict(), "rng": runtime.rng_state(),
                 "generator": gen.get_state(), "noise": noise.get_state(), "step": step, "history": history,
                 "best": best, "skipped": guard.skipped, "settings": settings, "base": model.base.state_dict(),

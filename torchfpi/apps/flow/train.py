@@ -22,6 +22,7 @@ from torchfpi.apps._training import (
     describe_exception,
     first_nonfinite,
     load_checkpoint,
+    restoring,
     save_checkpoint,
 )
 from torchfpi.apps._weights import read_weights, weights_meta
@@ -144,12 +145,14 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
             raise errors.DataError(f"--resume: '{ckpt}' exists for {seen} of {ctx.world_size} processes: "
                                     "put --out on a file system every machine sees, or copy the checkpoint")
     if found:
-        state = load_checkpoint(ckpt, required=("model", "optimizer", "scheduler", "rng", "generator", "step"))
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        runtime.set_rng_state(state["rng"])
-        gen.set_state(state["generator"])
+        state = load_checkpoint(ckpt, required=("model", "optimizer", "scheduler", "rng", "generator", "step"),
+                                app="flow")
+        with restoring(ckpt):
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            runtime.set_rng_state(state["rng"])
+            gen.set_state(state["generator"])
         step, history, best = state["step"], state["history"], state["best"]
         guard.skipped = state.get("skipped", 0)
         if not quiet:
@@ -197,7 +200,7 @@ def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] 
                 if ctx.is_main and first_nonfinite(model.state_dict()) is None:
                     save_weights(model, out_dir / "best.pt", {"val_epe": v, "step": step}, folder is None)
         if validate or step % every == 0:
-            save_checkpoint({
+            save_checkpoint({"app": "flow",
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": runtime.rng_state(), "generator": gen.get_state(), "step": step,
                 "history": history, "best": best, "skipped": guard.skipped,

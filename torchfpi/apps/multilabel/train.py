@@ -29,6 +29,7 @@ from torchfpi.apps._training import (
     NonFiniteGuard,
     first_nonfinite,
     load_checkpoint,
+    restoring,
     save_checkpoint,
 )
 from torchfpi.apps.multilabel.metrics import (
@@ -259,16 +260,18 @@ def train_multilabel(
                             "--checkpoint-dir on a file system every machine sees, or copy the checkpoint")
     if found and checkpoint is not None:
         ck = load_checkpoint(checkpoint, required=("model", "optimizer", "rng", "generator", "epoch", "step",
-                                                   "history", "best", "config"), map_location=dev)
+                                                   "history", "best", "config"), map_location=dev,
+                             app="multilabel")
         if ck.get("config") != asdict(cfg):
             raise UsageError(
                 f"--resume: the checkpoint '{checkpoint}' was written with other options; "
                 "use the same options or another --checkpoint-dir"
             )
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        set_rng_state(ck["rng"])
-        gen.set_state(ck["generator"])
+        with restoring(checkpoint):
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            set_rng_state(ck["rng"])
+            gen.set_state(ck["generator"])
         history, best, start_epoch, step = ck["history"], ck["best"], ck["epoch"] + 1, ck["step"]
         guard.skipped = ck.get("skipped", 0)
         if best_path is not None and best_path.exists():
@@ -379,6 +382,7 @@ def train_multilabel(
         if checkpoint is not None:
             save_checkpoint(
                 {
+                    "app": "multilabel",
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
                     "rng": rng_state(),
