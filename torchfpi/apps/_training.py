@@ -259,11 +259,11 @@ def restoring(path: PathLike) -> Iterator[None]:
     :class:`~torchfpi.errors.DataError` (another architecture, another run, a damaged entry).
 
     Example:
-        >>> with restoring("ck.pt"):
+        >>> with restoring("ck.pt"):  # doctest: +ELLIPSIS
         ...     torch.nn.Linear(2, 2).load_state_dict({"weight": torch.ones(3, 3)}, strict=False)
         Traceback (most recent call last):
         ...
-        torchfpi.errors.DataError: checkpoint 'ck.pt' does not fit this run (RuntimeError: ...
+        torchfpi.errors.DataError: checkpoint 'ck.pt' does not fit this run (RuntimeError: ...): delete it ...
     """
     try:
         yield

@@ -81,20 +81,14 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     t.set_defaults(func=run_train)
 
 
-def _check_positive(value: float, name: str) -> None:
-    from torchfpi.cli._checks import positive_number
-
-    positive_number(value, name)
-
-
 def run_denoise(args: argparse.Namespace) -> int:
     """Apply a trained denoiser to one image: every argument is checked before the solve."""
     import io
 
+    import numpy as np
     from PIL import Image
 
-    from torchfpi.apps.denoise import denoise_array, load_denoiser
-    from torchfpi.apps.denoise._api import MIN_IMAGE_SIDE
+    from torchfpi.apps.denoise import MIN_IMAGE_SIDE, denoise_array, load_denoiser
     from torchfpi.cli import _checks
     from torchfpi.data.images import check_sigma, read_grey_png
     from torchfpi.errors import UsageError
@@ -114,8 +108,6 @@ def run_denoise(args: argparse.Namespace) -> int:
                          f"at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
     model, meta = load_denoiser(args.model, sigma, args.weights)
     est, info = denoise_array(model, noisy, sigma, tol=args.tol, max_iter=args.max_iter)
-    import numpy as np
-
     arr = np.clip(np.rint(est), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
@@ -192,8 +184,7 @@ def run_train(args: argparse.Namespace) -> int:
     argument is reported before any data is loaded or any file written.
     """
     from torchfpi.apps import _distributed
-    from torchfpi.apps.denoise import TrainConfig, save_weights, train
-    from torchfpi.apps.denoise._train import check_training_data
+    from torchfpi.apps.denoise import TrainConfig, check_training_data, save_weights, train
     from torchfpi.cli import _checks
     from torchfpi.data.images import check_sigma
     from torchfpi.errors import UsageError
@@ -236,8 +227,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--export: '{out}' is also the checkpoint: give another file name")
     init_state = _read_init(args, sigma, model_config)
     if bank:
-        from torchfpi.apps.denoise import DEFAULT_CONFIGS
-        from torchfpi.apps.denoise._energy import grow_energy_state
+        from torchfpi.apps.denoise import DEFAULT_CONFIGS, grow_energy_state
 
         energy = {**DEFAULT_CONFIGS[args.model]["energy"], **model_config.get("energy", {})}
         grow = init_state is not None and "energy.weight" in init_state

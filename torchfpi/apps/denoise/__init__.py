@@ -8,6 +8,7 @@
 """
 
 from torchfpi.apps.denoise._api import (
+    MIN_IMAGE_SIDE,
     available_sigmas,
     denoise_array,
     load_denoiser,
@@ -24,10 +25,10 @@ from torchfpi.apps.denoise._models import (
     UnrolledDenoiser,
     build_model,
 )
-from torchfpi.apps.denoise._train import DEFAULT_CONFIGS, TrainConfig, train
+from torchfpi.apps.denoise._train import DEFAULT_CONFIGS, TrainConfig, check_training_data, train
 
 __all__ = [
-    "DEFAULT_CONFIGS", "MODELS", "ConvUpdate", "FPIGDDenoiser", "FPINNDenoiser", "FoEEnergy", "grow_energy_state",
+    "DEFAULT_CONFIGS", "MIN_IMAGE_SIDE", "MODELS", "check_training_data", "ConvUpdate", "FPIGDDenoiser", "FPINNDenoiser", "FoEEnergy", "grow_energy_state",
     "TrainConfig", "UnrolledDenoiser", "available_sigmas", "bm3d_denoise", "build_model",
     "choose_tv_weight", "dct_filters", "denoise_array", "load_denoiser", "save_weights", "train",
     "tv_denoise", "weights_path",
