@@ -227,6 +227,10 @@ def test_training_cleans_its_folder_and_says_it_starts_fresh(tmp_path, capsys):
     summary = json.loads((out / "train.json").read_text())
     assert summary["procedural"] is True and summary["textures"] == "procedural"
     assert safe_load(out / "best.pt")["meta"]["data"].startswith("synthetic pairs on procedural")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("train.json", "best.pt", "checkpoint.pt"):  # the user's umask, not mkstemp's 0600
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
     assert main([*TINY_FLOW, "--steps", "2", "--out", str(out), "--resume"]) == 0
     assert f"--resume: resumed from '{out / 'checkpoint.pt'}' at step 1 of 2" in capsys.readouterr().out
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

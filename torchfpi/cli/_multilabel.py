@@ -47,7 +47,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--checkpoint-dir", default="checkpoints/multilabel")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
-    p.add_argument("--out", default=None, help="write the result JSON here")
+    p.add_argument("--out", default=None, help="write the result JSON here (a .json file, checked before training)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no per-epoch lines")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
