@@ -266,3 +266,14 @@ def test_train_denoise_checks_filters_before_looking_for_data(tmp_path, monkeypa
 
 def test_usage_error_type_is_a_value_error():
     assert issubclass(UsageError, ValueError)
+
+
+def test_a_warning_made_an_error_is_one_line(tmp_path, capsys):
+    """Under the test suite's filters (warnings are errors) the sigma warning stops the command."""
+    _noisy_png(tmp_path / "in.png")
+    rc = main(["denoise", str(tmp_path / "in.png"), "--sigma", "25", "--out", str(tmp_path / "o.png"),
+               "--weights", str(WEIGHTS / "denoise_fpi_gd_s15.pt")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert "trained for sigma 15" in err and "raised as an error by the warning filters" in err
+    assert not (tmp_path / "o.png").exists()

@@ -102,6 +102,10 @@ def run_guarded(call: Callable[[], int], prog: str = "torchfpi") -> int:
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
             return 130
+        except Warning as exc:  # python -W error (or a test's filters) turned a warning into an error
+            print(f"{prog}: error: {_one_line(exc)} ({type(exc).__name__} raised as an error by the warning "
+                  "filters)", file=sys.stderr)
+            return 1
         except Exception as exc:  # anything else: still one line, and how to see the traceback
             if os.environ.get(_TRACEBACK_ENV):
                 raise
