@@ -277,3 +277,22 @@ def test_a_warning_made_an_error_is_one_line(tmp_path, capsys):
     assert rc == 1 and len(err.splitlines()) == 1
     assert "trained for sigma 15" in err and "raised as an error by the warning filters" in err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_a_checkpoint_with_numpy_rng_state_of_version_0_1_still_resumes(tmp_path):
+    """torchfpi 0.1 stored numpy's random state as an array: plain numeric arrays are accepted in a
+    checkpoint (object arrays, or any other class, still are not)."""
+    from torchfpi.apps._training import load_checkpoint
+    from torchfpi.runtime import set_rng_state
+
+    np.random.seed(11)
+    state = {"model": {}, "optimizer": {}, "step": 2,
+             "rng": {"python": __import__("random").getstate(), "torch": torch.get_rng_state(),
+                     "numpy": np.random.get_state()}}
+    torch.save(state, tmp_path / "old.pt")
+    expected = np.random.rand(3)
+    set_rng_state(load_checkpoint(tmp_path / "old.pt")["rng"])
+    assert np.array_equal(np.random.rand(3), expected)
+    torch.save({**state, "extra": np.array([{"a": 1}], dtype=object)}, tmp_path / "objects.pt")
+    with pytest.raises(DataError, match="refused unread"):
+        load_checkpoint(tmp_path / "objects.pt")

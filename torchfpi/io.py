@@ -187,7 +187,22 @@ def remove_stale_temp_files(folder: PathLike, min_age_s: float = 60.0) -> List[P
     return removed
 
 
-def safe_load(path: PathLike, what: str = "torchfpi file", map_location: Any = "cpu") -> Any:
+def _numpy_array_globals() -> List[Any]:
+    """What unpickling a plain numeric numpy array needs (torchfpi 0.1 stored numpy's RNG state so)."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return []
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # pragma: no cover - numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    kinds = [type(np.dtype(t)) for t in ("bool", "uint8", "uint32", "int32", "int64", "float32", "float64")]
+    return [_reconstruct, np.ndarray, np.dtype, *kinds]
+
+
+def safe_load(path: PathLike, what: str = "torchfpi file", map_location: Any = "cpu",
+              numpy_arrays: bool = False) -> Any:
     """``torch.load(path, weights_only=True)``: tensors and plain data only, never code.
 
     A file whose pickle names any other Python object (a crafted file that would run code on
@@ -197,6 +212,8 @@ def safe_load(path: PathLike, what: str = "torchfpi file", map_location: Any = "
         path: the file.
         what: what the file should be, for the message (``"checkpoint"``, ``"denoiser weights"``).
         map_location: as for :func:`torch.load`.
+        numpy_arrays: also accept plain numeric numpy arrays (no object arrays): checkpoints of
+            torchfpi 0.1 hold numpy's random state as one.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
@@ -215,6 +232,9 @@ def safe_load(path: PathLike, what: str = "torchfpi file", map_location: Any = "
     if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip, or its legacy pickle
         raise DataError(f"'{path}' is not a {what} file: not written by torch.save")
     try:
+        if numpy_arrays:
+            with torch.serialization.safe_globals(_numpy_array_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch.load raises pickle, zip, EOF and runtime errors on a bad file
         text = str(exc)

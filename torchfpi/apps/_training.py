@@ -232,7 +232,8 @@ def load_checkpoint(path: PathLike, required: Sequence[str] = ("model", "optimiz
     """
     path = Path(path)
     try:
-        state = safe_load(path, "training checkpoint", map_location)
+        # numpy arrays: a checkpoint of torchfpi 0.1 stored numpy's random state as one
+        state = safe_load(path, "training checkpoint", map_location, numpy_arrays=True)
     except DataError as exc:
         raise DataError(f"checkpoint {exc}: delete it or train without --resume") from exc
     if not isinstance(state, dict):
