@@ -23,7 +23,7 @@ from torchfpi._solve import FPILayer, fixed_point
 from torchfpi._solvers import FPI, Anderson
 from torchfpi.errors import ConvergenceWarning, FixedPointError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # the one source of the version (pyproject reads it)
 
 __all__ = [
     "Anderson",

@@ -13,6 +13,7 @@ times, iterations, floor, overhead, peak memory, gradient error; ``ratio_vs_torc
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ def _versions() -> Dict[str, str]:
 
     out = {"torchfpi": torchfpi.__version__, "torch": torch.__version__, "numpy": numpy.__version__}
     try:
-        out["torchdeq"] = importlib.metadata.version("torchdeq")  # type: ignore[attr-defined]
+        out["torchdeq"] = importlib.metadata.version("torchdeq")
     except Exception:  # noqa: BLE001 - not installed
         out["torchdeq"] = "not installed"
     return out

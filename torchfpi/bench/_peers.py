@@ -16,12 +16,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from torchfpi.bench._problems import Instance
+
+if TYPE_CHECKING:
+    from torchfpi import (
+        FPI,
+        Anderson,
+        AndersonBackward,
+        DenseBackward,
+        FPIBackward,
+        NeumannBackward,
+        OneStepBackward,
+        UnrollBackward,
+    )
+
+    Solver = Union[str, FPI, Anderson]
+    Backward = Union[
+        str, FPIBackward, AndersonBackward, NeumannBackward, OneStepBackward, UnrollBackward, DenseBackward
+    ]
 
 _REL_EPS = 1e-9
 
@@ -67,7 +84,7 @@ class Method:
 # -- torchfpi ------------------------------------------------------------------------------------
 
 
-def _torchfpi(solver: object, backward: object, compact: bool = False) -> Callable[[Instance, float, int], Run]:
+def _torchfpi(solver: Solver, backward: Backward, compact: bool = False) -> Callable[[Instance, float, int], Run]:
     import torchfpi
 
     def run(inst: Instance, tol: float, max_iter: int) -> Run:
@@ -151,12 +168,12 @@ class _AdjointHook(torch.autograd.Function):
     """Identity on ``y = f(z*)``; its backward replaces g by the adjoint u = g + J^T u."""
 
     @staticmethod
-    def forward(ctx, y, zd, box):  # type: ignore[override]
+    def forward(ctx, y, zd, box):
         ctx.zd, ctx.box = zd, box
         return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
+    def backward(ctx, g):
         y, zd, box = ctx.box["y"], ctx.zd, ctx.box
         u = g
         k = 0

@@ -45,7 +45,7 @@ class Instance:
     weight: Tensor
     per_sample: bool
     description: str
-    sizes: Dict[str, object] = field(default_factory=dict)
+    sizes: Dict[str, float] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -66,7 +66,7 @@ def _loss_weight(shape: Tuple[int, ...], gen: torch.Generator, dtype: torch.dtyp
 
 
 # Sizes: full (the published benchmark) and quick (tests, smoke runs).
-SIZES: Dict[str, Dict[str, Dict[str, object]]] = {
+SIZES: Dict[str, Dict[str, Dict[str, float]]] = {
     "mlp": {
         "full": {"batch": 128, "dim": 256, "hidden": 256, "gamma": 0.9},
         "quick": {"batch": 8, "dim": 16, "hidden": 16, "gamma": 0.5},
@@ -91,12 +91,12 @@ SIZES: Dict[str, Dict[str, Dict[str, object]]] = {
 PROBLEMS = tuple(SIZES)
 
 
-def _mlp(sizes: Dict[str, object], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
+def _mlp(sizes: Dict[str, float], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
     from torchfpi import MLPUpdate
 
-    b, d, h = int(sizes["batch"]), int(sizes["dim"]), int(sizes["hidden"])  # type: ignore[arg-type]
+    b, d, h = int(sizes["batch"]), int(sizes["dim"]), int(sizes["hidden"])
     torch.manual_seed(int(gen.initial_seed()))
-    update = MLPUpdate(d, d, hidden=h, gamma=float(sizes["gamma"]), activation="relu").double().eval()  # type: ignore[arg-type]
+    update = MLPUpdate(d, d, hidden=h, gamma=float(sizes["gamma"]), activation="relu").double().eval()
     x = torch.randn(b, d, generator=gen, dtype=torch.float64)
     with torch.no_grad():
         inj, Wz, Wo, bo = update.prepare(x)
@@ -118,13 +118,13 @@ def _mlp(sizes: Dict[str, object], gen: torch.Generator, dtype: torch.dtype, dev
     )
 
 
-def _conv(sizes: Dict[str, object], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
+def _conv(sizes: Dict[str, float], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
     from torchfpi import ConvUpdate
 
-    b, c, h = int(sizes["batch"]), int(sizes["channels"]), int(sizes["hidden"])  # type: ignore[arg-type]
-    hh, ww = int(sizes["height"]), int(sizes["width"])  # type: ignore[arg-type]
+    b, c, h = int(sizes["batch"]), int(sizes["channels"]), int(sizes["hidden"])
+    hh, ww = int(sizes["height"]), int(sizes["width"])
     torch.manual_seed(int(gen.initial_seed()))
-    update = ConvUpdate(c, c, hidden=h, gamma=float(sizes["gamma"])).double().eval()  # type: ignore[arg-type]
+    update = ConvUpdate(c, c, hidden=h, gamma=float(sizes["gamma"])).double().eval()
     x = torch.randn(b, c, hh, ww, generator=gen, dtype=torch.float64)
     with torch.no_grad():
         inj, Wz, Wo, bo = update.prepare(x)
@@ -165,10 +165,10 @@ def multilabel_gd_map(step_size: float, mu: float) -> Map:
     return f
 
 
-def _multilabel(sizes: Dict[str, object], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
-    b, n_l, k = int(sizes["batch"]), int(sizes["labels"]), int(sizes["interactions"])  # type: ignore[arg-type]
-    a, mu = float(sizes["step_size"]), float(sizes["mu"])  # type: ignore[arg-type]
-    s = float(sizes["score_scale"]) * torch.randn(b, n_l, generator=gen, dtype=torch.float64)  # type: ignore[arg-type]
+def _multilabel(sizes: Dict[str, float], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
+    b, n_l, k = int(sizes["batch"]), int(sizes["labels"]), int(sizes["interactions"])
+    a, mu = float(sizes["step_size"]), float(sizes["mu"])
+    s = float(sizes["score_scale"]) * torch.randn(b, n_l, generator=gen, dtype=torch.float64)
     Cw = torch.randn(k, n_l, generator=gen, dtype=torch.float64) / n_l**0.5
     Cb = 0.1 * torch.randn(k, generator=gen, dtype=torch.float64)
     c = torch.rand(k, generator=gen, dtype=torch.float64)
@@ -189,18 +189,18 @@ def _multilabel(sizes: Dict[str, object], gen: torch.Generator, dtype: torch.dty
     )
 
 
-def _mixed(sizes: Dict[str, object], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
-    b, d = int(sizes["batch"]), int(sizes["dim"])  # type: ignore[arg-type]
-    n_slow = max(1, round(b * float(sizes["slow_fraction"])))  # type: ignore[arg-type]
+def _mixed(sizes: Dict[str, float], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
+    b, d = int(sizes["batch"]), int(sizes["dim"])
+    n_slow = max(1, round(b * float(sizes["slow_fraction"])))
     # Orthogonal weights and small injections keep tanh near its linear range, so the
     # contraction factor of sample i is close to r_i: the rates really differ per sample.
     Wz = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
     Wo = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
     inj = 0.1 * torch.randn(b, d, generator=gen, dtype=torch.float64)
     bo = 0.1 * torch.randn(d, generator=gen, dtype=torch.float64)
-    rate = torch.full((b, 1), float(sizes["fast"]), dtype=torch.float64)  # type: ignore[arg-type]
+    rate = torch.full((b, 1), float(sizes["fast"]), dtype=torch.float64)
     slow = torch.randperm(b, generator=gen)[:n_slow]
-    rate[slow] = float(sizes["slow"])  # type: ignore[arg-type]
+    rate[slow] = float(sizes["slow"])
 
     def f(z: Tensor, inj: Tensor, rate: Tensor, Wz: Tensor, Wo: Tensor, bo: Tensor) -> Tensor:
         return rate * (torch.tanh(inj + z @ Wz.T) @ Wo.T + bo)
@@ -246,9 +246,9 @@ def smooth_gd_map(step_size: float) -> Map:
     return f
 
 
-def _smooth_gd(sizes: Dict[str, object], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
-    b, n, k = int(sizes["batch"]), int(sizes["dim"]), int(sizes["interactions"])  # type: ignore[arg-type]
-    mu = float(sizes["mu"])  # type: ignore[arg-type]
+def _smooth_gd(sizes: Dict[str, float], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
+    b, n, k = int(sizes["batch"]), int(sizes["dim"]), int(sizes["interactions"])
+    mu = float(sizes["mu"])
     # M^T M = Q diag(lam) Q^T with lam evenly spread over [mu, 1]: a condition number of 1/mu.
     Q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
     lam = torch.linspace(mu, 1.0, n, dtype=torch.float64)
@@ -288,7 +288,7 @@ def build(
     dtype: torch.dtype = torch.float32,
     device: Union[str, torch.device] = "cpu",
     seed: int = 0,
-    overrides: Dict[str, object] | None = None,
+    overrides: Dict[str, float] | None = None,
 ) -> Instance:
     """Build problem ``name`` (one of :data:`PROBLEMS`) deterministically from ``seed``.
 
