@@ -1,17 +1,20 @@
-"""Fill the README's results tables from the committed results files.
+"""Fill the results tables of the README and the docs from the committed results files.
 
-    python scripts/readme_results.py          # rewrites the marked blocks of README.md
+    python scripts/readme_results.py          # rewrites the marked blocks of README.md and docs/
+    python scripts/readme_results.py --check  # exit 1 if a block is out of date (changes nothing)
 
 Each block sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` and is made
 only from ``results/*.json`` and ``benchmarks/results/results.json`` (produced by the commands
-named in the README), so no number in the README is typed by hand.
+named beside the tables), so no number in those tables is typed by hand.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
+from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,24 +81,59 @@ def bench() -> str:
         deq = c.get("torchdeq_over_floor")
         cells = [f"{v:.2f}" if isinstance(v, (int, float)) else "-" for v in (ratio, over, deq)]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines = ["\n".join(rows), ""]
+    return "\n".join(rows)
+
+
+def bench_targets() -> str:
+    """The benchmark's performance targets (``claims`` in results.json) and whether the run meets them."""
+    d = _load("benchmarks/results/results.json")
+    rows = ["| # | target | met | measured |", "|---|---|---|---|"]
     for c in d.get("claims", []):
-        lines.append(f"- claim {c['number']} ({c['text']}): **{'holds' if c['holds'] else 'does not hold'}**; {c['detail']}")
-    return "\n".join(lines)
+        met = {True: "yes", False: "**no**"}.get(c.get("holds"), "not measured")
+        detail = str(c.get("detail", "")).replace("|", "\\|")
+        rows.append(f"| {c['number']} | {c['text']} | {met} | {detail} |")
+    return "\n".join(rows)
 
 
-BLOCKS = {"multilabel": multilabel, "denoise": denoise, "flow": flow, "bench": bench}
+BLOCKS = {"multilabel": multilabel, "denoise": denoise, "flow": flow, "bench": bench, "bench-targets": bench_targets}
+TARGETS = ["README.md", "docs/*.md"]
 
 
-def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+def refresh(text: str) -> str:
+    """``text`` with every results block it holds regenerated."""
     for name, make in BLOCKS.items():
         pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
-        body = make()
-        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)  # noqa: B023
-    readme.write_text(text)
+        if pattern.search(text):
+            body = make()
+            text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)  # noqa: B023
+    return text
+
+
+def stale() -> Dict[Path, str]:
+    """The files whose blocks are out of date, with their refreshed text."""
+    out: Dict[Path, str] = {}
+    paths: List[Path] = []
+    for pattern in TARGETS:
+        paths.extend(sorted(ROOT.glob(pattern)))
+    for path in paths:
+        text = path.read_text()
+        new = refresh(text)
+        if new != text:
+            out[path] = new
+    return out
+
+
+def main(argv: List[str]) -> int:
+    changed = stale()
+    if "--check" in argv:
+        for path in changed:
+            print(f"{path.relative_to(ROOT)}: results tables out of date; run python scripts/readme_results.py")
+        return 1 if changed else 0
+    for path, text in changed.items():
+        path.write_text(text)
+        print(f"rewrote {path.relative_to(ROOT)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))
