@@ -73,12 +73,11 @@ def bench() -> str:
     d = _load("benchmarks/results/results.json")
     probs = d.get("problems", {})
     rows = ["| problem | torchfpi / TorchDEQ implicit time | torchfpi x floor | TorchDEQ x floor |", "|---|---|---|---|"]
-    claim1 = next((c for c in d.get("claims", []) if c.get("number") == 1), {}).get("values", {})
     for name in probs:
         ratio = probs[name].get("ratio_vs_torchdeq_paired", probs[name].get("ratio_vs_torchdeq"))
-        c = claim1.get(name, {})
-        over = c.get("torchfpi_over_floor")
-        deq = c.get("torchdeq_over_floor")
+        methods = probs[name].get("methods", {})
+        over = methods.get("torchfpi fpi/fpi", {}).get("over_floor")
+        deq = methods.get("torchdeq fpi/implicit", {}).get("over_floor")
         cells = [f"{v:.2f}" if isinstance(v, (int, float)) else "-" for v in (ratio, over, deq)]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

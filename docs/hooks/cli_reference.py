@@ -8,6 +8,7 @@ from the program. ``render(parser)`` is also used by ``tests/test_docs_site.py``
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Iterator, List, Tuple
 
 PAGE = "cli.md"
@@ -72,6 +73,19 @@ def _anchor(parser: argparse.ArgumentParser) -> str:
 
 def render(parser: argparse.ArgumentParser) -> str:
     """The whole reference page, as Markdown, for the ``torchfpi`` parser."""
+    # argparse wraps usage lines to $COLUMNS: pin it so the page fits its column and is stable.
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "80"
+    try:
+        return _render(parser)
+    finally:
+        if saved is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = saved
+
+
+def _render(parser: argparse.ArgumentParser) -> str:
     parts = [_INTRO]
     commands = list(_walk(parser))
     parts.append(
@@ -95,12 +109,9 @@ def render(parser: argparse.ArgumentParser) -> str:
 
 
 def on_files(files, config):  # noqa: ANN001 - MkDocs hook signature
-    import os
-
     from mkdocs.structure.files import File
 
     from torchfpi.cli import build_parser
 
-    os.environ.setdefault("COLUMNS", "100")  # usage lines wrap at a stable width
     files.append(File.generated(config, PAGE, content=render(build_parser())))
     return files
