@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from torchfpi.bench import _peers
-from torchfpi.bench._peers import Method, Run, relative_residual
+from torchfpi.bench._peers import Method, Run, relative_residual, state_tensor
 from torchfpi.bench._problems import PROBLEMS, Instance, build
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -418,7 +418,7 @@ def memory_sweep(cfg: Config, available: Sequence[Method]) -> Dict[str, Any]:
 
         def fn() -> Any:
             sol = torchfpi.fixed_point(inst.f, inst.z0, *inst.inputs, tol=tiny, max_iter=k, on_failure="ignore")
-            return torch.autograd.grad(_loss(inst, sol.value), inst.params)
+            return torch.autograd.grad(_loss(inst, state_tensor(sol.value)), inst.params)
 
         return fn
 

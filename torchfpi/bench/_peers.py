@@ -43,6 +43,13 @@ if TYPE_CHECKING:
 _REL_EPS = 1e-9
 
 
+def state_tensor(value: object) -> Tensor:
+    """A solution's value as the single tensor every benchmark state is (a clear error otherwise)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"benchmark state: expected a tensor, got {type(value).__name__}")
+    return value
+
+
 def relative_residual(fz: Tensor, z: Tensor) -> Tensor:
     """Per-sample ``||f(z) - z|| / (||f(z)|| + 1e-9)``, ``(B,)``."""
     a = (fz - z).flatten(1)
@@ -120,7 +127,7 @@ def _torchfpi(solver: Solver, backward: Backward, compact: bool = False) -> Call
             run_.extra["forward_iterations_mean"] = float(sol.iterations.double().mean())
             return fwd, bwd
 
-        run_ = Run(sol.value, counts, {"converged": float(sol.converged.float().mean())})
+        run_ = Run(state_tensor(sol.value), counts, {"converged": float(sol.converged.float().mean())})
         return run_
 
     return run
