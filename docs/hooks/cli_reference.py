@@ -43,7 +43,11 @@ def _walk(parser: argparse.ArgumentParser) -> Iterator[Tuple[str, argparse.Argum
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    """Help text as one Markdown line: no table breaks, no tags (``<root>``), no emphasis."""
+    text = " ".join(text.split())
+    for char, escaped in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("|", "\\|"), ("*", "\\*")):
+        text = text.replace(char, escaped)
+    return text
 
 
 def _option_rows(parser: argparse.ArgumentParser) -> List[str]:
