@@ -10,6 +10,9 @@ import pytest
 MODULES = [
     "torchfpi",
     "torchfpi._solve",
+    "torchfpi._adjoints",
+    "torchfpi._loop",
+    "torchfpi._options",
     "torchfpi._solvers",
     "torchfpi._diagnostics",
     "torchfpi._layers",

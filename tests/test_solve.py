@@ -227,11 +227,11 @@ def test_cuda_matches_cpu(gen):
 @pytest.fixture(params=["numpy", "torch"])
 def host_backend(request, monkeypatch):
     """Run the loop's bookkeeping with numpy and with the torch-only fallback."""
-    from torchfpi import _solvers
+    from torchfpi import _loop
 
-    ops = _solvers._HostOps()
+    ops = _loop._HostOps()
     ops.np = request.param == "numpy"
-    monkeypatch.setattr(_solvers, "_HOST", ops)
+    monkeypatch.setattr(_loop, "_HOST", ops)
     return request.param
 
 

@@ -7,25 +7,33 @@ True
 """
 
 from torchfpi import energies, errors, io, runtime  # public sub-modules
-from torchfpi._backward import (
+from torchfpi._adjoints import (
+    Adjoint,
+    AdjointSystem,
     AndersonBackward,
     DenseBackward,
     FPIBackward,
+    ImplicitAdjoint,
     NeumannBackward,
     OneStepBackward,
     UnrollBackward,
+    register_adjoint,
 )
 from torchfpi._diagnostics import GradientCheck, check_gradients, jacobian_penalty, spectral_radius
 from torchfpi._layers import FPIGD, FPINN, ConvUpdate, MLPUpdate
 from torchfpi._partial import energy_grad
 from torchfpi._solution import Solution, SolveStats, Status
+from torchfpi._loop import relative_residual
+from torchfpi._options import Options
 from torchfpi._solve import FPILayer, fixed_point
-from torchfpi._solvers import FPI, Anderson
+from torchfpi._solvers import FPI, Anderson, Solver
 from torchfpi.errors import ConvergenceWarning, FixedPointError
 
 __version__ = "0.2.0.dev0"  # the one source of the version (pyproject reads it)
 
 __all__ = [
+    "Adjoint",
+    "AdjointSystem",
     "Anderson",
     "AndersonBackward",
     "ConvergenceWarning",
@@ -37,11 +45,14 @@ __all__ = [
     "FPILayer",
     "FPINN",
     "GradientCheck",
+    "ImplicitAdjoint",
     "MLPUpdate",
     "FixedPointError",
     "NeumannBackward",
     "OneStepBackward",
+    "Options",
     "Solution",
+    "Solver",
     "SolveStats",
     "Status",
     "UnrollBackward",
@@ -54,5 +65,7 @@ __all__ = [
     "energy_grad",
     "fixed_point",
     "jacobian_penalty",
+    "register_adjoint",
+    "relative_residual",
     "spectral_radius",
 ]

@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
+from torchfpi._adjoints import ADJOINTS, exact_modes
 from torchfpi._autograd import _grad
 
 
@@ -151,14 +152,15 @@ class GradientCheck:
         return "\n".join(lines)
 
 
-EXACT_MODES = ("fpi", "anderson", "unroll", "dense")
+EXACT_MODES = exact_modes()
+"""The built-in exact modes (registered adjoints are looked up when ``check_gradients`` runs)."""
 
 
 def check_gradients(
     f: Callable[..., Tensor],
     z0: Tensor,
     *inputs: Tensor,
-    modes: Sequence[str] = ("fpi", "anderson", "neumann", "onestep", "unroll", "dense"),
+    modes: Sequence[str] = tuple(ADJOINTS),
     reference: Optional[str] = None,
     tol: float = 1e-10,
     max_iter: int = 1000,
@@ -236,5 +238,5 @@ def check_gradients(
         finite_difference_error=fd_err,
         reference=reference,
         tolerance=tolerance,
-        exact_modes=tuple(m for m in modes if m in EXACT_MODES),
+        exact_modes=tuple(m for m in modes if m in exact_modes()),
     )

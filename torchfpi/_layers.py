@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchfpi._backward import Backward
 from torchfpi._diagnostics import spectral_radius
 from torchfpi._partial import energy_grad
 from torchfpi._solution import Solution
-from torchfpi._solve import FPILayer, fixed_point
+from torchfpi._options import Options
+from torchfpi._solve import FPILayer, solve
 from torchfpi.errors import ConvergenceWarning
 
 _ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "elu": F.elu, "softplus": F.softplus}
@@ -174,9 +174,10 @@ class FPINN(FPILayer):
     iteration; with ``init_state(x)`` they also provide z0.
 
     Args:
-        update: the update network.
-        **options: keyword options of :func:`torchfpi.fixed_point` (``solver``, ``backward``,
-            ``tol``, ``max_iter``, ...) and ``init``.
+        update: the update network. With ``prepare``, its first prepared tensor is the
+            per-sample injection and the rest are shared (never sliced by ``compact``).
+        init: optional ``init(x) -> z0``; default ``update.init_state`` when it exists.
+        options, **keywords: the options of :func:`torchfpi.fixed_point`, as :class:`FPILayer`.
 
     Shapes:
         x: ``(B, ...)``; returns z* ``(B, ...)``.
@@ -193,39 +194,22 @@ class FPINN(FPILayer):
         update: nn.Module,
         *,
         init: Optional[Callable[..., Tensor]] = None,
-        solver: Union[str, object] = "fpi",
-        backward: Union[str, Backward] = "fpi",
-        tol: float = 1e-6,
-        max_iter: int = 100,
-        backward_tol: Optional[float] = None,
-        backward_max_iter: Optional[int] = None,
-        on_failure: str = "warn",
-        residual: str = "relative",
-        compact: bool = False,
+        options: Optional[Options] = None,
+        **keywords: Any,
     ) -> None:
         if init is None and hasattr(update, "init_state"):
             init = update.init_state
-        super().__init__(
-            update,
-            init=init,
-            solver=solver,
-            backward=backward,
-            tol=tol,
-            max_iter=max_iter,
-            backward_tol=backward_tol,
-            backward_max_iter=backward_max_iter,
-            on_failure=on_failure,
-            residual=residual,
-            compact=compact,
-        )
+        super().__init__(update, init=init, options=options, **keywords)
 
-    def solve(self, *inputs: Any, z0: Optional[Tensor] = None) -> Solution:
+    def solve(self, *inputs: Any, z0: Optional[Tensor] = None) -> Solution[Any]:
         update = self.f
         if not (hasattr(update, "prepare") and hasattr(update, "step")):
             return super().solve(*inputs, z0=z0)
         z0 = self.initial_state(inputs, z0)
         prepared = update.prepare(*inputs)
-        sol = fixed_point(update.step, z0, *prepared, **self.options)
+        # prepare() returns the per-sample injection first, then shared tensors (weights):
+        # only the injection is sliced when compact drops stopped samples.
+        sol = solve(update.step, z0, prepared, self.options.replace(per_sample=(0,)))
         self.last_solution = sol
         return sol
 
@@ -248,8 +232,9 @@ class FPIGD(FPILayer):
         projection: None, ``"box"`` (clamp to ``box``) or a callable ``P(z) -> z``.
         box: ``(low, high)`` bounds of the box projection.
         record_energy: keep the energy of each forward iteration in ``energy_trace``.
-        init, solver, backward, tol, max_iter, backward_tol, backward_max_iter, on_failure,
-        residual, compact, batched: as :class:`FPILayer`.
+        init, options, **keywords: as :class:`FPILayer` (the options of
+            :func:`torchfpi.fixed_point`); the inputs are per-sample unless ``per_sample`` says
+            otherwise, and the energy's parameters are parameters, never sliced.
 
     Shapes:
         inputs: whatever ``energy`` takes; z: ``(B, *S)``.
@@ -274,16 +259,8 @@ class FPIGD(FPILayer):
         box: Tuple[float, float] = (0.0, 1.0),
         record_energy: bool = False,
         init: Optional[Callable[..., Tensor]] = None,
-        solver: Union[str, object] = "fpi",
-        backward: Union[str, Backward] = "fpi",
-        tol: float = 1e-6,
-        max_iter: int = 100,
-        backward_tol: Optional[float] = None,
-        backward_max_iter: Optional[int] = None,
-        on_failure: str = "warn",
-        residual: str = "relative",
-        compact: bool = False,
-        batched: bool = True,
+        options: Optional[Options] = None,
+        **keywords: Any,
     ) -> None:
         if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or step_size <= 0:
             raise ValueError(f"step_size: expected a positive number, got {step_size!r}")
@@ -291,20 +268,7 @@ class FPIGD(FPILayer):
             raise ValueError(f"projection: expected None, 'box' or a callable, got {projection!r}")
         if projection == "box" and not (len(box) == 2 and box[0] < box[1]):
             raise ValueError(f"box: expected (low, high) with low < high, got {box!r}")
-        super().__init__(
-            self._gd_step,
-            init=init,
-            solver=solver,
-            backward=backward,
-            tol=tol,
-            max_iter=max_iter,
-            backward_tol=backward_tol,
-            backward_max_iter=backward_max_iter,
-            on_failure=on_failure,
-            residual=residual,
-            compact=compact,
-            batched=batched,
-        )
+        super().__init__(self._gd_step, init=init, options=options, **keywords)
         del self.f  # the map is the bound method below; keep the module tree clean
         self.energy = energy
         log_a = torch.tensor(math.log(step_size))
@@ -347,11 +311,11 @@ class FPIGD(FPILayer):
         """f(z, \\*inputs) = P(z - a grad_z E(z, \\*inputs))."""
         return self._gd_step(z, *inputs)
 
-    def solve(self, *inputs: Any, z0: Optional[Tensor] = None) -> Solution:
+    def solve(self, *inputs: Any, z0: Optional[Tensor] = None) -> Solution[Any]:
         z0 = self.initial_state(inputs, z0)
         self._energies = [] if self.record_energy else None
         try:
-            sol = fixed_point(self._gd_step, z0, *inputs, **self.options)
+            sol = solve(self._gd_step, z0, inputs, self.options)
         finally:
             energies, self._energies = self._energies, None
         if energies:

@@ -1,13 +1,23 @@
-"""The result of a fixed-point solve: value, per-sample status, iteration counts, residual traces."""
+"""The result of a fixed-point solve: value, per-sample status, iteration counts, residual
+traces, and the failure report that ``on_failure`` turns into a warning or an error."""
 
 from __future__ import annotations
 
 import enum
+import warnings
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Generic, Optional, Tuple, TypeVar
 
 import torch
 from torch import Tensor
+
+from torchfpi.errors import ConvergenceWarning, FixedPointError
+
+DIVERGENCE_FACTOR = 1e6
+"""A sample diverges when its absolute residual exceeds this multiple of its smallest one."""
+
+V = TypeVar("V", Tensor, Tuple[Tensor, ...])
+"""The type of a solution's value: a tensor, or a tuple of tensors like ``z0``."""
 
 
 class Status(enum.IntEnum):
@@ -74,17 +84,18 @@ class _Record:
         self.backward: Optional[SolveStats] = None
 
 
-class Solution:
+class Solution(Generic[V]):
     """Result of :func:`torchfpi.fixed_point`.
 
     Attributes:
         value: z*, with the structure, shape, dtype and device of ``z0`` (a tensor or a tuple
             of tensors); differentiable w.r.t. the inputs and the parameters of ``f``.
+            ``Solution[Tensor]`` for a tensor ``z0``, ``Solution[Tuple[Tensor, ...]]`` for a tuple.
     """
 
     __slots__ = ("value", "_record")
 
-    def __init__(self, value: Union[Tensor, Tuple[Tensor, ...]], record: _Record) -> None:
+    def __init__(self, value: V, record: _Record) -> None:
         self.value = value
         self._record = record
 
@@ -141,3 +152,45 @@ def _empty_stats(batch: int, device: torch.device, dtype: torch.dtype) -> SolveS
         status=torch.zeros(batch, dtype=torch.int64, device=device),
         trace=torch.zeros(0, batch, dtype=dtype, device=device),
     )
+
+
+def report_failure(stats: SolveStats, on_failure: str, which: str, tol: float, max_iter: int) -> None:
+    """Warn (``on_failure="warn"``) or raise (``"raise"``) if a sample diverged or ran out of
+    iterations, naming the count, the knob to turn and the remedy; ``which`` is ``"forward"``
+    or ``"backward"``."""
+    if on_failure == "ignore":
+        return
+    status = stats.status
+    n = int(status.numel())
+    codes = status.detach().cpu().tolist()  # one transfer and host counts (runs after every solve)
+    n_div = codes.count(int(Status.DIVERGED))
+    n_max = codes.count(int(Status.MAX_ITER))
+    if n_div == 0 and n_max == 0:
+        return
+    knob_iter = "max_iter" if which == "forward" else "backward_max_iter"
+    knob_tol = "tol" if which == "forward" else "backward_tol"
+    parts = []
+    if n_div:
+        first = int(stats.iterations[status == Status.DIVERGED].min())
+        parts.append(
+            f"{n_div} of {n} samples diverged (residual grew over {DIVERGENCE_FACTOR:.0e}-fold, "
+            f"first at iteration {first}): the map is not a contraction there; use damping "
+            "(torchfpi.FPI(damping=0.5)), a smaller step size, spectral normalisation, and check "
+            "torchfpi.spectral_radius(...) < 1"
+        )
+    if n_max:
+        worst = float(stats.residual[status == Status.MAX_ITER].max())
+        hint = (
+            "raise max_iter, use solver='anderson' or damping, or loosen tol"
+            if which == "forward"
+            else "raise backward_max_iter, use backward='anderson', or loosen backward_tol"
+        )
+        parts.append(
+            f"{n_max} of {n} samples did not converge within {knob_iter}={max_iter} (worst "
+            f"residual {worst:.2e} > {knob_tol}={tol:.1e}): the map may contract slowly "
+            f"(spectral radius near 1); {hint}"
+        )
+    msg = f"{which} fixed-point solve: " + "; ".join(parts)
+    if on_failure == "raise":
+        raise FixedPointError(msg)
+    warnings.warn(msg, ConvergenceWarning, stacklevel=5)
