@@ -15,8 +15,8 @@ from typing import List
 
 import torch
 
-from torchfpi.apps.denoise import load_denoiser
-from torchfpi.apps.denoise._train import _to_tensor, batch_psnr, validation_set
+from torchfpi.apps.denoise import batch_psnr, load_denoiser, validation_set
+from torchfpi.apps.denoise import to_tensor as _to_tensor
 from torchfpi.data.images import load_folder
 from torchfpi.io import data_root
 

@@ -29,8 +29,7 @@ from typing import Any, Callable, Dict, List
 import torch
 
 import torchfpi
-from torchfpi.bench import Config, build, run_benchmark
-from torchfpi.bench._harness import gradient_error, reference_gradients
+from torchfpi.bench import Config, build, gradient_error, reference_gradients, run_benchmark
 
 
 def _check(results: List[Dict[str, Any]], name: str, fn: Callable[[], Dict[str, Any]]) -> None:
@@ -85,7 +84,8 @@ def correctness(device: torch.device, quick: bool) -> List[Dict[str, Any]]:
 
     def compaction() -> Dict[str, Any]:
         inst = build("mixed", quick=True, device=device)
-        a = torchfpi.fixed_point(inst.f, inst.z0, *inst.inputs, tol=1e-5, max_iter=1000, compact=True)
+        a = torchfpi.fixed_point(inst.f, inst.z0, *inst.inputs, tol=1e-5, max_iter=1000, compact=True,
+                                 per_sample=inst.sample_inputs)
         b = torchfpi.fixed_point(inst.f, inst.z0, *inst.inputs, tol=1e-5, max_iter=1000, compact=False)
         ga = torch.autograd.grad((a.value * inst.weight).sum(), inst.params)
         gb = torch.autograd.grad((b.value * inst.weight).sum(), inst.params)

@@ -183,9 +183,7 @@ def markdown_table(results: Dict[str, Any]) -> str:
 
 def _memory(results: Dict[str, Any], args: argparse.Namespace, out: Path) -> None:
     """Peak extra memory of one training step, implicit FPI_GD vs unrolled, equal iterations."""
-    from torchfpi.apps.denoise import load_denoiser
-    from torchfpi.apps.denoise._memory import measure_training_memory
-    from torchfpi.apps.denoise._train import DEFAULT_CONFIGS
+    from torchfpi.apps.denoise import DEFAULT_CONFIGS, load_denoiser, measure_training_memory
 
     _, meta = load_denoiser("fpi_gd", 25, args.weights_dir)
     w = meta["weights"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torchfpi.apps.flow import _ops
+from torchfpi.apps import flow as flow_app
 from torchfpi.apps.flow.baselines import dis, farneback, horn_schunck
 from torchfpi.apps.flow.refine import load_refined
 from torchfpi.apps.flow.train import load_weights
@@ -52,8 +52,8 @@ def main(argv=None) -> int:
     for m in methods:
         if m not in METHODS:
             parser.error(f"--methods: unknown method {m!r}, expected some of {METHODS}")
-    for seq in _ops.MIDDLEBURY_GT_SEQUENCES:  # every pair is there before any work
-        _ops.load_middlebury(root, seq)
+    for seq in flow_app.MIDDLEBURY_GT_SEQUENCES:  # every pair is there before any work
+        flow_app.load_middlebury(root, seq)
     out = Path(args.out)
     results = {} if args.force else read_json(out, default={})
     results.setdefault("methods", {})
@@ -68,9 +68,9 @@ def main(argv=None) -> int:
         results["fpi_gd_params"] = model.describe()
         results["fpi_gd_config"] = model.extra_state()
     flows = {}
-    for seq in _ops.MIDDLEBURY_GT_SEQUENCES:
-        f1, f2, gt = _ops.load_middlebury(root, seq)
-        g1, g2 = _ops.to_grey_tensor(f1), _ops.to_grey_tensor(f2)
+    for seq in flow_app.MIDDLEBURY_GT_SEQUENCES:
+        f1, f2, gt = flow_app.load_middlebury(root, seq)
+        g1, g2 = flow_app.to_grey_tensor(f1), flow_app.to_grey_tensor(f2)
         flows[seq] = {}
         for m in methods:
             entry = results["methods"].setdefault(m, {"per_sequence": {}})
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
             print(f"{seq:12s} {m:13s} EPE {rec['epe']:.3f}  ({rec['seconds']:.1f} s)", flush=True)
             for e in results["methods"].values():
                 vals = [v["epe"] for v in e["per_sequence"].values()]
-                if len(vals) == len(_ops.MIDDLEBURY_GT_SEQUENCES):
+                if len(vals) == len(flow_app.MIDDLEBURY_GT_SEQUENCES):
                     e["mean_epe"] = round(float(np.mean(vals)), 4)
             atomic_write_json(results, out)
         _figure(Path(args.figures) / f"flow_{seq}.png", seq, f1, gt, flows[seq], results["methods"])

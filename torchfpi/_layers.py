@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchfpi._diagnostics import spectral_radius
+from torchfpi._options import Options
 from torchfpi._partial import energy_grad
 from torchfpi._solution import Solution
-from torchfpi._options import Options
 from torchfpi._solve import FPILayer, solve
 from torchfpi.errors import ConvergenceWarning
 

@@ -105,12 +105,12 @@ class Options:
         """True for ``residual="absolute"``."""
         return self.residual == "absolute"
 
-    def replace(self, **changes: Any) -> "Options":
+    def replace(self, **changes: Any) -> Options:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
     @classmethod
-    def build(cls, options: Optional["Options"], keywords: Mapping[str, Any], owner: str) -> "Options":
+    def build(cls, options: Optional[Options], keywords: Mapping[str, Any], owner: str) -> Options:
         """``options`` updated by ``keywords``: how the layers take ``fixed_point``'s keywords.
 
         Raises:

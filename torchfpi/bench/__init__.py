@@ -21,11 +21,22 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 
-from torchfpi.bench._harness import Claim, Config, evaluate_claims, memory_sweep, run_problem
+from torchfpi.bench._harness import (
+    Claim,
+    Config,
+    evaluate_claims,
+    gradient_error,
+    memory_sweep,
+    reference_gradients,
+    run_problem,
+)
 from torchfpi.bench._peers import Method, methods
 from torchfpi.bench._problems import PROBLEMS, Instance, build
 
-__all__ = ["Claim", "Config", "Instance", "Method", "PROBLEMS", "build", "methods", "run_benchmark"]
+__all__ = [
+    "Claim", "Config", "Instance", "Method", "PROBLEMS", "build", "gradient_error", "methods",
+    "reference_gradients", "run_benchmark",
+]  # fmt: skip
 
 
 def _load() -> Optional[list]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Un
 import torch
 from torch import Tensor
 
+from torchfpi import relative_residual
 from torchfpi.bench._problems import Instance
 
 if TYPE_CHECKING:
@@ -48,12 +49,6 @@ def state_tensor(value: object) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"benchmark state: expected a tensor, got {type(value).__name__}")
     return value
-
-
-def relative_residual(fz: Tensor, z: Tensor) -> Tensor:
-    """Per-sample ``||f(z) - z|| / (||f(z)|| + 1e-9)``, ``(B,)``."""
-    a = (fz - z).flatten(1)
-    return torch.linalg.vector_norm(a, dim=1) / (torch.linalg.vector_norm(fz.flatten(1), dim=1) + _REL_EPS)
 
 
 @dataclass
@@ -105,6 +100,7 @@ def _torchfpi(solver: Solver, backward: Backward, compact: bool = False) -> Call
             max_iter=max_iter,
             on_failure="ignore",
             compact=compact,
+            per_sample=inst.sample_inputs,
         )
 
         def counts() -> Tuple[int, int]:

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Tuple, Union
 import torch
 from torch import Tensor
 
-from torchfpi._partial import energy_grad
+from torchfpi import energy_grad
 
 Map = Callable[..., Tensor]
 
@@ -33,6 +33,8 @@ class Instance:
             plus module parameters that ``f`` captures, if any).
         weight: ``(B, *S)`` loss weights, ``L = (weight * z*).sum()``.
         per_sample: ``f`` treats samples independently (compaction is allowed).
+        sample_inputs: indices of the ``inputs`` with the batch as dim 0 (the others are
+            shared weights): ``fixed_point(..., per_sample=sample_inputs)``.
         description: one line for the report.
         sizes: the size knobs used to build it.
     """
@@ -46,6 +48,7 @@ class Instance:
     per_sample: bool
     description: str
     sizes: Dict[str, float] = field(default_factory=dict)
+    sample_inputs: Tuple[int, ...] = (0,)
 
     @property
     def batch(self) -> int:
@@ -218,6 +221,7 @@ def _mixed(sizes: Dict[str, float], gen: torch.Generator, dtype: torch.dtype, de
         params=[t for t in inputs if t.requires_grad],
         weight=_loss_weight((b, d), gen, dtype, device),
         per_sample=True,
+        sample_inputs=(0, 1),
         description=(
             f"mixed-rate batch: z = r_i (W_o tanh(inj + W_z z) + b_o), W orthogonal, r_i = "
             f"{sizes['fast']} for {b - n_slow} samples and {sizes['slow']} for {n_slow}; B={b}, d={d}"

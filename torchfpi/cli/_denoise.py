@@ -143,7 +143,7 @@ def _read_init(args: argparse.Namespace, sigma: float, model_config: dict) -> Op
     """``--init``: read the weights file safely, check its kind, merge its config; return its state."""
     import math
 
-    from torchfpi.apps._weights import read_weights
+    from torchfpi.apps import read_weights
     from torchfpi.errors import DataError, UsageError
 
     if args.init is None:
@@ -183,7 +183,7 @@ def run_train(args: argparse.Namespace) -> int:
     (image count and sizes against ``--val-images``, ``--limit-images`` and ``--crop``): a wrong
     argument is reported before any data is loaded or any file written.
     """
-    from torchfpi.apps import _distributed
+    from torchfpi.apps import session as distributed_session
     from torchfpi.apps.denoise import TrainConfig, check_training_data, save_weights, train
     from torchfpi.cli import _checks
     from torchfpi.data.images import check_sigma
@@ -261,7 +261,7 @@ def run_train(args: argparse.Namespace) -> int:
     train_dir = data_root(args.data_root) / "denoise" / "Train400"
     check_training_data(cfg, train_dir, args.limit_images)
     progress = not args.quiet and sys.stderr.isatty()
-    with _distributed.session(None) as ctx:
+    with distributed_session(None) as ctx:
         if args.batch_size < ctx.world_size:
             raise UsageError(f"--batch-size: {args.batch_size} is smaller than the {ctx.world_size} "
                              "processes of this torchrun (each process needs a crop of every batch)")

@@ -93,7 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from torchfpi.apps import _distributed
+    from torchfpi.apps import session as distributed_session
     from torchfpi.apps.flow.train import TrainConfig, load_weights, train
     from torchfpi.apps.flow.variational import FlowConfig
     from torchfpi.cli import _checks
@@ -131,7 +131,7 @@ def run_train(args: argparse.Namespace) -> int:
     root = _texture_root(args)
     torch.set_num_threads(args.threads)
     command = args.command_line
-    with _distributed.session(torch.device("cpu")) as ctx:
+    with distributed_session(torch.device("cpu")) as ctx:
         if ctx.distributed and args.batch_size % ctx.world_size:
             raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world_size} "
                              "processes of this torchrun: choose a multiple of --nproc_per_node")
@@ -171,7 +171,7 @@ def run_flow(args: argparse.Namespace) -> int:
     """Estimate the flow of one pair and write the requested outputs (checked before the solve)."""
     import torch
 
-    from torchfpi.apps.flow import _ops
+    from torchfpi.apps import flow as flow_app
     from torchfpi.cli import _checks
     from torchfpi.data.flo import write_flo, write_flow_png
     from torchfpi.errors import DataError, UsageError
@@ -198,9 +198,9 @@ def run_flow(args: argparse.Namespace) -> int:
         raise UsageError("--weights: not for --method horn_schunck (it has no learned weights)")
     if args.method != "horn_schunck" and not weights.exists():
         raise FileNotFoundError(2, "No such file or directory", str(weights))
-    f1 = _ops.to_grey_tensor(_ops.read_image(args.frame1))
-    f2 = _ops.to_grey_tensor(_ops.read_image(args.frame2))
-    _ops.check_pair(f1, f2)
+    f1 = flow_app.to_grey_tensor(flow_app.read_image(args.frame1))
+    f2 = flow_app.to_grey_tensor(flow_app.read_image(args.frame2))
+    flow_app.check_pair(f1, f2)
     truth = None
     if args.truth is not None:
         from torchfpi.data.flo import read_flo

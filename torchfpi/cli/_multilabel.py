@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         require(module)
     import torch
 
-    from torchfpi.apps import _distributed
+    from torchfpi.apps import session as distributed_session
     from torchfpi.apps.multilabel import TrainConfig, make_splits, train_multilabel
     from torchfpi.apps.multilabel.recipes import model_config
     from torchfpi.data import load_multilabel
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     )
     splits = make_splits(train, test, args.val_fraction)
     ckpt = ckpt_dir / f"{args.dataset}-{args.model}-seed{args.seed}.pt"
-    with _distributed.session(device) as ctx:
+    with distributed_session(device) as ctx:
         result = train_multilabel(
             cfg,
             splits,

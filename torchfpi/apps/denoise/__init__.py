@@ -17,6 +17,7 @@ from torchfpi.apps.denoise._api import (
 )
 from torchfpi.apps.denoise._baselines import bm3d_denoise, choose_tv_weight, tv_denoise
 from torchfpi.apps.denoise._energy import FoEEnergy, dct_filters, grow_energy_state
+from torchfpi.apps.denoise._memory import measure_training_memory
 from torchfpi.apps.denoise._models import (
     MODELS,
     ConvUpdate,
@@ -25,11 +26,20 @@ from torchfpi.apps.denoise._models import (
     UnrolledDenoiser,
     build_model,
 )
-from torchfpi.apps.denoise._train import DEFAULT_CONFIGS, TrainConfig, check_training_data, train
+from torchfpi.apps.denoise._train import (
+    DEFAULT_CONFIGS,
+    TrainConfig,
+    batch_psnr,
+    check_training_data,
+    train,
+    validation_set,
+)
+from torchfpi.apps.denoise._train import _to_tensor as to_tensor
 
 __all__ = [
     "DEFAULT_CONFIGS", "MIN_IMAGE_SIDE", "MODELS", "check_training_data", "ConvUpdate", "FPIGDDenoiser", "FPINNDenoiser", "FoEEnergy", "grow_energy_state",
     "TrainConfig", "UnrolledDenoiser", "available_sigmas", "bm3d_denoise", "build_model",
     "choose_tv_weight", "dct_filters", "denoise_array", "load_denoiser", "save_weights", "train",
-    "tv_denoise", "weights_path",
+    "tv_denoise", "weights_path", "batch_psnr", "measure_training_memory", "to_tensor",
+    "validation_set",
 ]

@@ -5,11 +5,18 @@ Horn-Schunck), :mod:`.variational` (the learned energy, its fixed-point map and 
 scheme), :mod:`.synthetic` (training pairs made on the fly), :mod:`.train`.
 """
 
-from torchfpi.apps.flow._ops import MIDDLEBURY_GT_SEQUENCES, load_middlebury, warp
+from torchfpi.apps.flow._ops import (
+    MIDDLEBURY_GT_SEQUENCES,
+    check_pair,
+    load_middlebury,
+    read_image,
+    to_grey_tensor,
+    warp,
+)
 from torchfpi.apps.flow.baselines import dis, farneback, horn_schunck, horn_schunck_step
 from torchfpi.apps.flow.variational import FlowConfig, VariationalFlow
 
 __all__ = [
-    "MIDDLEBURY_GT_SEQUENCES", "load_middlebury", "warp", "dis", "farneback", "horn_schunck",
+    "MIDDLEBURY_GT_SEQUENCES", "check_pair", "load_middlebury", "read_image", "to_grey_tensor", "warp", "dis", "farneback", "horn_schunck",
     "horn_schunck_step", "FlowConfig", "VariationalFlow",
 ]  # fmt: skip

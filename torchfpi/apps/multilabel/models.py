@@ -41,7 +41,7 @@ from typing import Any, Dict, Optional, cast
 import torch
 from torch import nn
 
-from torchfpi._partial import energy_grad
+from torchfpi import energy_grad
 
 MODELS = ("mlp", "spen", "fpi_nn", "fpi_gd")
 
