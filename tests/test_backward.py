@@ -191,3 +191,50 @@ def test_implicit_vs_unrolled_vs_finite_differences(dtype):
     rep = torchfpi.check_gradients(Map(), torch.zeros(3, 4, dtype=dtype), x, tolerance=1e-6)
     assert rep.ok, rep.table()
     assert rep.errors["onestep"] > 1e-3 and rep.errors["fpi"] < 1e-8
+
+
+class _TwoTerms:
+    """A user adjoint: u = g + J^T g (a two-term Neumann series), written only against the protocol."""
+
+    exact = False
+
+    def solve(self, system):
+        return system.g + system.vjp(system.g), None
+
+
+def test_user_adjoint_object_and_registered_name(gen, dtype):
+    # Adding an adjoint: one class with solve(system), one registry entry.
+    from torchfpi import _adjoints
+
+    prob = affine(5, 3, 0.5, gen, dtype)
+    x = torch.randn(2, 3, generator=gen, dtype=dtype, requires_grad=True)
+
+    def grad(backward):
+        sol = _solve(prob, torch.zeros(2, 5, dtype=dtype), x, backward=backward)
+        return torch.autograd.grad(sol.value.sum(), x)[0]
+
+    reference = grad(torchfpi.NeumannBackward(terms=1))
+    torch.testing.assert_close(grad(_TwoTerms()), reference, rtol=0, atol=0)
+    assert isinstance(_TwoTerms(), torchfpi.Adjoint)
+    torchfpi.register_adjoint("two-terms", _TwoTerms)
+    try:
+        torch.testing.assert_close(grad("two-terms"), reference, rtol=0, atol=0)
+        assert "two-terms" not in torchfpi.check_gradients(prob, torch.zeros(1, 5, dtype=dtype), x[:1].detach().requires_grad_(), modes=("fpi", "two-terms")).exact_modes
+        with pytest.raises(ValueError, match="already registered"):
+            torchfpi.register_adjoint("fpi", _TwoTerms)
+    finally:
+        del _adjoints.ADJOINTS["two-terms"]
+    with pytest.raises(ValueError, match="two-terms"):
+        grad("two-terms")
+
+
+@pytest.mark.parametrize("solver", ["fpi", "anderson", torchfpi.Anderson(m=3)])
+def test_implicit_adjoint_with_any_solver_is_exact_to_second_order(solver, gen, dtype):
+    prob = affine(4, 3, 0.6, gen, dtype)
+    x = torch.randn(2, 3, generator=gen, dtype=dtype, requires_grad=True)
+    w = torch.randn(2, 4, generator=gen, dtype=dtype)
+    sol = _solve(prob, torch.zeros(2, 4, dtype=dtype), x, backward=torchfpi.ImplicitAdjoint(solver))
+    (g,) = torch.autograd.grad((sol.value * w).sum(), x, create_graph=True)
+    torch.testing.assert_close(g, prob.grad_x(w), rtol=GRAD_RTOL, atol=GRAD_RTOL)
+    (gg,) = torch.autograd.grad((g**2).sum(), x, allow_unused=True)  # affine: grad_x is constant in x
+    assert gg is None or float(gg.abs().max()) < GRAD_RTOL

@@ -13,6 +13,7 @@ MODULES = [
     "torchfpi._adjoints",
     "torchfpi._loop",
     "torchfpi._options",
+    "torchfpi._solution",
     "torchfpi._solvers",
     "torchfpi._diagnostics",
     "torchfpi._layers",
@@ -25,4 +26,5 @@ MODULES = [
 def test_docstring_examples(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0, f"{name} has no docstring example"
     assert result.failed == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -248,3 +249,22 @@ def test_functional_call_first_order_and_loud_double_backward(dtype):
     # A differentiable backward recomputes f, which now uses the module's own parameters again.
     with pytest.raises(torchfpi.FixedPointError, match="no longer uses a tensor"):
         torch.autograd.grad(out.square().sum(), x, create_graph=True)
+
+
+def test_one_options_dataclass_for_every_entry_point():
+    opts = torchfpi.Options(tol=1e-8, backward="anderson", batched=True)
+    upd = torchfpi.MLPUpdate(4, 3, hidden=8)
+    layers = [
+        torchfpi.FPILayer(upd, options=opts),
+        torchfpi.FPINN(upd, options=opts),
+        torchfpi.FPINN(upd, tol=1e-8, backward="anderson", batched=True),  # FPINN takes batched too
+        torchfpi.FPIGD(lambda z: 0.5 * (z**2).sum(1), tol=1e-8, backward="anderson"),
+    ]
+    assert all(layer.options == opts for layer in layers)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.tol = 1.0  # type: ignore[misc]
+    with pytest.raises(TypeError, match=r"FPINN: unknown option\(s\) \['tolerance'\]"):
+        torchfpi.FPINN(upd, tolerance=1e-3)
+    with pytest.raises(ValueError, match="tol: expected a positive number"):
+        torchfpi.FPIGD(lambda z: (z**2).sum(1), tol=-1.0)
+    assert opts.replace(backward_tol=None).adjoint_tol == 1e-8

@@ -91,6 +91,12 @@ class Solution(Generic[V]):
         value: z*, with the structure, shape, dtype and device of ``z0`` (a tensor or a tuple
             of tensors); differentiable w.r.t. the inputs and the parameters of ``f``.
             ``Solution[Tensor]`` for a tensor ``z0``, ``Solution[Tuple[Tensor, ...]]`` for a tuple.
+
+    Example:
+        >>> import torch, torchfpi
+        >>> sol = torchfpi.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(2, 3), tol=1e-3)
+        >>> sol.status.tolist(), sol.iterations.tolist(), sol.trace.shape
+        ([0, 0], [10, 10], torch.Size([10, 2]))
     """
 
     __slots__ = ("value", "_record")
