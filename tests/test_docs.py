@@ -9,6 +9,7 @@ import pytest
 
 MODULES = [
     "torchfpi",
+    "torchfpi._autograd",
     "torchfpi._solve",
     "torchfpi._adjoints",
     "torchfpi._loop",
@@ -17,7 +18,6 @@ MODULES = [
     "torchfpi._solvers",
     "torchfpi._diagnostics",
     "torchfpi._layers",
-    "torchfpi._partial",
     "torchfpi.energies",
 ]
 

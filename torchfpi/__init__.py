@@ -19,11 +19,11 @@ from torchfpi._adjoints import (
     UnrollBackward,
     register_adjoint,
 )
+from torchfpi._autograd import energy_grad
 from torchfpi._diagnostics import GradientCheck, check_gradients, jacobian_penalty, spectral_radius
 from torchfpi._layers import FPIGD, FPINN, ConvUpdate, MLPUpdate
 from torchfpi._loop import relative_residual
 from torchfpi._options import Options
-from torchfpi._partial import energy_grad
 from torchfpi._solution import Solution, SolveStats, Status
 from torchfpi._solve import FPILayer, fixed_point
 from torchfpi._solvers import FPI, Anderson, Solver

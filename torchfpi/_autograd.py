@@ -1,10 +1,11 @@
-"""Autograd plumbing: a differentiable vector-Jacobian product node and captured-leaf discovery.
+"""Partial derivatives as graph nodes: a differentiable VJP node, ``energy_grad``, leaf discovery.
 
 ``_VJP`` computes partial derivatives of a function at a point *on detached copies* of its
 explicit arguments, then re-attaches the result to the graph as a node of its own. Its backward
 is again a ``_VJP`` (of the VJP function), so it is differentiable to any order. This is what
 lets the backward of a fixed-point layer be differentiated without autograd following the
-layer's own output back into the layer (see STYLE.md, "a trap on the way to higher order").
+layer's own output back into the layer: differentiating f(z*) w.r.t. theta with z* the layer's own
+connected output would make autograd recurse into the same backward without end.
 
 Implicit arguments are leaf tensors that the function uses through its closure (parameters of
 an ``nn.Module``, captured tensors): they are used as they are (they have no history to follow)
@@ -13,7 +14,7 @@ and receive gradients through this node.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -151,3 +152,44 @@ def vjp(
     silent zero gradient.
     """
     return _VJP.apply(fn, len(cotangents), len(explicit), tuple(wrt), strict, *cotangents, *explicit, *implicit)
+
+
+def energy_grad(energy: Callable[..., Tensor], z: Tensor, *inputs: Any) -> Tensor:
+    r"""grad_z E(z, \*inputs), a node of the autograd graph, itself differentiable.
+
+    With grad mode on, the gradient is built with ``create_graph=True``, so it can be
+    differentiated again w.r.t. ``z``, the inputs and the energy's parameters (Hessian-vector
+    products are exact, never finite differences). Under ``torch.no_grad()`` it returns a plain
+    tensor and keeps no graph, so a forward fixed-point loop stays memory-free. This is the
+    partial-derivative operator FPI_GD is built from.
+
+    Args:
+        energy: ``energy(z, *inputs) -> (B,)``, one energy per sample.
+        z: ``(B, *S)`` point.
+
+    Returns:
+        ``(B, *S)`` gradient of the summed energy (equal to each sample's own gradient when the
+        energy treats samples independently).
+
+    Raises:
+        ValueError: if the energy does not return shape ``(B,)``.
+
+    Example:
+        >>> import torch, torchfpi
+        >>> z = torch.tensor([[1.0, -2.0]])
+        >>> torchfpi.energy_grad(lambda z: 0.5 * (z ** 2).sum(1), z).tolist()
+        [[1.0, -2.0]]
+    """
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        zz = z if z.requires_grad else z.detach().requires_grad_(True)
+        e = energy(zz, *inputs)
+        if not isinstance(e, Tensor) or tuple(e.shape) != (z.shape[0],):
+            got = tuple(e.shape) if isinstance(e, Tensor) else type(e).__name__
+            raise ValueError(
+                f"energy must return one value per sample, shape ({z.shape[0]},); got {got}"
+            )
+        (g,) = torch.autograd.grad(e.sum(), zz, create_graph=create, allow_unused=True)
+    if g is None:
+        g = torch.zeros_like(z)
+    return g

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchfpi._autograd import energy_grad
 from torchfpi._diagnostics import spectral_radius
 from torchfpi._options import Options
-from torchfpi._partial import energy_grad
+from torchfpi._problem import State
 from torchfpi._solution import Solution
 from torchfpi._solve import FPILayer, solve
 from torchfpi.errors import ConvergenceWarning
 
-_ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "elu": F.elu, "softplus": F.softplus}
+_ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu, "tanh": torch.tanh, "elu": F.elu, "softplus": F.softplus,
+}
 _OUT = {None: None, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 
 
@@ -28,6 +31,8 @@ class _SpectralNorm(nn.Module):
     refreshed only when :meth:`normalized` is called (once per layer call), so the map stays
     the same function across the iterations of one fixed-point solve.
     """
+
+    u: Tensor
 
     def __init__(self, weight_shape: Tuple[int, int]) -> None:
         super().__init__()
@@ -84,8 +89,8 @@ class MLPUpdate(nn.Module):
         self.Wz = nn.Parameter(torch.randn(hidden, state_dim) / math.sqrt(state_dim))
         self.out = nn.Linear(hidden, state_dim)
         self.gamma = gamma
-        self.act = _ACTIVATIONS[activation]
-        self.out_act = _OUT[out_activation]
+        self.act: Callable[[Tensor], Tensor] = _ACTIVATIONS[activation]
+        self.out_act: Optional[Callable[[Tensor], Tensor]] = _OUT[out_activation]
         self.sn_z = _SpectralNorm((hidden, state_dim)) if spectral_norm else None
         self.sn_o = _SpectralNorm((state_dim, hidden)) if spectral_norm else None
 
@@ -143,7 +148,7 @@ class ConvUpdate(nn.Module):
         self.Wo = nn.Parameter(torch.randn(channels, hidden, kernel_size, kernel_size) / (hidden * kernel_size))
         self.bo = nn.Parameter(torch.zeros(channels))
         self.gamma = gamma
-        self.act = _ACTIVATIONS[activation]
+        self.act: Callable[[Tensor], Tensor] = _ACTIVATIONS[activation]
         self.sn_z = _SpectralNorm((hidden, channels)) if spectral_norm else None
         self.sn_o = _SpectralNorm((channels, hidden)) if spectral_norm else None
 
@@ -193,23 +198,23 @@ class FPINN(FPILayer):
         self,
         update: nn.Module,
         *,
-        init: Optional[Callable[..., Tensor]] = None,
+        init: Optional[Callable[..., State]] = None,
         options: Optional[Options] = None,
         **keywords: Any,
     ) -> None:
-        if init is None and hasattr(update, "init_state"):
-            init = update.init_state
+        if init is None and callable(getattr(update, "init_state", None)):
+            init = getattr(update, "init_state")  # noqa: B009 - a method the update may lack
         super().__init__(update, init=init, options=options, **keywords)
 
-    def solve(self, *inputs: Any, z0: Optional[Tensor] = None) -> Solution[Any]:
+    def solve(self, *inputs: Any, z0: Optional[State] = None) -> Solution[Any]:
         update = self.f
         if not (hasattr(update, "prepare") and hasattr(update, "step")):
             return super().solve(*inputs, z0=z0)
-        z0 = self.initial_state(inputs, z0)
+        start = self.initial_state(inputs, z0)
         prepared = update.prepare(*inputs)
         # prepare() returns the per-sample injection first, then shared tensors (weights):
         # only the injection is sliced when compact drops stopped samples.
-        sol = solve(update.step, z0, prepared, self.options.replace(per_sample=(0,)))
+        sol = solve(update.step, start, prepared, self.options.replace(per_sample=(0,)))
         self.last_solution = sol
         return sol
 
@@ -307,15 +312,15 @@ class FPIGD(FPILayer):
         a = self.step_size.to(dtype=z.dtype)
         return self.project(z - a * g)
 
-    def map(self, z: Tensor, *inputs: Any) -> Tensor:
+    def map(self, z: State, *inputs: Any) -> State:
         """f(z, \\*inputs) = P(z - a grad_z E(z, \\*inputs))."""
-        return self._gd_step(z, *inputs)
+        return self._gd_step(z, *inputs)  # type: ignore[arg-type]  # FPIGD states are tensors
 
-    def solve(self, *inputs: Any, z0: Optional[Tensor] = None) -> Solution[Any]:
-        z0 = self.initial_state(inputs, z0)
+    def solve(self, *inputs: Any, z0: Optional[State] = None) -> Solution[Any]:
+        start = self.initial_state(inputs, z0)
         self._energies = [] if self.record_energy else None
         try:
-            sol = solve(self._gd_step, z0, inputs, self.options)
+            sol = solve(self._gd_step, start, inputs, self.options)
         finally:
             energies, self._energies = self._energies, None
         if energies:

@@ -29,7 +29,7 @@ from torchfpi.errors import FixedPointError
 try:  # numpy makes the per-sample bookkeeping ~5x cheaper; torch alone works too
     import numpy as _np
 except ImportError:  # pragma: no cover - numpy is an optional companion of torch
-    _np = None
+    _np = None  # type: ignore[assignment]
 
 REL_EPS = 1e-9
 """Added to ||f(z)|| in the relative residual ||f(z) - z|| / (||f(z)|| + REL_EPS)."""

@@ -245,6 +245,7 @@ class Problem:
         )
         u, stats = self.adjoint.solve(system)
         self.record.backward = stats
+        grads: List[Optional[Tensor]]
         if differentiable:
             grads = list(vjp(self.fn_tuple, [u], [zs, *tensors], params, wrt=[1 + i for i in wrt], strict=True))
         else:

@@ -100,6 +100,7 @@ class Solution(Generic[V]):
     """
 
     __slots__ = ("value", "_record")
+    value: V
 
     def __init__(self, value: V, record: _Record) -> None:
         self.value = value

@@ -53,7 +53,7 @@ class QuadraticEnergy(nn.Module):
     def matrix(self) -> Tensor:
         """The SPD matrix A."""
         if self.L is None:
-            return self.A_fixed
+            return self.A_fixed  # type: ignore[return-value]  # a buffer when L is None
         return self.L @ self.L.T + self.eps * torch.eye(self.L.shape[0], dtype=self.L.dtype, device=self.L.device)
 
     def forward(self, z: Tensor, b: Tensor) -> Tensor:
