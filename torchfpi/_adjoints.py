@@ -68,7 +68,7 @@ class AdjointSystem:
             ``differentiable`` is True.
         differentiable: the caller asked for a graph of the gradient (``create_graph``).
         tol, max_iter: ``backward_tol`` and ``backward_max_iter`` (resolved).
-        absolute, compact, on_failure: as the forward solve's options.
+        residual, compact, on_failure: as the forward solve's options.
         z: ``(B, N)`` z*; ``tensors``: the tensor inputs of f (for the implicit adjoint).
         vjp_rows: ``(u_rows, idx) -> J^T u`` on the rows ``idx`` only (first order, compact).
         vjp_at: ``(u, z, tensors) -> J^T u`` at another point, differentiable in all three.
@@ -79,13 +79,18 @@ class AdjointSystem:
     differentiable: bool
     tol: float
     max_iter: int
-    absolute: bool
+    residual: str
     compact: bool
     on_failure: str
     z: Tensor
     tensors: Sequence[Tensor]
     vjp_rows: Callable[[Tensor, Tensor], Tensor]
     vjp_at: Callable[[Tensor, Tensor, Sequence[Tensor]], Tensor]
+
+    @property
+    def absolute(self) -> bool:
+        """True for ``residual="absolute"``."""
+        return self.residual == "absolute"
 
 
 @runtime_checkable
@@ -137,7 +142,7 @@ class _Implicit:
         sol = fixed_point(
             adjoint_map, system.g.detach(), system.g, system.z, *system.tensors,
             solver=self.solver, backward=self, tol=system.tol, max_iter=system.max_iter,
-            on_failure=system.on_failure, residual="absolute" if system.absolute else "relative",
+            on_failure=system.on_failure, residual=system.residual,
         )
         return sol.value, sol.stats
 

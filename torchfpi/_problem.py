@@ -239,7 +239,7 @@ class Problem:
         opts = self.options
         system = AdjointSystem(
             g=g, vjp=vjp_z, differentiable=differentiable, tol=opts.adjoint_tol,
-            max_iter=opts.adjoint_max_iter, absolute=opts.absolute, compact=opts.compact,
+            max_iter=opts.adjoint_max_iter, residual=opts.residual, compact=opts.compact,
             on_failure=opts.on_failure, z=zs, tensors=tensors,
             vjp_rows=_RowGraphs(self, zs, tensors).vjp, vjp_at=vjp_at,
         )

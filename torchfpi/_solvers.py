@@ -137,12 +137,12 @@ class Anderson:
         }
 
     def step(self, state: State, z: Tensor, fz: Tensor, residual: Tensor) -> Tensor:
-        F: Tensor = state["F"]  # type: ignore[assignment]
-        G: Tensor = state["G"]  # type: ignore[assignment]
-        H: Tensor = state["H"]  # type: ignore[assignment]
-        valid: Tensor = state["valid"]  # type: ignore[assignment]
-        best: Tensor = state["best"]  # type: ignore[assignment]
-        ptr: int = state["ptr"]  # type: ignore[assignment]
+        F: Tensor = state["F"]
+        G: Tensor = state["G"]
+        H: Tensor = state["H"]
+        valid: Tensor = state["valid"]
+        best: Tensor = state["best"]
+        ptr: int = state["ptr"]
         m = self.m
         g = fz - z
         res64 = torch.as_tensor(residual, dtype=torch.float64).to(z.device)

@@ -271,7 +271,7 @@ class MultiLabelModel(nn.Module):
     def _build_layer(self) -> None:
         import torchfpi
 
-        opts: Dict[str, Any] = dict(
+        opts = torchfpi.Options(
             tol=self.cfg.tol,
             max_iter=self.cfg.max_iter,
             backward_tol=self.cfg.backward_tol,
@@ -281,10 +281,10 @@ class MultiLabelModel(nn.Module):
             on_failure="ignore",
         )
         if self.kind == "fpi_gd":
-            self.layer = torchfpi.FPIGD(self.energy, step_size=self.cfg.step_size, **opts)
+            self.layer = torchfpi.FPIGD(self.energy, step_size=self.cfg.step_size, options=opts)
         else:
             # a bound method of this module as the update: its parameters are the model's own
-            self.layer = torchfpi.FPINN(self._nn_update, **opts)  # type: ignore[arg-type]
+            self.layer = torchfpi.FPINN(self._nn_update, options=opts)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, h = self.unary(x)
