@@ -1,5 +1,12 @@
 """torchfpi: differentiable forward and backward fixed-point iteration layers for PyTorch.
 
+The core, one idea per module: ``_solve`` (``fixed_point``, ``FPILayer``), ``_options`` (the one
+validated ``Options``), ``_problem`` (state structure, map on flat states, autograd node),
+``_loop`` (the per-sample loop), ``_solvers`` (FPI, Anderson: the solver protocol),
+``_adjoints`` (every backward mode: the adjoint protocol and registry), ``_autograd`` (partial
+derivatives as graph nodes, ``energy_grad``), ``_solution`` (``Solution``, ``Status``, the
+failure report), ``_layers`` (FPI_NN, FPI_GD), ``_diagnostics``; exceptions in ``errors``.
+
 >>> import torch, torchfpi
 >>> sol = torchfpi.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(2, 3))
 >>> bool(sol.converged.all())

@@ -34,7 +34,7 @@ their error grows with the spectral radius of J (see :func:`torchfpi.check_gradi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import (
     Any,
     Callable,
@@ -151,6 +151,10 @@ class _Implicit:
 class ImplicitAdjoint(_Implicit):
     """The exact adjoint fixed point solved by any forward solver (a name or a solver object).
 
+    ``FPIBackward(damping)`` is ``ImplicitAdjoint(FPI(damping))``, ``AndersonBackward(...)`` is
+    ``ImplicitAdjoint(Anderson(...))``; a new solver in :mod:`torchfpi._solvers` is an adjoint
+    solver here at once.
+
     Example:
         >>> import torch, torchfpi
         >>> x = torch.ones(1, 2, requires_grad=True)
@@ -161,15 +165,11 @@ class ImplicitAdjoint(_Implicit):
         tensor([[2., 2.]])
     """
 
-    method: Union[str, Solver] = "fpi"
-    _solver: Solver = field(init=False, repr=False, compare=False)
+    solver: Solver = FPI()  # type: ignore[assignment]  # a field here, a property in the base
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_solver", resolve_solver(self.method))
-
-    @property
-    def solver(self) -> Solver:
-        return self._solver
+        # A name is resolved once: ImplicitAdjoint("anderson").solver is an Anderson object.
+        object.__setattr__(self, "solver", resolve_solver(self.solver))
 
 
 @dataclass(frozen=True)

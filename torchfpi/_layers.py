@@ -15,7 +15,7 @@ from torchfpi._diagnostics import spectral_radius
 from torchfpi._options import Options
 from torchfpi._problem import State
 from torchfpi._solution import Solution
-from torchfpi._solve import FPILayer, solve
+from torchfpi._solve import FPILayer, solve_with_options
 from torchfpi.errors import ConvergenceWarning
 
 _ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
@@ -214,7 +214,7 @@ class FPINN(FPILayer):
         prepared = update.prepare(*inputs)
         # prepare() returns the per-sample injection first, then shared tensors (weights):
         # only the injection is sliced when compact drops stopped samples.
-        sol = solve(update.step, start, prepared, self.options.replace(per_sample=(0,)))
+        sol = solve_with_options(update.step, start, prepared, self.options.replace(per_sample=(0,)))
         self.last_solution = sol
         return sol
 
@@ -320,7 +320,7 @@ class FPIGD(FPILayer):
         start = self.initial_state(inputs, z0)
         self._energies = [] if self.record_energy else None
         try:
-            sol = solve(self._gd_step, start, inputs, self.options)
+            sol = solve_with_options(self._gd_step, start, inputs, self.options)
         finally:
             energies, self._energies = self._energies, None
         if energies:

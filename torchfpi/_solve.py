@@ -65,7 +65,7 @@ def _sample_slots(options: Options, inputs: Sequence[Any], slots: List[int], bat
     return frozenset(slots.index(i) for i in declared)
 
 
-def solve(f: Callable[..., Any], z0: State, inputs: Sequence[Any], options: Options) -> Solution:
+def solve_with_options(f: Callable[..., Any], z0: State, inputs: Sequence[Any], options: Options) -> Solution[Any]:
     """:func:`fixed_point` with validated options (what the layers call)."""
     if not callable(f):
         raise TypeError(f"f: expected a callable (function or nn.Module), got {type(f).__name__}")
@@ -201,7 +201,7 @@ def fixed_point(
         backward_max_iter=backward_max_iter, on_failure=on_failure, residual=residual,
         compact=compact, batched=batched, per_sample=per_sample,  # type: ignore[arg-type]
     )
-    return solve(f, z0, inputs, options)
+    return solve_with_options(f, z0, inputs, options)
 
 
 class FPILayer(nn.Module):
@@ -247,7 +247,7 @@ class FPILayer(nn.Module):
 
     def solve(self, *inputs: Any, z0: Optional[State] = None) -> Solution[Any]:
         """Run the solve and return the full :class:`Solution` (also kept in ``last_solution``)."""
-        sol = solve(self.map, self.initial_state(inputs, z0), inputs, self.options)
+        sol = solve_with_options(self.map, self.initial_state(inputs, z0), inputs, self.options)
         self.last_solution = sol
         return sol
 
