@@ -378,3 +378,27 @@ def test_compact_fpigd_parameters_are_not_sliced(dtype):
     full = torchfpi.FPIGD(energy, **kw)(b)
     comp = torchfpi.FPIGD(energy, compact=True, **kw)(b)
     torch.testing.assert_close(comp, full, rtol=0, atol=1e-10)
+
+
+class _HalfStep:
+    """A user solver written against the protocol only: z <- (z + f(z)) / 2, no state."""
+
+    def init(self, z, fz):
+        return {}
+
+    def step(self, state, z, fz, residual):
+        return torch.lerp(z, fz, 0.5)
+
+
+def test_user_solver_object_forward_and_adjoint(gen, dtype):
+    # Adding a solver: one class with init/step; it serves the forward and the adjoint solve.
+    prob = affine(5, 3, 0.7, gen, dtype)
+    x = torch.randn(3, 3, generator=gen, dtype=dtype, requires_grad=True)
+    z0 = torch.zeros(3, 5, dtype=dtype)
+    assert isinstance(_HalfStep(), torchfpi.Solver)
+    ref = torchfpi.fixed_point(prob, z0, x, solver=torchfpi.FPI(damping=0.5), backward=torchfpi.FPIBackward(damping=0.5))
+    sol = torchfpi.fixed_point(prob, z0, x, solver=_HalfStep(), backward=torchfpi.ImplicitAdjoint(_HalfStep()))
+    assert torch.equal(sol.value, ref.value) and torch.equal(sol.iterations, ref.iterations)
+    g_ref = torch.autograd.grad(ref.value.sum(), x)[0]
+    g = torch.autograd.grad(sol.value.sum(), x)[0]
+    assert torch.equal(g, g_ref) and torch.equal(sol.backward.iterations, ref.backward.iterations)
