@@ -1,4 +1,5 @@
-"""Every docstring example of the core library is executed."""
+"""Every docstring example of the core library is executed, and every module that defines a
+public name of ``torchfpi`` has at least one."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import doctest
 import importlib
 
 import pytest
+
+import torchfpi
 
 MODULES = [
     "torchfpi",
@@ -28,3 +31,13 @@ def test_docstring_examples(name):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0, f"{name} has no docstring example"
     assert result.failed == 0
+
+
+# Exception classes need no example: their messages are tested in test_errors.py.
+WITHOUT_EXAMPLES = {"torchfpi.errors"}
+
+
+def test_every_module_with_public_names_is_checked():
+    homes = {getattr(getattr(torchfpi, n), "__module__", None) for n in torchfpi.__all__}
+    homes = {h for h in homes if h and h.startswith("torchfpi")} - WITHOUT_EXAMPLES
+    assert homes <= set(MODULES), f"add to MODULES (with an example): {sorted(homes - set(MODULES))}"
