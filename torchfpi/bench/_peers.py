@@ -16,30 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from torchfpi import relative_residual
 from torchfpi.bench._problems import Instance
-
-if TYPE_CHECKING:
-    from torchfpi import (
-        FPI,
-        Anderson,
-        AndersonBackward,
-        DenseBackward,
-        FPIBackward,
-        NeumannBackward,
-        OneStepBackward,
-        UnrollBackward,
-    )
-
-    Solver = Union[str, FPI, Anderson]
-    Backward = Union[
-        str, FPIBackward, AndersonBackward, NeumannBackward, OneStepBackward, UnrollBackward, DenseBackward
-    ]
 
 _REL_EPS = 1e-9
 
@@ -86,7 +69,7 @@ class Method:
 # -- torchfpi ------------------------------------------------------------------------------------
 
 
-def _torchfpi(solver: Solver, backward: Backward, compact: bool = False) -> Callable[[Instance, float, int], Run]:
+def _torchfpi(solver: Any, backward: Any, compact: bool = False) -> Callable[[Instance, float, int], Run]:
     import torchfpi
 
     def run(inst: Instance, tol: float, max_iter: int) -> Run:

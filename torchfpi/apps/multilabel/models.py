@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, cast
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
