@@ -281,8 +281,12 @@ def test_batch_zero_is_empty_without_calling_f():
     [
         (torch.tensor(1.0), ValueError, r"z: expected a tensor of shape \(B, \*S\).*0-dim"),
         (torch.zeros(2, 0), ValueError, r"z: every sample has no entries \(shape \(2, 0\)\)"),
-        (torch.zeros(2, 3, dtype=torch.int64), TypeError, r"z: expected a real floating-point tensor, got dtype torch.int64"),
-        ([[0.0, 1.0]], TypeError, r"z: expected a torch.Tensor of shape \(B, \*S\), got list"),
+        ((), TypeError, r"z: expected .* non-empty tuple of them, got tuple"),
+        ((torch.zeros(2, 3), torch.zeros(3, 3)), ValueError, r"z\[1\]: every part of z must share the batch size"),
+        ((torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64)), TypeError, r"z\[1\]: expected a real floating-point tensor \(all parts of one dtype\)"),
+        ((torch.zeros(2, 3), torch.tensor(0.0)), ValueError, r"z\[1\]: expected a tensor of shape \(B, \*S\).*0-dim"),
+        (torch.zeros(2, 3, dtype=torch.int64), TypeError, r"z: expected a real floating-point tensor \(all parts of one dtype\), got dtype torch.int64"),
+        ([[0.0, 1.0]], TypeError, r"z: expected a torch.Tensor of shape \(B, \*S\) or a non-empty tuple of them, got list"),
     ],
 )
 def test_radius_bad_points(z, exc, match):
@@ -311,8 +315,29 @@ def test_radius_accepts_numpy_integers_and_checks_f_output():
     torch.testing.assert_close(est, torch.full((2,), 0.25))
     with pytest.raises(ValueError, match=r"f: expected f\(z, \*inputs\) to return z's shape \(2, 3\), got \(2, 4\)"):
         torchfpi.spectral_radius(lambda z: torch.zeros(2, 4), torch.ones(2, 3))
-    with pytest.raises(TypeError, match=r"f: expected f\(z, \*inputs\) to return a tensor, got tuple"):
+    with pytest.raises(TypeError, match=r"f: expected f\(z, \*inputs\) to return a tensor like z, got tuple"):
         torchfpi.spectral_radius(lambda z: (z,), torch.ones(2, 3))
+    with pytest.raises(TypeError, match=r"f: expected f\(z, \*inputs\) to return a tuple of 2 tensors like z, got Tensor"):
+        torchfpi.spectral_radius(lambda z: z[0], (torch.ones(2, 3), torch.ones(2, 1)))
+    with pytest.raises(TypeError, match=r"f: expected a callable f\(z, \*inputs\), got str"):
+        torchfpi.spectral_radius("f", torch.ones(2, 3))
+
+
+def test_tuple_state_is_the_jacobian_of_all_parts(dtype, gen):
+    # z = (a, b) with a in R^(2x3), b in R^4: the map is linear with a block matrix M (10 x 10).
+    M = _complex_pair(10, gen).to(dtype)
+
+    def f(z, x):
+        flat = torch.cat([z[0].flatten(1), z[1]], dim=1) @ M.T + x
+        return flat[:, :6].reshape(-1, 2, 3), flat[:, 6:]
+
+    z = (torch.zeros(3, 2, 3, dtype=dtype), torch.zeros(3, 4, dtype=dtype))
+    est = torchfpi.spectral_radius(f, z, torch.ones(3, 10, dtype=dtype))
+    want = torch.linalg.eigvals(M).abs().max().expand(3)
+    torch.testing.assert_close(est, want, rtol=1e-10, atol=0)
+    # A part f ignores contributes nothing (its VJP is None): J = [[M_a, 0], [0, 0]].
+    est = torchfpi.spectral_radius(lambda z: (0.5 * z[0], torch.zeros_like(z[1])), z)
+    torch.testing.assert_close(est, torch.full((3,), 0.5, dtype=dtype), rtol=1e-12, atol=0)
 
 
 # --- check_gradients ---------------------------------------------------------------------------

@@ -34,52 +34,78 @@ def _check_positive(name: str, value: object) -> float:
     return result
 
 
-def _radius_point(z: object) -> Tensor:
-    """Checks the point of :func:`spectral_radius`: a real floating ``(B, *S)`` tensor."""
-    if not isinstance(z, Tensor):
-        raise TypeError(f"z: expected a torch.Tensor of shape (B, *S), got {type(z).__name__}")
-    if not z.is_floating_point():
-        raise TypeError(f"z: expected a real floating-point tensor, got dtype {z.dtype}")
-    if z.dim() == 0:
-        raise ValueError(
-            "z: expected a tensor of shape (B, *S) whose dim 0 is the batch, got a 0-dim tensor "
-            "(for a single sample pass z.reshape(1, -1) or z[None])"
+def _radius_point(z: object) -> Tuple[Tensor, ...]:
+    """The parts of :func:`spectral_radius`' point: real floating ``(B, *S)`` tensors."""
+    parts = z if isinstance(z, tuple) else (z,)
+    if not parts or not all(isinstance(p, Tensor) for p in parts):
+        raise TypeError(
+            "z: expected a torch.Tensor of shape (B, *S) or a non-empty tuple of them, got "
+            f"{type(z).__name__}"
         )
-    if z.shape[0] > 0 and z[0].numel() == 0:
+    for i, p in enumerate(parts):
+        name = f"z[{i}]" if isinstance(z, tuple) else "z"
+        if not p.is_floating_point() or p.dtype != parts[0].dtype:
+            raise TypeError(
+                f"{name}: expected a real floating-point tensor (all parts of one dtype), got "
+                f"dtype {p.dtype}"
+            )
+        if p.dim() == 0:
+            raise ValueError(
+                f"{name}: expected a tensor of shape (B, *S) whose dim 0 is the batch, got a "
+                "0-dim tensor (for a single sample pass z.reshape(1, -1) or z[None])"
+            )
+        if p.shape[0] != parts[0].shape[0] or p.device != parts[0].device:
+            raise ValueError(
+                f"{name}: every part of z must share the batch size and device; got shape "
+                f"{tuple(p.shape)} on {p.device}, expected batch {parts[0].shape[0]} on {parts[0].device}"
+            )
+    if parts[0].shape[0] > 0 and sum(p[0].numel() for p in parts) == 0:
+        shapes = ", ".join(str(tuple(p.shape)) for p in parts)
         raise ValueError(
-            f"z: every sample has no entries (shape {tuple(z.shape)}); the spectral radius of an "
-            "empty Jacobian is undefined"
+            f"z: every sample has no entries (shape {shapes}); the spectral radius of an empty "
+            "Jacobian is undefined"
         )
-    return z
+    return parts
 
 
 def _jacobian_transpose(
-    f: Callable[..., Tensor], z: Tensor, inputs: Sequence[Any], dtype: torch.dtype
+    f: Callable[..., Any], z: object, parts: Sequence[Tensor], inputs: Sequence[Any], dtype: torch.dtype
 ) -> Optional[Callable[[Tensor], Tensor]]:
     """``v -> J^T v`` per sample on flat ``(B, n)`` vectors (one call of ``f``, then VJPs only).
 
+    ``parts`` are the tensors of the point ``z`` (one, or the parts of a tuple state, which
+    ``f`` then takes and returns as a tuple); flat vectors concatenate the parts per sample.
     Returns None when ``f``'s output does not depend on ``z`` (J = 0). Grad is enabled and
     inference mode left locally, so that the estimate also works under ``torch.no_grad()`` and
     ``torch.inference_mode()``; inference-mode tensors are cloned into ordinary ones first.
     """
     with torch.inference_mode(False), torch.enable_grad():
-        zd = z.detach().clone().requires_grad_(True)
+        zd = [p.detach().clone().requires_grad_(True) for p in parts]
         args = [t.clone() if isinstance(t, Tensor) and t.is_inference() else t for t in inputs]
-        y = f(zd, *args)
-    if not isinstance(y, Tensor):
-        raise TypeError(f"f: expected f(z, *inputs) to return a tensor, got {type(y).__name__}")
-    if y.shape != z.shape:
-        raise ValueError(
-            f"f: expected f(z, *inputs) to return z's shape {tuple(z.shape)}, got {tuple(y.shape)}"
-        )
-    if not y.requires_grad:
+        out = f(tuple(zd) if isinstance(z, tuple) else zd[0], *args)
+    ys = out if isinstance(z, tuple) and isinstance(out, tuple) else (out,)
+    if not all(isinstance(y, Tensor) for y in ys) or len(ys) != len(parts):
+        want = f"a tuple of {len(parts)} tensors" if isinstance(z, tuple) else "a tensor"
+        raise TypeError(f"f: expected f(z, *inputs) to return {want} like z, got {type(out).__name__}")
+    for y, p in zip(ys, parts):
+        if y.shape != p.shape:
+            raise ValueError(
+                f"f: expected f(z, *inputs) to return z's shape {tuple(p.shape)}, got {tuple(y.shape)}"
+            )
+    if not any(y.requires_grad for y in ys):
         return None
-    batch = z.shape[0]
+    batch = parts[0].shape[0]
+    sizes = [p[0].numel() for p in parts]
 
     def apply(v: Tensor) -> Tensor:
+        cots = [c.reshape(y.shape).to(y.dtype) for c, y in zip(v.split(sizes, dim=1), ys)]
         with torch.inference_mode(False):
-            (w,) = _grad([y], [zd], [v.reshape(y.shape).to(y.dtype)], create_graph=False)
-        return torch.zeros_like(v) if w is None else w.reshape(batch, -1).to(dtype)
+            ws = _grad(list(ys), zd, cots, create_graph=False)
+        flat = [
+            torch.zeros(batch, m, dtype=dtype, device=v.device) if w is None else w.reshape(batch, m).to(dtype)
+            for w, m in zip(ws, sizes)
+        ]
+        return torch.cat(flat, dim=1)
 
     return apply
 
@@ -133,7 +159,11 @@ def _arnoldi_radius(matvec: Callable[[Tensor], Tensor], start: Tensor, steps: in
 
 
 def spectral_radius(
-    f: Callable[..., Tensor], z: Tensor, *inputs: Any, iters: int = 50, seed: int = 0
+    f: Callable[..., Any],
+    z: Union[Tensor, Tuple[Tensor, ...]],
+    *inputs: Any,
+    iters: int = 50,
+    seed: int = 0,
 ) -> Tensor:
     r"""Spectral radius max |eig(J)| of J = ∂f/∂z at ``z``, per sample, by Arnoldi on VJPs.
 
@@ -160,9 +190,12 @@ def spectral_radius(
     samples independently (sample b's output depends on sample b's state only).
 
     Args:
-        f: the map ``f(z, *inputs)``, returning a tensor of ``z``'s shape.
-        z: ``(B, *S)`` real floating point, typically ``sol.value``. Batch 0 gives an empty
-            result without calling ``f``.
+        f: the map ``f(z, *inputs)``, returning a tensor of ``z``'s shape (a tuple like ``z``
+            for a tuple state).
+        z: ``(B, *S)`` real floating point, typically ``sol.value``; or a tuple of such
+            tensors with one batch size and dtype (a tuple state as in
+            :func:`torchfpi.fixed_point`: J is then the Jacobian of all parts together).
+            Batch 0 gives an empty result without calling ``f``.
         *inputs: further arguments of ``f`` (held fixed).
         iters: Krylov dimension = number of VJPs (an integer >= 1; default 50, was 30 power
             iterations before Arnoldi).
@@ -175,9 +208,11 @@ def spectral_radius(
         ``torch.no_grad()`` and ``torch.inference_mode()`` (grad is enabled locally).
 
     Raises:
-        TypeError: ``z`` not a real floating tensor; ``iters`` or ``seed`` not an integer;
+        TypeError: ``f`` not callable; ``z`` not a real floating tensor (or tuple of them
+            sharing a dtype); ``iters`` or ``seed`` not an integer;
             ``f`` not returning a tensor.
-        ValueError: ``z`` 0-dim or with empty samples; ``iters`` < 1; ``f``'s output shape
+        ValueError: ``z`` 0-dim or with empty samples, or tuple parts whose batch sizes or
+            devices differ; ``iters`` < 1; ``f``'s output shape
             differs from ``z``'s.
 
     Example:
@@ -187,19 +222,23 @@ def spectral_radius(
         >>> torch.allclose(r, torch.full((3,), 0.9))
         True
     """
+    if not callable(f):
+        raise TypeError(f"f: expected a callable f(z, *inputs), got {type(f).__name__}")
     iters = _check_integer("iters", iters, minimum=1)
     seed = _check_integer("seed", seed)
-    z = _radius_point(z)
-    if z.shape[0] == 0:
-        return torch.zeros(0, dtype=z.dtype, device=z.device)
+    parts = _radius_point(z)
+    batch, dtype, device = parts[0].shape[0], parts[0].dtype, parts[0].device
+    if batch == 0:
+        return torch.zeros(0, dtype=dtype, device=device)
     # Half precision is too coarse for Gram-Schmidt: the Krylov basis is kept in float32.
-    work = z.dtype if torch.finfo(z.dtype).bits >= 32 else torch.float32
-    matvec = _jacobian_transpose(f, z, inputs, work)
+    work = dtype if torch.finfo(dtype).bits >= 32 else torch.float32
+    matvec = _jacobian_transpose(f, z, parts, inputs, work)
     if matvec is None:
-        return torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        return torch.zeros(batch, dtype=dtype, device=device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    start = torch.randn(z.shape[0], z[0].numel(), generator=gen, dtype=work).to(z.device)
-    return _arnoldi_radius(matvec, start, iters).to(z.dtype)
+    size = sum(p[0].numel() for p in parts)
+    start = torch.randn(batch, size, generator=gen, dtype=work).to(device)
+    return _arnoldi_radius(matvec, start, iters).to(dtype)
 
 
 def jacobian_penalty(
