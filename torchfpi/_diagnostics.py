@@ -367,8 +367,10 @@ def _gradcheck_modes(modes: object) -> Tuple[str, ...]:
             "modes: expected a tuple or list of backward mode names such as ('fpi', 'dense'), "
             f"got {type(modes).__name__} {modes!r}"
         )
-    if not modes or not all(isinstance(m, str) for m in modes):
-        raise ValueError(f"modes: expected a non-empty sequence of mode names, got {modes!r}")
+    if not all(isinstance(m, str) for m in modes):
+        raise TypeError(f"modes: expected mode names (strings), got {modes!r}")
+    if not modes:
+        raise ValueError("modes: expected at least one backward mode name, got an empty sequence")
     return tuple(modes)
 
 
@@ -454,7 +456,7 @@ def check_gradients(
         TypeError: ``f`` not callable; ``z0`` not a floating tensor or tuple of them; ``modes``
             not a tuple or list of names; an option of the wrong type (bool is not a number).
         ValueError: ``z0`` 0-dim or batch 0; no input or parameter requires grad; an option
-            out of range (``fd_eps`` <= 0, NaN, inf, ...); an unknown mode name.
+            out of range (``fd_eps`` <= 0, NaN, inf, ...); no mode or an unknown mode name.
 
     Example:
         >>> import torch, torchfpi
