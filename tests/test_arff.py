@@ -77,16 +77,9 @@ def test_embedded_bibtex_shapes():
     assert train.labels.sum(1).min() >= 1
 
 
-def test_embedded_bibtex_matches_arff():
-    from torchfpi.io import data_root
-
-    try:
-        root = data_root(None)
-    except DataError:
-        pytest.skip("no data root here")
-    if not (root / "multilabel" / "bibtex" / "bibtex-test.arff").is_file():
-        pytest.skip("Bibtex ARFF files not available")
-    arff_test = load_multilabel("bibtex", "test", root=root)
+@pytest.mark.data("bibtex")
+def test_embedded_bibtex_matches_arff(data_root):
+    arff_test = load_multilabel("bibtex", "test", root=data_root)
     emb = load_embedded_bibtex("test")
     np.testing.assert_array_equal(arff_test.features, emb.features)
     np.testing.assert_array_equal(arff_test.labels, emb.labels)

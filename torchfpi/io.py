@@ -36,6 +36,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 DATA_ENV = "TORCHFPI_DATA"
 
+_FETCH_INTO = " (lay a data set out there with `torchfpi data fetch NAME --root {root}`; see docs/data.md)"
+
 
 def default_data_root() -> Path:
     """The per-user cache folder for data sets, after the platform's convention.
@@ -68,13 +70,13 @@ def data_root(explicit: Optional[PathLike] = None) -> Path:
     if explicit is not None:
         root = Path(explicit).expanduser()
         if not root.is_dir():
-            raise DataError(f"--data-root: directory '{root}' does not exist")
+            raise DataError(f"--data-root: directory '{root}' does not exist{_FETCH_INTO.format(root=root)}")
         return root
     env = os.environ.get(DATA_ENV)
     if env:
         root = Path(env).expanduser()
         if not root.is_dir():
-            raise DataError(f"${DATA_ENV}: directory '{root}' does not exist")
+            raise DataError(f"${DATA_ENV}: directory '{root}' does not exist{_FETCH_INTO.format(root=root)}")
         return root
     return default_data_root()
 

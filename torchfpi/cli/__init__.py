@@ -19,7 +19,7 @@ import sys
 import warnings
 from typing import Callable, List, NoReturn, Optional, Sequence, TextIO
 
-_COMMAND_MODULES = ("_demo", "_gradcheck", "_multilabel", "_denoise", "_flow", "_bench")
+_COMMAND_MODULES = ("_demo", "_gradcheck", "_multilabel", "_denoise", "_flow", "_bench", "_data")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -40,7 +40,8 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
                    help="forward solver of fpi_gd / fpi_nn (default fpi)")
     p.add_argument("--backward", choices=("fpi", "anderson", "neumann", "onestep", "unroll"), default="fpi",
                    help="backward mode of fpi_gd / fpi_nn (default fpi: the exact implicit gradient)")
-    p.add_argument("--data-root", default=None, help="data folder (default $TORCHFPI_DATA, then the per-user cache)")
+    p.add_argument("--data-root", default=None,
+                   help="data root (default $TORCHFPI_DATA, then the per-user cache; see docs/data.md)")
     p.add_argument("--train-arff", default=None, help="ARFF file of the training split (e.g. Bookmarks)")
     p.add_argument("--test-arff", default=None, help="ARFF file of the test split")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto'")

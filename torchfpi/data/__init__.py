@@ -1,18 +1,37 @@
-"""Datasets of the applications: multi-label ARFF sets (Bibtex, Delicious, Bookmarks).
+"""Datasets of the applications: readers, the embedded Bibtex copy, and fetching from the sources.
 
-``load_multilabel(name, split)`` is the one entry point. Bibtex is also embedded in the package
-(``_embedded/bibtex.npz``, binary features and labels as compressed sparse rows, about 1 MB), so
-``torchfpi demo`` and the tests need no data root; the embedded copy is checked to be identical to
-the ARFF files (tests/test_arff.py).
+``load_multilabel(name, split)`` is the one entry point of the multi-label ARFF sets (Bibtex,
+Delicious, Bookmarks). Bibtex is also embedded in the package (``_embedded/bibtex.npz``, binary
+features and labels as compressed sparse rows, about 1 MB), so ``torchfpi demo`` and the tests need
+no data root; the embedded copy is checked to be identical to the ARFF files (tests/test_arff.py).
+
+The data sets ``bibtex``, ``delicious``, ``train400``, ``bsd68`` and ``middlebury`` are described in
+:data:`DATASETS`; :func:`fetch_dataset` downloads one from its public source into the data root
+(verified against the sha256 manifest shipped in the package) and :func:`dataset_status` checks
+one (``torchfpi data fetch|check`` on the command line). The layout below the data root:
+
+- ``multilabel/<name>/<name>-{train,test}.arff`` and ``<name>.xml``;
+- ``denoise/Train400/*.png``, ``denoise/BSD68/*.png``;
+- ``flow/middlebury/other-data/<Seq>/frame1{0,1}.png``, ``flow/middlebury/other-gt-flow/<Seq>/flow10.flo``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
+from torchfpi.data._fetch import FetchResult, fetch_dataset
+from torchfpi.data._registry import (
+    DATASETS,
+    DOCS_PAGE,
+    DatasetInfo,
+    DatasetStatus,
+    dataset_names,
+    dataset_status,
+    fetch_hint,
+)
 from torchfpi.data.arff import MultiLabelData, read_arff, read_label_names
 from torchfpi.errors import DataError, UsageError
 from torchfpi.io import data_root
@@ -23,7 +42,7 @@ EMBEDDED_DIR = Path(__file__).resolve().parent / "_embedded"
 EMBEDDED_BIBTEX = EMBEDDED_DIR / "bibtex.npz"
 
 #: name -> (sub-folder of ``<data root>/multilabel``, file stem, number of labels, sizes)
-MULTILABEL_DATASETS: Dict[str, Dict[str, object]] = {
+MULTILABEL_DATASETS: Dict[str, Dict[str, Any]] = {
     "bibtex": {"folder": "bibtex", "stem": "bibtex", "num_labels": 159, "num_features": 1836},
     "delicious": {"folder": "delicious", "stem": "delicious", "num_labels": 983, "num_features": 500},
     "bookmarks": {"folder": "bookmarks", "stem": "bookmarks", "num_labels": 208, "num_features": 2150},
@@ -32,8 +51,17 @@ MULTILABEL_DATASETS: Dict[str, Dict[str, object]] = {
 SPLITS = ("train", "test")
 
 __all__ = [
+    "DATASETS",
+    "DOCS_PAGE",
+    "DatasetInfo",
+    "DatasetStatus",
+    "FetchResult",
     "MULTILABEL_DATASETS",
     "MultiLabelData",
+    "dataset_names",
+    "dataset_status",
+    "fetch_dataset",
+    "fetch_hint",
     "load_embedded_bibtex",
     "load_multilabel",
     "read_arff",
@@ -45,10 +73,14 @@ __all__ = [
 
 def _arff_paths(name: str, root: Path) -> Tuple[Path, Path, Path]:
     info = MULTILABEL_DATASETS[name]
-    folder = root / "multilabel" / str(info["folder"])
-    if not folder.is_dir():  # also accept a root that is the dataset folder itself
-        folder = root / str(info["folder"]) if (root / str(info["folder"])).is_dir() else root
     stem = str(info["stem"])
+    documented = root / "multilabel" / str(info["folder"])
+    # Also accept a root that is <root>/multilabel or the data set's folder itself; a missing file
+    # is reported at its documented place.
+    folder = next(
+        (f for f in (documented, root / str(info["folder"]), root) if (f / f"{stem}-train.arff").is_file()),
+        documented,
+    )
     return folder / f"{stem}-train.arff", folder / f"{stem}-test.arff", folder / f"{stem}.xml"
 
 
@@ -62,10 +94,11 @@ def load_multilabel(
     """Load one split of a multi-label dataset.
 
     Resolution order: an explicit ``path`` to an ARFF file; else the ARFF files under the data
-    root (``root``, ``$TORCHFPI_DATA`` or ``../shared/data``, then ``multilabel/<name>/``); else,
-    for Bibtex only, the embedded copy. Bookmarks is not shipped: pass ``path`` (CLI: ``--train-arff``/``--test-arff``; its MULAN file
-    ``bookmarks.arff`` holds all rows; split it yourself) or place ``bookmarks-{train,test}.arff``
-    under the data root.
+    root (``root``, else ``$TORCHFPI_DATA``, else the per-user cache; see
+    :func:`torchfpi.io.data_root`) in ``multilabel/<name>/``; else, for Bibtex only, the embedded
+    copy. ``torchfpi data fetch bibtex|delicious`` lays the files out. Bookmarks is not shipped:
+    pass ``path`` (CLI: ``--train-arff``/``--test-arff``; its MULAN file ``bookmarks.arff`` holds
+    all rows; split it yourself) or place ``bookmarks-{train,test}.arff`` under the data root.
 
     Args:
         name: ``"bibtex"``, ``"delicious"`` or ``"bookmarks"``.
@@ -81,7 +114,7 @@ def load_multilabel(
         raise UsageError(f"--dataset: expected one of {sorted(MULTILABEL_DATASETS)}, got '{name}'")
     if split not in SPLITS:
         raise UsageError(f"split: expected one of {SPLITS}, got '{split}'")
-    num_labels = int(MULTILABEL_DATASETS[name]["num_labels"])  # type: ignore[arg-type]
+    num_labels = int(MULTILABEL_DATASETS[name]["num_labels"])
     if path is not None:
         path = Path(path)
         xml = path.with_suffix(".xml")
@@ -99,15 +132,15 @@ def load_multilabel(
     if not arff_path.is_file():
         if root is None and name == "bibtex":
             return load_embedded_bibtex(split)
-        raise DataError(
-            f"{name} {split} split: '{arff_path}' does not exist"
-            + (
-                " (Bookmarks is not shipped: pass its ARFF files with --train-arff PATH --test-arff PATH,"
-                " or put bookmarks-train.arff and bookmarks-test.arff under <data root>/multilabel/bookmarks)"
-                if name == "bookmarks"
-                else ""
+        if name in DATASETS:
+            hint = fetch_hint(name)
+        else:
+            hint = (
+                f"{name.capitalize()} is not shipped: pass its ARFF files with --train-arff PATH "
+                f"--test-arff PATH, or put {name}-train.arff and {name}-test.arff under "
+                f"<data root>/multilabel/{name} (see {DOCS_PAGE})"
             )
-        )
+        raise DataError(f"{name} {split} split: '{arff_path}' does not exist; {hint}")
     if xml.is_file():
         return read_arff(arff_path, label_names=read_label_names(xml))
     return read_arff(arff_path, num_labels=num_labels)
@@ -144,7 +177,7 @@ def _dense_to_csr(a: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 def write_embedded_bibtex(root: Optional[PathLike] = None, out: PathLike = EMBEDDED_BIBTEX) -> Path:
     """Rebuild ``_embedded/bibtex.npz`` from the ARFF files under the data root."""
-    arrays: Dict[str, np.ndarray] = {}
+    arrays: Dict[str, Any] = {}
     names = None
     for split in SPLITS:
         data = load_multilabel("bibtex", split, root=root if root is not None else data_root(None))
@@ -155,14 +188,13 @@ def write_embedded_bibtex(root: Optional[PathLike] = None, out: PathLike = EMBED
         raise DataError(f"no Bibtex split found under the data root (expected {SPLITS})")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        out,
+    arrays.update(
         num_features=np.int64(names.num_features),
         num_labels=np.int64(names.num_labels),
         feature_names=np.asarray(names.feature_names),
         label_names=np.asarray(names.label_names),
-        **arrays,
     )
+    np.savez_compressed(out, **arrays)
     return out
 
 

@@ -97,14 +97,17 @@ def list_images(folder: PathLike) -> List[Path]:
     """Sorted list of the PNG files in ``folder``.
 
     Raises:
-        DataError: if the folder does not exist or holds no PNG file.
+        DataError: if the folder does not exist or holds no PNG file; for a data set's folder
+            (``denoise/Train400``, ``denoise/BSD68``) the message names the command that fetches it.
     """
+    from torchfpi.data._registry import hint_for_path
+
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"image folder '{folder}' does not exist")
+        raise DataError(f"image folder '{folder}' does not exist{hint_for_path(folder / 'x.png')}")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
     if not files:
-        raise DataError(f"image folder '{folder}' holds no .png file")
+        raise DataError(f"image folder '{folder}' holds no .png file{hint_for_path(folder / 'x.png')}")
     return files
 
 

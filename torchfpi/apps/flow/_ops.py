@@ -178,14 +178,15 @@ def load_middlebury(root: PathLike, sequence: str) -> Tuple[np.ndarray, np.ndarr
         DataError: a file of the sequence is missing (the message names it and the command that
             fetches the data set) or unreadable.
     """
+    from torchfpi.data import fetch_hint
     from torchfpi.data.flo import read_flo
 
     base = Path(root) / "flow" / "middlebury"
     for part in (base / "other-data" / sequence / "frame10.png", base / "other-data" / sequence / "frame11.png",
                  base / "other-gt-flow" / sequence / "flow10.flo"):
         if not part.is_file():
-            raise DataError(f"Middlebury {sequence}: '{part}' does not exist; fetch the data set with "
-                            "'torchfpi data fetch middlebury' (or point --data-root / $TORCHFPI_DATA at it)")
+            raise DataError(f"Middlebury {sequence}: '{part}' does not exist; {fetch_hint('middlebury')} "
+                            "(or point --data-root / $TORCHFPI_DATA at it)")
     f1 = read_image(base / "other-data" / sequence / "frame10.png")
     f2 = read_image(base / "other-data" / sequence / "frame11.png")
     gt = read_flo(base / "other-gt-flow" / sequence / "flow10.flo")
