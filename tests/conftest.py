@@ -43,7 +43,7 @@ def pytest_configure(config):  # noqa: D103
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _data_status(name: str):
     from torchfpi.data import dataset_status
 

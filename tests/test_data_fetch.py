@@ -75,7 +75,7 @@ class _Mirror:
         self.timer = threading.Timer(SERVER_LIFETIME_S, self.server.shutdown)
         self.timer.daemon = True
 
-    def start(self) -> "_Mirror":
+    def start(self) -> _Mirror:
         self.thread.start()
         self.timer.start()
         return self
