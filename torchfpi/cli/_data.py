@@ -121,10 +121,8 @@ def run_check(args: argparse.Namespace) -> int:
     width = max(len(n) for n in names)
     for name in names:
         status = dataset_status(name, root)
-        line = f"{name:<{width}}  {status.describe()}"
-        if name == "bibtex" and not status.ok:
-            line += " (training falls back to the copy embedded in the package)"
-        print(line)
+        note = "training uses the copy embedded in the package" if name == "bibtex" else ""
+        print(f"{name:<{width}}  {status.describe(note)}")
         bad += not status.ok
     if bad:
         print(f"{bad} of {len(names)} data sets missing or corrupt", file=sys.stderr)

@@ -176,19 +176,19 @@ class _Downloader:
                 )
         except requests.exceptions.RequestException as exc:
             raise DataError(
-                f"torchfpi data fetch {self.name}: cannot download {url}: {_describe_network_error(exc)}; "
+                f"{self.name}: cannot download {url}: {_describe_network_error(exc)}; "
                 f"nothing was installed (run the command again to resume, or use --mirror URL)"
             ) from exc
         except ValueError as exc:  # pooch: the file's hash differs from the manifest's
             if "hash" not in str(exc).lower():
                 raise
             raise DataError(
-                f"torchfpi data fetch {self.name}: checksum mismatch: {url} does not match the "
+                f"{self.name}: checksum mismatch: {url} does not match the "
                 f"package's manifest (sha256 {sha256}); nothing was installed"
             ) from exc
         except FileNotFoundError as exc:  # local mirror folder
             raise DataError(
-                f"torchfpi data fetch {self.name}: cannot download {url}: not in the mirror folder; "
+                f"{self.name}: cannot download {url}: not in the mirror folder; "
                 "nothing was installed"
             ) from exc
         self.downloaded += dest.stat().st_size
@@ -232,7 +232,7 @@ def _extract(archive_path: Path, archive: Archive, wanted: List[FileEntry], tree
     except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as exc:
         archive_path.unlink(missing_ok=True)
         raise DataError(
-            f"torchfpi data fetch {name}: {url} is not a readable zip archive ({exc}); it was "
+            f"{name}: {url} is not a readable zip archive ({exc}); it was "
             "deleted and nothing was installed (run the command again to download it anew)"
         ) from exc
 
@@ -324,13 +324,15 @@ def fetch_dataset(
         # 1. single files (kept in files/ across runs until installed; reused when they match)
         singles = [e for e in todo if e.path in urls]
         bar = _file_bar(name, len(singles), progress and download.progress and len(singles) > 1)
-        for entry in singles:
-            dest = files_dir / entry.path
-            if not file_matches(dest, entry):
-                dest.unlink(missing_ok=True)
-                download(urls[entry.path], dest, entry.sha256, show_bar=len(singles) == 1)
-            bar(1)
-        bar(0, close=True)
+        try:
+            for entry in singles:
+                dest = files_dir / entry.path
+                if not file_matches(dest, entry):
+                    dest.unlink(missing_ok=True)
+                    download(urls[entry.path], dest, entry.sha256, show_bar=len(singles) == 1)
+                bar(1)
+        finally:
+            bar(0, close=True)
         # 2. archives: downloaded whole, the wanted members extracted into tree/
         for archive in info.archives:
             wanted = [e for e in todo if e.path.startswith(archive.provides.rstrip("/") + "/")]
@@ -350,14 +352,14 @@ def fetch_dataset(
             src = files_dir / entry.path if entry.path in urls else tree / entry.path
             if not src.is_file():
                 raise DataError(
-                    f"torchfpi data fetch {name}: '{entry.path}' is not in the downloaded archive; "
+                    f"{name}: '{entry.path}' is not in the downloaded archive; "
                     "nothing was installed"
                 )
             if not file_matches(src, entry):
                 culprit = src if entry.path in urls else _archive_of(info, entry, archives_dir, urls)
                 culprit.unlink(missing_ok=True)
                 raise DataError(
-                    f"torchfpi data fetch {name}: checksum mismatch for '{entry.path}' (expected "
+                    f"{name}: checksum mismatch for '{entry.path}' (expected "
                     f"{entry.size} bytes, sha256 {entry.sha256[:12]}...); the download was deleted "
                     "and nothing was installed"
                 )
@@ -366,12 +368,26 @@ def fetch_dataset(
         # 4. into the layout
         installed = _install(ready, base, info, todo)
     except OSError as exc:
-        raise DataError(f"torchfpi data fetch {name}: {exc.strerror or exc}: '{exc.filename}'") from exc
-    shutil.rmtree(partial, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        (base / PARTIAL_DIR).rmdir()  # only when no other data set is half-way
+        _tidy(partial, keep_downloads=True)
+        raise DataError(f"{name}: {exc.strerror or exc}: '{exc.filename}'") from exc
+    except BaseException:
+        _tidy(partial, keep_downloads=True)  # what was completely downloaded serves the rerun
+        raise
+    _tidy(partial, keep_downloads=False)
     say(f"{name}: {installed} files installed and verified under {base}")
     return FetchResult(name, base, installed, download.downloaded)
+
+
+def _tidy(partial: Path, keep_downloads: bool) -> None:
+    """Remove the partial folder (or only its empty remains); then its parent when empty."""
+    if keep_downloads and partial.exists():
+        for sub in ("tree", "ready"):
+            shutil.rmtree(partial / sub, ignore_errors=True)
+        if any(p.is_file() for p in partial.rglob("*")):
+            return
+    shutil.rmtree(partial, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        partial.parent.rmdir()  # only when no other data set is half-way
 
 
 def _archive_of(info: DatasetInfo, entry: FileEntry, archives_dir: Path, urls: Dict[str, str]) -> Path:

@@ -314,19 +314,20 @@ class DatasetStatus:
     def ok(self) -> bool:
         return self.state == "present"
 
-    def describe(self) -> str:
-        """One line: the state and, when not present, what is wrong and how to mend it."""
+    def describe(self, note: str = "") -> str:
+        """One line: the state and, when not present, what is wrong, ``note`` and how to mend it."""
         if self.ok:
             return f"present ({self.total} files verified)"
+        note = f" ({note})" if note else ""
         if len(self.missing) == self.total:
-            return f"missing; {fetch_hint(self.name)}"
+            return f"missing{note}; {fetch_hint(self.name)}"
         parts = []
         if self.corrupt:
             parts.append(f"{len(self.corrupt)} of {self.total} files differ from the manifest "
                          f"(first: {self.corrupt[0]})")
         if self.missing:
             parts.append(f"{len(self.missing)} of {self.total} files missing (first: {self.missing[0]})")
-        return f"{self.state}: {'; '.join(parts)}; {fetch_hint(self.name)}"
+        return f"{self.state}{note}: {'; '.join(parts)}; {fetch_hint(self.name)}"
 
 
 def dataset_status(name: str, root: Optional[PathLike] = None, *, verify: bool = True) -> DatasetStatus:
