@@ -26,7 +26,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from torchfpi.data._registry import (
     MIRROR_ENV,
@@ -159,12 +159,12 @@ class _Downloader:
     def __call__(self, url: str, dest: Path, sha256: Optional[str], show_bar: bool) -> None:
         import requests
 
-        if _is_remote(url):
-            downloader: Callable[..., Any] = self.pooch.HTTPDownloader(
-                progressbar=self.progress and show_bar, timeout=TIMEOUT
-            ) if url.lower().startswith(("http://", "https://")) else self.pooch.downloaders.choose_downloader(
-                url, progressbar=self.progress and show_bar
-            )
+        bar = self.progress and show_bar
+        downloader: Callable[..., Any]
+        if url.lower().startswith(("http://", "https://")):
+            downloader = self.pooch.HTTPDownloader(progressbar=bar, timeout=TIMEOUT)
+        elif _is_remote(url):  # ftp://, sftp://, doi:
+            downloader = self.pooch.downloaders.choose_downloader(url, progressbar=bar)
         else:
             downloader = _copy_downloader
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -190,6 +190,11 @@ class _Downloader:
             raise DataError(
                 f"{self.name}: cannot download {url}: not in the mirror folder; "
                 "nothing was installed"
+            ) from exc
+        except (OSError, EOFError) as exc:  # ftplib and the other protocols' errors
+            raise DataError(
+                f"{self.name}: cannot download {url}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                "nothing was installed (run the command again to resume, or use --mirror URL)"
             ) from exc
         self.downloaded += dest.stat().st_size
 
@@ -412,8 +417,3 @@ def _file_bar(name: str, total: int, enabled: bool) -> Callable[..., None]:
             bar.close()
 
     return step
-
-
-def fetch_many(names: List[str], root: Optional[PathLike] = None, **kwargs: Any) -> Tuple[FetchResult, ...]:
-    """:func:`fetch_dataset` for each name in turn (stops at the first failure)."""
-    return tuple(fetch_dataset(n, root, **kwargs) for n in names)

@@ -107,7 +107,9 @@ def read_arff(
     arff = require("arff")
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"ARFF file '{path}' does not exist")
+        from torchfpi.data._registry import hint_for_path
+
+        raise DataError(f"ARFF file '{path}' does not exist{hint_for_path(path)}")
     try:
         with open(path, encoding="utf-8") as fh:
             parsed = arff.load(fh, return_type=arff.COO)

@@ -60,9 +60,11 @@ def read_grey_png(path: PathLike) -> np.ndarray:
     """
     from PIL import Image, UnidentifiedImageError
 
+    from torchfpi.data._registry import hint_for_path
+
     path = Path(path)
     if not path.exists():
-        raise DataError(f"image file '{path}' does not exist")
+        raise DataError(f"image file '{path}' does not exist{hint_for_path(path)}")
     if path.is_dir():
         raise DataError(f"image file '{path}' is a directory, expected a PNG file")
     try:
