@@ -64,7 +64,7 @@ def data_missing_reason(names) -> Optional[str]:
 @pytest.fixture
 def data_root():
     """The data root the ``data``-marked tests read (``$TORCHFPI_DATA``, else the per-user cache)."""
-    from torchfpi.data._registry import resolve_root
+    from torchfpi.data import resolve_root
 
     return resolve_root()
 

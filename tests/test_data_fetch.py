@@ -193,6 +193,8 @@ def test_interrupted_download_leaves_no_half_data_set(mirror, tmp_path, capsys):
     assert not (root / "sets").exists()
     leftovers = [p for p in (root / _fetch.PARTIAL_DIR).rglob("*") if p.is_file()]
     assert [p.name for p in leftovers] == ["a.txt"]  # only the complete file waits; no temporary
+    assert main(["data", "check", "tiny", "--root", str(root)]) == 1
+    assert "an interrupted download waits in" in capsys.readouterr().out
     mirror.truncate.clear()
     assert _fetch_cli("tiny", "--root", str(root)) == 0
     assert mirror.hits["/up/tiny/a.txt"] == 1 and mirror.hits["/up/tiny/b.txt"] == 2

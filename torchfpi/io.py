@@ -36,7 +36,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 DATA_ENV = "TORCHFPI_DATA"
 
-_FETCH_INTO = " (lay a data set out there with `torchfpi data fetch NAME --root {root}`; see docs/data.md)"
+_FETCH_INTO = " (`torchfpi data fetch NAME --root {root}` creates it with a data set; see docs/data.md)"
 
 
 def default_data_root() -> Path:

@@ -62,7 +62,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
 
 
 def _names(given: List[str], allow_all: bool) -> List[str]:
-    from torchfpi.data._registry import dataset_names, get_dataset
+    from torchfpi.data import dataset_names, get_dataset
 
     if allow_all and "all" in given:
         return dataset_names()
@@ -77,8 +77,7 @@ def _size(n: int) -> str:
 
 def run_list(args: argparse.Namespace) -> int:
     """Print what each data set is, its size, licence, citation and sources."""
-    from torchfpi.data._fetch import source_urls
-    from torchfpi.data._registry import DATASETS, DOCS_PAGE, resolve_root
+    from torchfpi.data import DATASETS, DOCS_PAGE, resolve_root, source_urls
 
     for info in DATASETS.values():
         if info.file_url is not None:
@@ -101,7 +100,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_fetch(args: argparse.Namespace) -> int:
     """Download and verify the named data sets."""
-    from torchfpi.data._fetch import fetch_dataset
+    from torchfpi.data import fetch_dataset
 
     names = _names(args.names, allow_all=True)
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
@@ -112,7 +111,7 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     """Report present / missing / corrupt per data set; exit 1 unless all are present."""
-    from torchfpi.data._registry import dataset_names, dataset_status, resolve_root
+    from torchfpi.data import PARTIAL_DIR, dataset_names, dataset_status, resolve_root
 
     names = _names(args.names, allow_all=True) if args.names else dataset_names()
     root = resolve_root(args.root)
@@ -123,6 +122,9 @@ def run_check(args: argparse.Namespace) -> int:
         status = dataset_status(name, root)
         note = "training uses the copy embedded in the package" if name == "bibtex" else ""
         print(f"{name:<{width}}  {status.describe(note)}")
+        if not status.ok and (root / PARTIAL_DIR / name).is_dir():
+            print(f"{'':<{width}}  (an interrupted download waits in {root / PARTIAL_DIR / name}: "
+                  f"`torchfpi data fetch {name}` completes it)")
         bad += not status.ok
     if bad:
         print(f"{bad} of {len(names)} data sets missing or corrupt", file=sys.stderr)

@@ -22,15 +22,18 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from torchfpi.data._fetch import FetchResult, fetch_dataset
+from torchfpi.data._fetch import PARTIAL_DIR, FetchResult, fetch_dataset, source_urls
 from torchfpi.data._registry import (
     DATASETS,
     DOCS_PAGE,
+    MIRROR_ENV,
     DatasetInfo,
     DatasetStatus,
     dataset_names,
     dataset_status,
     fetch_hint,
+    get_dataset,
+    resolve_root,
 )
 from torchfpi.data.arff import MultiLabelData, read_arff, read_label_names
 from torchfpi.errors import DataError, UsageError
@@ -53,6 +56,8 @@ SPLITS = ("train", "test")
 __all__ = [
     "DATASETS",
     "DOCS_PAGE",
+    "MIRROR_ENV",
+    "PARTIAL_DIR",
     "DatasetInfo",
     "DatasetStatus",
     "FetchResult",
@@ -62,10 +67,13 @@ __all__ = [
     "dataset_status",
     "fetch_dataset",
     "fetch_hint",
+    "get_dataset",
     "load_embedded_bibtex",
     "load_multilabel",
     "read_arff",
     "read_label_names",
+    "resolve_root",
+    "source_urls",
     "train_val_split",
     "write_embedded_bibtex",
 ]
