@@ -26,7 +26,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from torchfpi.data._registry import (
     MIRROR_ENV,
@@ -41,7 +41,7 @@ from torchfpi.data._registry import (
 from torchfpi.errors import DataError, UsageError
 from torchfpi.io import PathLike
 
-__all__ = ["PARTIAL_DIR", "FetchResult", "fetch_dataset", "source_urls"]
+__all__ = ["PARTIAL_DIR", "FetchResult", "candidate_urls", "fetch_dataset", "source_urls"]
 
 #: Folder under the data root where downloads wait until they are verified.
 PARTIAL_DIR = ".torchfpi-partial"
@@ -73,6 +73,26 @@ class FetchResult:
 
 def _mirror_url(mirror: str, name: str, url: str) -> str:
     return f"{mirror.rstrip('/')}/{name}/{PurePosixPath(url).name}"
+
+
+def candidate_urls(name: str, mirror: Optional[str] = None) -> Dict[str, List[str]]:
+    """Like :func:`source_urls`, with the publishers' fallback URLs after each primary one.
+
+    With a mirror there is one URL each: the mirror's.
+    """
+    info = get_dataset(name)
+    primary = source_urls(name, mirror)
+    if mirror:
+        return {key: [url] for key, url in primary.items()}
+    out: Dict[str, List[str]] = {}
+    for key, url in primary.items():
+        if key in {a.provides for a in info.archives}:
+            archive = next(a for a in info.archives if a.provides == key)
+            out[key] = [url, *archive.fallbacks]
+        else:
+            file_name = PurePosixPath(key).name
+            out[key] = [url, *(f"{base.rstrip('/')}/{file_name}" for base in info.fallback_file_urls)]
+    return out
 
 
 def source_urls(name: str, mirror: Optional[str] = None) -> Dict[str, str]:
@@ -156,7 +176,29 @@ class _Downloader:
         self.progress = progress and _has_tqdm()
         self.downloaded = 0
 
-    def __call__(self, url: str, dest: Path, sha256: Optional[str], show_bar: bool) -> None:
+    def __call__(self, urls: List[str], dest: Path, sha256: Optional[str], show_bar: bool) -> str:
+        """Download the first of ``urls`` that works (and matches ``sha256``); return that URL.
+
+        The fallbacks are tried only when the first URL fails. If all fail, one line names each
+        URL with what went wrong (a checksum mismatch, or why the download failed).
+        """
+        failures: List[Tuple[str, _Failure]] = []
+        for url in urls:
+            try:
+                self._one(url, dest, sha256, show_bar)
+                return url
+            except _Failure as exc:
+                failures.append((url, exc))
+        if len(failures) == 1 and failures[0][1].checksum:
+            raise DataError(f"{self.name}: checksum mismatch: {urls[0]} does not match the package's "
+                            f"manifest (sha256 {sha256}); nothing was installed")
+        tried = "; ".join(f"{url}: {exc.reason}" for url, exc in failures)
+        what = f"cannot download {dest.name}: {tried}" if len(failures) > 1 else f"cannot download {tried}"
+        retry = "" if all(exc.checksum for _, exc in failures) else \
+            " (run the command again to resume, or use --mirror URL)"
+        raise DataError(f"{self.name}: {what}; nothing was installed{retry}")
+
+    def _one(self, url: str, dest: Path, sha256: Optional[str], show_bar: bool) -> None:
         import requests
 
         bar = self.progress and show_bar
@@ -175,28 +217,28 @@ class _Downloader:
                     path=str(dest.parent), downloader=downloader,
                 )
         except requests.exceptions.RequestException as exc:
-            raise DataError(
-                f"{self.name}: cannot download {url}: {_describe_network_error(exc)}; "
-                f"nothing was installed (run the command again to resume, or use --mirror URL)"
-            ) from exc
+            if exc.response is not None:  # pooch leaves a refused response (HTTP 404, ...) open
+                exc.response.close()
+            raise _Failure(_describe_network_error(exc)) from exc
         except ValueError as exc:  # pooch: the file's hash differs from the manifest's
             if "hash" not in str(exc).lower():
                 raise
-            raise DataError(
-                f"{self.name}: checksum mismatch: {url} does not match the "
-                f"package's manifest (sha256 {sha256}); nothing was installed"
-            ) from exc
+            raise _Failure("checksum mismatch (the file differs from the package's manifest)",
+                           checksum=True) from exc
         except FileNotFoundError as exc:  # local mirror folder
-            raise DataError(
-                f"{self.name}: cannot download {url}: not in the mirror folder; "
-                "nothing was installed"
-            ) from exc
+            raise _Failure("not in the mirror folder") from exc
         except (OSError, EOFError) as exc:  # ftplib and the other protocols' errors
-            raise DataError(
-                f"{self.name}: cannot download {url}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
-                "nothing was installed (run the command again to resume, or use --mirror URL)"
-            ) from exc
+            raise _Failure(str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__) from exc
         self.downloaded += dest.stat().st_size
+
+
+class _Failure(Exception):
+    """One URL's failed download: a short reason, and whether the bytes were wrong (checksum)."""
+
+    def __init__(self, reason: str, checksum: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.checksum = checksum
 
 
 def _has_tqdm() -> bool:
@@ -318,7 +360,8 @@ def fetch_dataset(
         say(f"{name}: already present under {base} ({status.total} files verified)")
         return FetchResult(name, base, 0, 0)
     todo = [e for e in info.files if e.path in set(status.missing) | set(status.corrupt)]
-    urls = source_urls(name, mirror)
+    candidates = candidate_urls(name, mirror)
+    urls = {key: options[0] for key, options in candidates.items()}
     download = _Downloader(name, progress)
     partial = base / PARTIAL_DIR / name
     files_dir, archives_dir, tree = partial / "files", partial / "archives", partial / "tree"
@@ -334,7 +377,7 @@ def fetch_dataset(
                 dest = files_dir / entry.path
                 if not file_matches(dest, entry):
                     dest.unlink(missing_ok=True)
-                    download(urls[entry.path], dest, entry.sha256, show_bar=len(singles) == 1)
+                    download(candidates[entry.path], dest, entry.sha256, show_bar=len(singles) == 1)
                 bar(1)
         finally:
             bar(0, close=True)
@@ -347,7 +390,7 @@ def fetch_dataset(
             dest = archives_dir / PurePosixPath(url).name
             if not dest.is_file():
                 say(f"{name}: {url}")
-                download(url, dest, None, show_bar=True)
+                url = download(candidates[archive.provides], dest, None, show_bar=True)
             _extract(dest, archive, wanted, tree, name, url)
         # 3. verify everything that is to be installed, gather it in ready/
         ready = partial / "ready"

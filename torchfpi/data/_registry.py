@@ -63,11 +63,13 @@ class Archive:
         provides: the layout folder of the files taken from it (e.g. ``flow/middlebury/other-data``).
         base: the layout folder its member names are relative to (e.g. ``flow/middlebury``): member
             ``other-data/Venus/frame10.png`` becomes ``flow/middlebury/other-data/Venus/frame10.png``.
+        fallbacks: other URLs of the same archive, tried in turn when ``url`` fails.
     """
 
     url: str
     provides: str
     base: str
+    fallbacks: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,8 @@ class DatasetInfo:
         file_url: for sets downloaded file by file, the URL folder of the files (a file's URL is
             ``file_url + "/" + its name``); ``None`` for sets that come in archives.
         archives: for sets that come in zip archives, the archives.
+        fallback_file_urls: other URL folders serving the same files, tried in turn for a file
+            whose download from ``file_url`` fails (every file is verified whatever its origin).
     """
 
     name: str
@@ -96,6 +100,7 @@ class DatasetInfo:
     folders: Tuple[str, ...]
     file_url: Optional[str] = None
     archives: Tuple[Archive, ...] = field(default=())
+    fallback_file_urls: Tuple[str, ...] = field(default=())
 
     @property
     def files(self) -> Tuple[FileEntry, ...]:
@@ -108,9 +113,14 @@ class DatasetInfo:
         return sum(f.size for f in self.files)
 
 
+# Pinned commits of the publishers' repositories; their default branch is the fallback (the files
+# are verified against the manifest whichever serves them).
 _MULAN = "https://raw.githubusercontent.com/tsoumakas/mulan/43f6389095ad/data/multi-label"
+_MULAN_HEAD = "https://raw.githubusercontent.com/tsoumakas/mulan/master/data/multi-label"
 _DNCNN = "https://raw.githubusercontent.com/cszn/DnCNN/e93b27812d3ff523a3a79d19e5e50d233d7a8d0a"
+_DNCNN_HEAD = "https://raw.githubusercontent.com/cszn/DnCNN/master"
 _MIDDLEBURY = "https://vision.middlebury.edu/flow/data/comp/zip"
+_MIDDLEBURY_HTTP = "http://vision.middlebury.edu/flow/data/comp/zip"
 
 #: The data sets, by name, in the order ``torchfpi data list`` shows them.
 DATASETS: Dict[str, DatasetInfo] = {
@@ -126,6 +136,7 @@ DATASETS: Dict[str, DatasetInfo] = {
         homepage="http://mulan.sourceforge.net/datasets-mlc.html",
         folders=("multilabel/bibtex",),
         file_url=f"{_MULAN}/bibtex",
+        fallback_file_urls=(f"{_MULAN_HEAD}/bibtex",),
     ),
     "delicious": DatasetInfo(
         name="delicious",
@@ -139,6 +150,7 @@ DATASETS: Dict[str, DatasetInfo] = {
         homepage="http://mulan.sourceforge.net/datasets-mlc.html",
         folders=("multilabel/delicious",),
         file_url=f"{_MULAN}/delicious",
+        fallback_file_urls=(f"{_MULAN_HEAD}/delicious",),
     ),
     "train400": DatasetInfo(
         name="train400",
@@ -155,6 +167,7 @@ DATASETS: Dict[str, DatasetInfo] = {
         homepage="https://github.com/cszn/DnCNN",
         folders=("denoise/Train400",),
         file_url=f"{_DNCNN}/TrainingCodes/DnCNN_TrainingCodes_v1.0/data/Train400",
+        fallback_file_urls=(f"{_DNCNN_HEAD}/TrainingCodes/DnCNN_TrainingCodes_v1.0/data/Train400",),
     ),
     "bsd68": DatasetInfo(
         name="bsd68",
@@ -168,6 +181,7 @@ DATASETS: Dict[str, DatasetInfo] = {
         homepage="https://github.com/cszn/DnCNN",
         folders=("denoise/BSD68",),
         file_url=f"{_DNCNN}/testsets/BSD68",
+        fallback_file_urls=(f"{_DNCNN_HEAD}/testsets/BSD68",),
     ),
     "middlebury": DatasetInfo(
         name="middlebury",
@@ -180,9 +194,11 @@ DATASETS: Dict[str, DatasetInfo] = {
         "Database and Evaluation Methodology for Optical Flow\", IJCV 92(1), 2011",
         homepage="https://vision.middlebury.edu/flow/data/",
         folders=("flow/middlebury/other-data", "flow/middlebury/other-gt-flow"),
-        archives=(
-            Archive(f"{_MIDDLEBURY}/other-color-twoframes.zip", "flow/middlebury/other-data", "flow/middlebury"),
-            Archive(f"{_MIDDLEBURY}/other-gt-flow.zip", "flow/middlebury/other-gt-flow", "flow/middlebury"),
+        archives=tuple(
+            Archive(f"{_MIDDLEBURY}/{zip_name}", f"flow/middlebury/{folder}", "flow/middlebury",
+                    fallbacks=(f"{_MIDDLEBURY_HTTP}/{zip_name}",))
+            for zip_name, folder in (("other-color-twoframes.zip", "other-data"),
+                                     ("other-gt-flow.zip", "other-gt-flow"))
         ),
     ),
 }
