@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from torchfpi.data._registry import (
+    DOCS_PAGE,
     MIRROR_ENV,
     Archive,
     DatasetInfo,
@@ -400,8 +401,8 @@ def fetch_dataset(
             src = files_dir / entry.path if entry.path in urls else tree / entry.path
             if not src.is_file():
                 raise DataError(
-                    f"{name}: '{entry.path}' is not in the downloaded archive; "
-                    "nothing was installed"
+                    f"{name}: '{entry.path}' is not in the archive from {_source_of(info, entry, urls)}; "
+                    f"nothing was installed (has the publisher changed it? see {DOCS_PAGE})"
                 )
             if not file_matches(src, entry):
                 culprit = src if entry.path in urls else _archive_of(info, entry, archives_dir, urls)
@@ -422,7 +423,8 @@ def fetch_dataset(
         _tidy(partial, keep_downloads=True)  # what was completely downloaded serves the rerun
         raise
     _tidy(partial, keep_downloads=False)
-    say(f"{name}: {installed} files installed and verified under {base}")
+    say(f"{name}: {installed} files installed and verified under {base} "
+        f"({download.downloaded / 1e6:.1f} MB downloaded)")
     return FetchResult(name, base, installed, download.downloaded)
 
 
@@ -436,6 +438,13 @@ def _tidy(partial: Path, keep_downloads: bool) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     with contextlib.suppress(OSError):
         partial.parent.rmdir()  # only when no other data set is half-way
+
+
+def _source_of(info: DatasetInfo, entry: FileEntry, urls: Dict[str, str]) -> str:
+    for archive in info.archives:
+        if entry.path.startswith(archive.provides.rstrip("/") + "/"):
+            return urls[archive.provides]
+    return urls.get(entry.path, "?")
 
 
 def _archive_of(info: DatasetInfo, entry: FileEntry, archives_dir: Path, urls: Dict[str, str]) -> Path:
