@@ -400,9 +400,11 @@ def fetch_dataset(
         for entry in todo:
             src = files_dir / entry.path if entry.path in urls else tree / entry.path
             if not src.is_file():
+                _archive_of(info, entry, archives_dir, urls).unlink(missing_ok=True)
                 raise DataError(
                     f"{name}: '{entry.path}' is not in the archive from {_source_of(info, entry, urls)}; "
-                    f"nothing was installed (has the publisher changed it? see {DOCS_PAGE})"
+                    f"the archive was deleted and nothing was installed (has the publisher changed it? "
+                    f"see {DOCS_PAGE})"
                 )
             if not file_matches(src, entry):
                 culprit = src if entry.path in urls else _archive_of(info, entry, archives_dir, urls)
