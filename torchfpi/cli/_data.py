@@ -28,7 +28,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
 
     lst = sub.add_parser("list", help="each data set: what it is, size, licence, citation, source",
                          description="Describe every data set torchfpi can fetch.")
-    lst.add_argument("--root", default=None, help="data root shown (default $TORCHFPI_DATA, else the cache)")
+    lst.add_argument("--root", default=None, metavar="DIR", help="data root shown (default $TORCHFPI_DATA, else the cache)")
     lst.set_defaults(func=run_list)
 
     fetch = sub.add_parser(
@@ -42,7 +42,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     )
     fetch.add_argument("names", nargs="+", metavar="NAME",
                        help="bibtex, delicious, train400, bsd68, middlebury, or all")
-    fetch.add_argument("--root", default=None, help="data root (default $TORCHFPI_DATA, else the cache); "
+    fetch.add_argument("--root", default=None, metavar="DIR", help="data root (default $TORCHFPI_DATA, else the cache); "
                        "created if needed")
     fetch.add_argument("--mirror", default=None, metavar="URL",
                        help="replace the publishers' URLs: a file NAME.ext of data set SET is fetched "
@@ -57,7 +57,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
         "the package's sha256 manifest. Exit 0 if all are present and valid, 1 otherwise.",
     )
     check.add_argument("names", nargs="*", metavar="NAME", help="data sets to check (default: all)")
-    check.add_argument("--root", default=None, help="data root (default $TORCHFPI_DATA, else the cache)")
+    check.add_argument("--root", default=None, metavar="DIR", help="data root (default $TORCHFPI_DATA, else the cache)")
     check.set_defaults(func=run_check)
 
 
