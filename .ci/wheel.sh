@@ -15,7 +15,7 @@ echo "  $(basename "$wheel")"
 python3 - "$wheel" <<'PY'
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-need = ["torchfpi/py.typed", "torchfpi/data/_embedded/bibtex.npz", "torchfpi/weights/denoise_fpi_gd_s25.pt"]
+need = ["torchfpi/py.typed", "torchfpi/data/_embedded/bibtex.npz", "torchfpi/data/_embedded/manifest.tsv", "torchfpi/weights/denoise_fpi_gd_s25.pt"]
 missing = [n for n in need if n not in names]
 stray = [n for n in names if n.startswith(("tests/", "docs/", "scripts/", "benchmarks/", "results/"))]
 if missing or stray:
@@ -34,6 +34,7 @@ mkdir "$work/empty"
 cd "$work/empty"
 unset TORCHFPI_DATA
 torchfpi --version
+torchfpi data list > /dev/null
 torchfpi demo --epochs 1 --max-steps 3 --quiet --out-dir demo
 test -s demo/result.json
 python - <<'PY'

@@ -134,7 +134,7 @@ def make_pair(h: int, w: int, gen: torch.Generator, bank: TextureBank, max_motio
         t2 = both[0] if mask.min() < 1 else _sample(tex[None], pos.clamp_min(0))[0]
         frame2 = m2 * t2 + (1 - m2) * frame2
     sl = (slice(margin, margin + h), slice(margin, margin + w))
-    frame1, frame2, gt = frame1[sl], frame2[sl], gt[(slice(None), *sl)]
+    frame1, frame2, gt = frame1[sl], frame2[sl], gt[(slice(None),) + sl]
     # photometric changes and sensor noise
     frame2 = frame2 * _uniform(gen, 0.9, 1.1) + _uniform(gen, -8, 8)
     noise = _uniform(gen, 0, 2.0)
