@@ -456,12 +456,12 @@ def test_check_gradients_bad_options(kwargs, exc, match):
 @pytest.mark.parametrize(
     "z0, exc, match",
     [
-        (torch.tensor(0.0, dtype=torch.float64), ValueError, r"z0: expected shape \(B, \*S\) with a batch B >= 1, got \(\)"),
+        (torch.tensor(0.0, dtype=torch.float64), ValueError, r"z0: expected a tensor of shape \(B, \*S\) .* got a 0-dim tensor"),
         (torch.zeros(0, 3, dtype=torch.float64), ValueError, r"z0: expected shape .* got \(0, 3\)"),
-        ([0.0, 0.0], TypeError, r"z0: expected a floating-point torch.Tensor .* got list"),
+        ([0.0, 0.0], TypeError, r"z0: expected a torch.Tensor .* got list"),
         ((), TypeError, r"z0: expected .* non-empty tuple"),
         ((torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.int64)), TypeError,
-         r"z0\[1\]: expected a floating-point tensor, got dtype torch.int64"),
+         r"z0\[1\]: expected a real floating-point tensor .* got dtype torch.int64"),
     ],
 )
 def test_check_gradients_bad_states(z0, exc, match):

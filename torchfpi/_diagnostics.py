@@ -34,16 +34,16 @@ def _check_positive(name: str, value: object) -> float:
     return result
 
 
-def _radius_point(z: object) -> Tuple[Tensor, ...]:
-    """The parts of :func:`spectral_radius`' point: real floating ``(B, *S)`` tensors."""
+def _state_parts(z: object, arg: str = "z") -> Tuple[Tensor, ...]:
+    """The parts of a state ``arg`` (a tensor or a non-empty tuple): real floating ``(B, *S)``."""
     parts = z if isinstance(z, tuple) else (z,)
     if not parts or not all(isinstance(p, Tensor) for p in parts):
         raise TypeError(
-            "z: expected a torch.Tensor of shape (B, *S) or a non-empty tuple of them, got "
+            f"{arg}: expected a torch.Tensor of shape (B, *S) or a non-empty tuple of them, got "
             f"{type(z).__name__}"
         )
     for i, p in enumerate(parts):
-        name = f"z[{i}]" if isinstance(z, tuple) else "z"
+        name = f"{arg}[{i}]" if isinstance(z, tuple) else arg
         if not p.is_floating_point() or p.dtype != parts[0].dtype:
             raise TypeError(
                 f"{name}: expected a real floating-point tensor (all parts of one dtype), got "
@@ -56,7 +56,7 @@ def _radius_point(z: object) -> Tuple[Tensor, ...]:
             )
         if p.shape[0] != parts[0].shape[0] or p.device != parts[0].device:
             raise ValueError(
-                f"{name}: every part of z must share the batch size and device; got shape "
+                f"{name}: every part of {arg} must share the batch size and device; got shape "
                 f"{tuple(p.shape)} on {p.device}, expected batch {parts[0].shape[0]} on {parts[0].device}"
             )
     if parts[0].shape[0] > 0 and sum(p[0].numel() for p in parts) == 0:
@@ -226,7 +226,7 @@ def spectral_radius(
         raise TypeError(f"f: expected a callable f(z, *inputs), got {type(f).__name__}")
     iters = _check_integer("iters", iters, minimum=1)
     seed = _check_integer("seed", seed)
-    parts = _radius_point(z)
+    parts = _state_parts(z)
     batch, dtype, device = parts[0].shape[0], parts[0].dtype, parts[0].device
     if batch == 0:
         return torch.zeros(0, dtype=dtype, device=device)
@@ -342,25 +342,6 @@ EXACT_MODES = exact_modes()
 """The built-in exact modes (registered adjoints are looked up when ``check_gradients`` runs)."""
 
 
-def _gradcheck_state(z0: object) -> Tuple[Tensor, ...]:
-    """The parts of ``check_gradients``' ``z0`` (a tensor or a non-empty tuple of tensors)."""
-    parts = z0 if isinstance(z0, tuple) else (z0,)
-    if not parts or not all(isinstance(p, Tensor) for p in parts):
-        raise TypeError(
-            "z0: expected a floating-point torch.Tensor of shape (B, *S) or a non-empty tuple of "
-            f"them, got {type(z0).__name__}"
-        )
-    for i, p in enumerate(parts):
-        name = f"z0[{i}]" if isinstance(z0, tuple) else "z0"
-        if not p.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {p.dtype}")
-        if p.dim() == 0 or p.shape[0] == 0:
-            raise ValueError(
-                f"{name}: expected shape (B, *S) with a batch B >= 1, got {tuple(p.shape)}"
-            )
-    return parts
-
-
 def _gradcheck_modes(modes: object) -> Tuple[str, ...]:
     if isinstance(modes, str) or not isinstance(modes, (tuple, list)):
         raise TypeError(
@@ -470,7 +451,9 @@ def check_gradients(
 
     if not callable(f):
         raise TypeError(f"f: expected a callable f(z, *inputs), got {type(f).__name__}")
-    parts = _gradcheck_state(z0)
+    parts = _state_parts(z0, "z0")
+    if parts[0].shape[0] == 0:
+        raise ValueError(f"z0: expected shape (B, *S) with a batch B >= 1, got {tuple(parts[0].shape)}")
     modes = _gradcheck_modes(modes)
     if reference is not None and not isinstance(reference, str):
         raise TypeError(f"reference: expected a mode name or None, got {type(reference).__name__}")
