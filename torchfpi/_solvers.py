@@ -87,16 +87,39 @@ class Anderson:
     of FPI's iterations there.
 
     Safeguards, per sample: if the small system is ill-conditioned (non-finite weights or
-    ``sum |alpha| > max_coefficient``) the step falls back to damped FPI; if the residual grows
-    above ``restart`` times the best residual so far, the history is cleared (restart), which
-    makes the next step a damped FPI step too.
+    ``sum |alpha| > max_coefficient``) the step falls back to damped FPI; if the absolute
+    residual ``||f(z) - z||`` grows above ``restart`` times the smallest one so far (a measure
+    that keeps growing in a blow-up, unlike the relative residual, which levels off near 1), the
+    history is cleared (restart), which makes the next step a damped FPI step too.
+
+    Repelling fixed points (``safeguard=True``, the default): Anderson solves ``f(z) - z = 0``
+    and, unlike the plain iteration, can converge to a fixed point that ``z <- f(z)`` repels,
+    such as the local maximum of an energy under a gradient step ``z - eta * grad E(z)``, or
+    the fixed point 0 of the logistic map ``r z (1 - z)`` for ``1 < r < 3``. After each step,
+    the secant slope of the residual along the last move, ``s = <g_k - g_{k-1}, z_k - z_{k-1}>
+    / ||z_k - z_{k-1}||^2`` with ``g = f(z) - z`` (a Rayleigh quotient of ``df/dz - I``), is
+    measured per sample. Near a fixed point that damped FPI attracts along that direction it
+    is negative; ``s > 0`` means the map pushes away along it (for a gradient step, the energy
+    curves down along the move: ``<grad E_k - grad E_{k-1}, z_k - z_{k-1}> < 0``). After
+    ``patience`` consecutive steps with ``s > 0`` the sample switches to damped FPI from its
+    current iterate, history cleared, and goes back to Anderson (fresh history) only after
+    ``patience`` consecutive steps with ``s < 0``, i.e. once it is in a region the map
+    contracts. So Anderson lands on a fixed point the damped iteration attracts, where plain
+    FPI would land, in the cases above. What it cannot see: a fixed point that repels only
+    along directions the iterates never move in. Where the map attracts, ``s < 0`` and the
+    safeguard never acts (strongly non-normal maps can show ``s > 0`` for a step or two; the
+    cost is then a few damped-FPI steps, not a different answer).
+    Pass ``safeguard=False`` for the bare method (e.g. to find an unstable fixed point on
+    purpose).
 
     Args:
         m: window size (number of past iterates), at least 1 (``m=1`` is damped FPI).
         regularization: ridge weight relative to the mean diagonal of the Gram matrix, >= 0.
         damping: mixing weight in (0, 1].
-        restart: residual growth factor (> 1) that triggers a restart.
+        restart: growth factor (> 1) of the absolute residual that triggers a restart.
         max_coefficient: largest allowed ``sum |alpha|`` before falling back to FPI.
+        safeguard: fall back to damped FPI near fixed points the map repels (see above).
+        patience: consecutive steps (>= 1) of one secant-slope sign before switching.
 
     Example:
         >>> import torch, torchfpi
@@ -112,6 +135,8 @@ class Anderson:
     damping: float = 1.0
     restart: float = 10.0
     max_coefficient: float = 1e4
+    safeguard: bool = True
+    patience: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.m, int) or isinstance(self.m, bool) or self.m < 1:
@@ -123,6 +148,10 @@ class Anderson:
             raise ValueError(f"restart: expected a number > 1, got {self.restart!r}")
         if not (isinstance(self.max_coefficient, (int, float)) and self.max_coefficient > 1):
             raise ValueError(f"max_coefficient: expected a number > 1, got {self.max_coefficient!r}")
+        if not isinstance(self.safeguard, bool):
+            raise TypeError(f"safeguard: expected a bool, got {type(self.safeguard).__name__}")
+        if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 1:
+            raise ValueError(f"patience: expected an integer >= 1, got {self.patience!r}")
 
     def init(self, z: Tensor, fz: Tensor) -> State:
         b, n = z.shape
@@ -134,7 +163,33 @@ class Anderson:
             "valid": torch.zeros(b, m, dtype=torch.bool, device=z.device),
             "best": torch.full((b,), math.inf, dtype=torch.float64, device=z.device),
             "ptr": 0,
+            # The repelling-point safeguard: the previous iterate and residual, the counts of
+            # consecutive positive / negative secant slopes, and which samples run damped FPI.
+            "z_prev": z.new_zeros(b, n),
+            "g_prev": z.new_zeros(b, n),
+            "up": torch.zeros(b, dtype=torch.int64, device=z.device),
+            "down": torch.zeros(b, dtype=torch.int64, device=z.device),
+            "plain": torch.zeros(b, dtype=torch.bool, device=z.device),
+            "count": 0,
         }
+
+    def _repelled(self, state: State, z: Tensor, g: Tensor) -> Tensor:
+        """``(B,)`` bool: the samples that take a damped-FPI step now (the secant-slope test).
+
+        Updates ``up``, ``down``, ``plain`` and the previous point of ``state`` (functionally).
+        """
+        if state["count"] == 0:
+            plain: Tensor = state["plain"]
+        else:
+            dz = (z - state["z_prev"]).to(torch.float64)
+            dg = (g - state["g_prev"]).to(torch.float64)
+            slope = (dz * dg).sum(1) / ((dz * dz).sum(1) + torch.finfo(torch.float64).tiny)
+            up = torch.where(slope > 0, state["up"] + 1, torch.zeros_like(state["up"]))
+            down = torch.where(slope < 0, state["down"] + 1, torch.zeros_like(state["down"]))
+            plain = (state["plain"] & (down < self.patience)) | (up >= self.patience)
+            state.update(up=up, down=down, plain=plain)
+        state.update(z_prev=z, g_prev=g, count=state["count"] + 1)
+        return plain
 
     def step(self, state: State, z: Tensor, fz: Tensor, residual: Tensor) -> Tensor:
         F: Tensor = state["F"]
@@ -145,10 +200,13 @@ class Anderson:
         ptr: int = state["ptr"]
         m = self.m
         g = fz - z
-        res64 = torch.as_tensor(residual, dtype=torch.float64).to(z.device)
-        # Restart where the residual blew up relative to the best one seen.
+        # Restart where the absolute residual blew up relative to the best one seen.
+        res64 = torch.linalg.vector_norm(g.detach(), dim=1).to(torch.float64)
         restart = res64 > self.restart * best
         best = torch.minimum(best, torch.nan_to_num(res64, nan=math.inf))
+        if self.safeguard:
+            plain = self._repelled(state, z.detach(), g.detach())
+            restart = restart | plain
         if torch.is_grad_enabled():
             # Unrolled differentiation records this step: keep the history functional.
             F, G, H, valid = F.clone(), G.clone(), H.clone(), valid.clone()
@@ -184,6 +242,8 @@ class Anderson:
         else:
             mix_g = torch.bmm(alpha, G).squeeze(1)
             z_next = mix_f - (1.0 - self.damping) * mix_g
+        if self.safeguard:
+            bad = bad | plain
         fallback = z + self.damping * g
         z_next = torch.where(bad.unsqueeze(1), fallback, z_next)
         state.update(F=F, G=G, H=H, valid=valid, best=best, ptr=(ptr + 1) % m)
