@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from torchfpi._adjoints import AdjointSystem
@@ -22,6 +23,7 @@ from torchfpi._autograd import _grad, _is_float, vjp
 from torchfpi._loop import iterate
 from torchfpi._options import Options
 from torchfpi._solution import _Record, report_failure
+from torchfpi._solvers import FPI
 
 State = Union[Tensor, Tuple[Tensor, ...]]
 Graph = Tuple[Tensor, Tensor, List[Tensor]]
@@ -328,3 +330,80 @@ class _FixedPointFunction(torch.autograd.Function):
         grads = ctx.problem.backward(g, zs, rest[:n_t], rest[n_t:], needs, ctx.graph)
         return (None, None, None, *grads)
 
+
+
+# -- forward mode and torch.func --------------------------------------------------------------
+FUNC_TRANSFORM_MESSAGE = (
+    "fixed_point does not support torch.func transforms (vmap, grad, jvp, jacrev, jacfwd, "
+    "hessian, functionalize): its forward loop stops each sample on its own, a data-dependent "
+    "control flow they cannot trace. It is batched already: pass a batch instead of vmap. For "
+    "gradients use loss.backward() or torch.autograd.grad; for Jacobians "
+    "torch.autograd.functional.jacobian; for Jacobian-vector products dual tensors of "
+    "torch.autograd.forward_ad (implicit forward mode) or torch.autograd.functional.jvp"
+)
+
+
+def check_no_func_transform() -> None:
+    """Raise one clear ``NotImplementedError`` inside a ``torch.func`` transform."""
+    level = getattr(torch._C._functorch, "maybe_current_level", None)
+    if level is not None and level() is not None:
+        raise NotImplementedError(FUNC_TRANSFORM_MESSAGE)
+
+
+def forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (dual tensors may exist)."""
+    return int(getattr(fwAD, "_current_level", 0)) >= 0
+
+
+def _primal(t: Any) -> Any:
+    return fwAD.unpack_dual(t).primal if isinstance(t, Tensor) else t
+
+
+def solve_forward_mode(
+    solve: Callable[[Callable[..., Any], State, Sequence[Any], Options], Any],
+    f: Callable[..., Any],
+    z0: State,
+    inputs: Sequence[Any],
+    options: Options,
+) -> Any:
+    """``solve`` on the primal values, then the implicit tangent of z* (forward-mode AD).
+
+    Inside a ``dual_level``, with dual tensors among the inputs or captured by ``f`` (e.g.
+    module parameters under ``torch.func.functional_call``): the tangent of z* is the solution
+    of ``t = (df/dz) t + b`` with ``b = (df/dx) x' + (df/dtheta) theta'``, iterated per sample
+    with plain FPI (``t <- tangent of f(dual(z*, t), duals)``, one forward-mode call of ``f``
+    per step) to ``backward_tol`` within ``backward_max_iter``. z0's tangent is ignored: z*
+    does not depend on z0. Reverse mode is unaffected (the primal solve is the ordinary one).
+    """
+    z0p = tuple(_primal(p) for p in z0) if isinstance(z0, tuple) else _primal(z0)
+    with fwAD._set_fwd_grad_enabled(False):
+        sol = solve(f, z0p, [_primal(a) for a in inputs], options)
+    structure = _Structure(z0p, options.batched)
+    zs = structure.pack(sol.value)
+    slots = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
+    problem = Problem(f, structure, list(inputs), slots, frozenset(), options, _Record())
+    duals = [inputs[i] for i in slots]
+    with torch.enable_grad():  # an energy step differentiates f forward-over-reverse
+        zreq = zs.detach().requires_grad_(True)
+
+    def tangent_of(t: Optional[Tensor]) -> Optional[Tensor]:
+        with torch.enable_grad():
+            y = problem.fn(zreq if t is None else fwAD.make_dual(zreq, t), *duals)
+        tan = fwAD.unpack_dual(y).tangent
+        return None if tan is None else tan.detach()
+
+    b = tangent_of(None)
+    if b is None:
+        return sol  # no dual reaches f: z* has no tangent
+
+    def tangent_map(t: Tensor, idx: Optional[Tensor]) -> Tensor:
+        tan = tangent_of(t)
+        return torch.zeros_like(t) if tan is None else tan
+
+    tangent, stats = iterate(
+        tangent_map, torch.zeros_like(b), solver=FPI(), tol=options.adjoint_tol,
+        max_iter=options.adjoint_max_iter, absolute=options.absolute, first_fz=b,
+        what="fixed_point (forward-mode tangent)",
+    )
+    report_failure(stats, options.on_failure, "tangent (forward mode)", options.adjoint_tol, options.adjoint_max_iter)
+    return type(sol)(structure.unpack(fwAD.make_dual(zs, tangent)), sol._record)

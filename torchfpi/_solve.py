@@ -16,7 +16,15 @@ from torch import Tensor, nn
 from torchfpi._adjoints import Adjoint
 from torchfpi._autograd import _is_float, find_leaves
 from torchfpi._options import Options
-from torchfpi._problem import Problem, State, _FixedPointFunction, _Structure
+from torchfpi._problem import (
+    Problem,
+    State,
+    _FixedPointFunction,
+    _Structure,
+    check_no_func_transform,
+    forward_ad_active,
+    solve_forward_mode,
+)
 from torchfpi._solution import Solution, _Record
 from torchfpi._solvers import Solver
 from torchfpi.errors import FixedPointError
@@ -69,6 +77,13 @@ def solve_with_options(f: Callable[..., Any], z0: State, inputs: Sequence[Any], 
     """:func:`fixed_point` with validated options (what the layers call)."""
     if not callable(f):
         raise TypeError(f"f: expected a callable (function or nn.Module), got {type(f).__name__}")
+    check_no_func_transform()
+    if forward_ad_active():  # dual tensors: the implicit tangent (forward-mode AD)
+        return solve_forward_mode(_solve_primal, f, z0, inputs, options)
+    return _solve_primal(f, z0, inputs, options)
+
+
+def _solve_primal(f: Callable[..., Any], z0: State, inputs: Sequence[Any], options: Options) -> Solution[Any]:
     structure = _Structure(z0, options.batched)
     z0f = structure.pack(z0).detach()
     slots = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
