@@ -78,7 +78,7 @@ def test_gradcheck_and_gradgradcheck_fpigd_with_parameters(dtype):
     with torch.no_grad():
         energy.C.weight.normal_(0, 0.3)
         energy.c.normal_(0, 0.3)
-    layer = torchfpi.FPIGD(energy, step_size=0.5, learn_step_size=True, init=lambda s: torch.zeros_like(s),
+    layer = torchfpi.FPIGD(energy, step_size=0.5, init=lambda s: torch.zeros_like(s),
                            tol=SOLVER_TOL, max_iter=500).to(dtype)
     fn, args = _params_call(layer, torch.randn(2, 3, dtype=dtype, requires_grad=True))
     assert gradcheck(fn, args)
@@ -268,3 +268,107 @@ def test_one_options_dataclass_for_every_entry_point():
     with pytest.raises(ValueError, match="tol: expected a positive number"):
         torchfpi.FPIGD(lambda z: (z**2).sum(1), tol=-1.0)
     assert opts.replace(backward_tol=None).adjoint_tol == 1e-8
+
+
+# -- FPIGD's step size: z* does not depend on it (learn_step_size is deprecated) -------------------
+
+
+def test_learn_step_size_is_deprecated_and_registers_no_parameter(gen, dtype):
+    energy = QuadraticEnergy(3, A=spd(3, gen, dtype, cond=3.0)).to(dtype)
+    with pytest.warns(FutureWarning, match=r"learn_step_size=True\) is deprecated.*does not depend on the step size"):
+        layer = torchfpi.FPIGD(energy, step_size=0.2, learn_step_size=True, init=torch.zeros_like, tol=1e-10)
+    plain = torchfpi.FPIGD(energy, step_size=0.2, init=torch.zeros_like, tol=1e-10)
+    assert "log_step_size" not in dict(layer.named_parameters())
+    assert "log_step_size" in dict(layer.named_buffers())
+    assert {n for n, _ in layer.named_parameters()} == {n for n, _ in plain.named_parameters()}
+    b = torch.randn(4, 3, generator=gen, dtype=dtype)
+    assert torch.equal(layer(b), plain(b))
+    # A checkpoint of the old trainable step size still loads (same key, now a buffer).
+    state = dict(plain.state_dict(), log_step_size=torch.tensor(-1.0, dtype=dtype))
+    plain.load_state_dict(state)
+    assert float(plain.step_size) == pytest.approx(torch.e**-1)
+
+
+@pytest.mark.parametrize("projection", [None, "box"])
+def test_fixed_point_gradient_wrt_step_size_is_zero_for_projections(projection, gen, dtype):
+    # z* = P(z* - a grad E(z*)) does not depend on a when P is the identity or a convex
+    # projection: the exact gradient w.r.t. a vanishes (to the solve's tolerance), while the
+    # gradient w.r.t. b does not. (Why learn_step_size was deprecated.)
+    A = spd(4, gen, dtype, cond=4.0)
+    b = (2.0 * torch.randn(3, 4, generator=gen, dtype=dtype)).requires_grad_(True)
+    a = torch.tensor(0.2, dtype=dtype, requires_grad=True)
+
+    def f(z, b, a):
+        step = z - a * (z @ A - b)
+        return step if projection is None else step.clamp(0.0, 1.0)
+
+    z = torchfpi.fixed_point(f, torch.zeros(3, 4, dtype=dtype), b, a, tol=1e-13, backward_tol=1e-13,
+                             max_iter=2000, backward_max_iter=2000, per_sample=(0,)).value
+    w = torch.randn(3, 4, generator=gen, dtype=dtype)
+    ga, gb = torch.autograd.grad((w * z).sum(), (a, b))
+    assert abs(float(ga)) < 1e-10
+    assert float(gb.abs().max()) > 1e-2
+    if projection == "box":
+        assert bool(((z == 0) | (z == 1)).any())  # some constraints are active
+    # The boundary of the claim: a map that is not a projection makes z* depend on a.
+    z2 = torchfpi.fixed_point(lambda z, b, a: 0.5 * (z - a * (z @ A - b)), torch.zeros(3, 4, dtype=dtype), b, a,
+                              tol=1e-13, backward_tol=1e-13, per_sample=(0,)).value
+    (ga2,) = torch.autograd.grad((w * z2).sum(), a)
+    assert abs(float(ga2)) > 1e-3
+
+
+# -- docstring claims of _layers.py ------------------------------------------------------------------
+
+
+def test_fpinn_prepares_its_constants_once_per_solve():
+    upd = torchfpi.MLPUpdate(4, 3, hidden=8)
+    calls = []
+    original = upd.prepare
+    upd.prepare = lambda x: calls.append(1) or original(x)  # type: ignore[method-assign]
+    layer = torchfpi.FPINN(upd, tol=1e-6, max_iter=50)
+    layer(torch.randn(5, 3))
+    assert len(calls) == 1 and int(layer.last_solution.iterations.max()) > 1
+
+
+def test_spectral_norm_refreshes_once_per_training_call_and_never_in_eval():
+    upd = torchfpi.MLPUpdate(4, 3, hidden=8)
+    layer = torchfpi.FPINN(upd, tol=1e-6, max_iter=50)
+    u0 = upd.sn_z.u.clone()
+    W2 = upd.Wz.detach()
+    v = torch.nn.functional.normalize(W2.T @ u0, dim=0)
+    one_step = torch.nn.functional.normalize(W2 @ v, dim=0)
+    layer(torch.randn(5, 3))  # training mode, grad on: one power step per call, not per iteration
+    torch.testing.assert_close(upd.sn_z.u, one_step)
+    layer.eval()
+    u1 = upd.sn_z.u.clone()
+    layer(torch.randn(5, 3))
+    assert torch.equal(upd.sn_z.u, u1)
+
+
+def test_mlp_update_out_activation_and_its_validation():
+    upd = torchfpi.MLPUpdate(4, 3, hidden=8, out_activation="sigmoid")
+    z = torchfpi.FPINN(upd, tol=1e-6)(torch.randn(6, 3))
+    assert bool(((z > 0) & (z < 1)).all())
+    with pytest.raises(ValueError, match="out_activation: expected None, 'sigmoid' or 'tanh'"):
+        torchfpi.MLPUpdate(4, 3, out_activation="relu")
+
+
+def test_contraction_check_needs_a_solve_or_z():
+    layer = torchfpi.FPIGD(lambda z: 0.5 * (z**2).sum(1), step_size=0.5)
+    with pytest.raises(ValueError, match="no solve has run yet"):
+        layer.contraction_check()
+    radius = layer.contraction_check(z=torch.zeros(2, 3))
+    torch.testing.assert_close(radius, torch.full((2,), 0.5), atol=1e-4, rtol=0)
+
+
+def test_fpigd_compact_never_slices_energy_parameters(gen, dtype):
+    # The energy's parameters are parameters, never sliced: batch == their dim 0 is harmless.
+    n = 5
+    energy = QuadraticEnergy(n, A=spd(n, gen, dtype, cond=50.0)).to(dtype)
+    b = torch.randn(n, n, generator=gen, dtype=dtype)
+    b[1:] = b[0]
+    b[3] = 5 * torch.randn(n, generator=gen, dtype=dtype)  # converges at another iteration
+    comp = torchfpi.FPIGD(energy, step_size=0.02, init=torch.zeros_like, tol=1e-10, max_iter=5000, compact=True)(b)
+    rows = [torchfpi.FPIGD(energy, step_size=0.02, init=torch.zeros_like, tol=1e-10, max_iter=5000)(b[i:i + 1])
+            for i in range(n)]
+    torch.testing.assert_close(comp, torch.cat(rows), atol=1e-9, rtol=0)

@@ -233,7 +233,11 @@ class FPIGD(FPILayer):
         energy: ``energy(z, *inputs) -> (B,)``.
         step_size: a > 0. The step contracts near z* iff the spectral radius of
             I - a Hessian is < 1, e.g. a < 2 / L for an L-smooth convex energy.
-        learn_step_size: learn a (kept positive through a log parametrisation).
+        learn_step_size: deprecated, no effect (a ``FutureWarning`` when ``True``). At a fixed
+            point z* = P(z* - a grad E(z*)) with P the identity, ``"box"`` or any projection
+            onto a convex set, z* does not depend on a, so the exact gradient w.r.t. a is
+            zero: what a learned a received was the solve's truncation error. a stays the
+            fixed ``step_size`` (the buffer ``log_step_size``; old checkpoints still load).
         projection: None, ``"box"`` (clamp to ``box``) or a callable ``P(z) -> z``.
         box: ``(low, high)`` bounds of the box projection.
         record_energy: keep the energy of each forward iteration in ``energy_trace``.
@@ -253,6 +257,8 @@ class FPIGD(FPILayer):
         >>> torch.allclose(z, torch.tensor([[1.0, 2.0]]), atol=1e-5)
         True
     """
+
+    log_step_size: Tensor
 
     def __init__(
         self,
@@ -276,11 +282,17 @@ class FPIGD(FPILayer):
         super().__init__(self._gd_step, init=init, options=options, **keywords)
         del self.f  # the map is the bound method below; keep the module tree clean
         self.energy = energy
-        log_a = torch.tensor(math.log(step_size))
         if learn_step_size:
-            self.log_step_size = nn.Parameter(log_a)
-        else:
-            self.register_buffer("log_step_size", log_a)
+            warnings.warn(
+                "FPIGD(learn_step_size=True) is deprecated and has no effect: the fixed point "
+                "z* = P(z* - a grad E(z*)) does not depend on the step size a (for P the identity, "
+                "'box' or a convex projection), so its exact gradient is zero and training only saw "
+                "truncation noise. The step size stays fixed at step_size; tune it (below 2 / the "
+                "largest Hessian eigenvalue) or use solver='anderson' for speed.",
+                FutureWarning,
+                stacklevel=2,
+            )
+        self.register_buffer("log_step_size", torch.tensor(math.log(step_size)))
         self.projection = projection
         self.box = (float(box[0]), float(box[1]))
         self.record_energy = record_energy
