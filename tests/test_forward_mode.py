@@ -140,6 +140,20 @@ def test_layers_jvp_with_dual_parameters_and_inputs(kind, dtype):
     torch.testing.assert_close(tan, ref, atol=1e-11, rtol=1e-9)
 
 
+def test_unbatched_state_and_fpilayer_jvp(gen, dtype):
+    A = contraction(3, 0.6, gen, dtype)
+    x = torch.randn(3, generator=gen, dtype=dtype)
+    v = torch.randn(3, generator=gen, dtype=dtype)
+    exact = torch.linalg.solve(torch.eye(3, dtype=dtype) - A, v)  # z* = (I - A)^{-1} x
+    layer = torchfpi.FPILayer(lambda z, x: z @ A.T + x, init=torch.zeros_like, tol=TOL, backward_tol=TOL)
+    with fwAD.dual_level():
+        t1 = _tangent(torchfpi.fixed_point(lambda z, x: A @ z + x, torch.zeros(3, dtype=dtype),
+                                           fwAD.make_dual(x, v), batched=False, tol=TOL, backward_tol=TOL).value)
+        t2 = _tangent(layer(fwAD.make_dual(x.unsqueeze(0), v.unsqueeze(0))))
+    torch.testing.assert_close(t1, exact, atol=1e-12, rtol=0)
+    torch.testing.assert_close(t2, exact.unsqueeze(0), atol=1e-12, rtol=0)
+
+
 def test_no_dual_means_no_tangent_and_the_same_value(gen, dtype):
     f = _tanh_map(gen, dtype)
     x = torch.randn(3, 4, generator=gen, dtype=dtype)

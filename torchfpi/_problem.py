@@ -310,7 +310,12 @@ class _RowGraphs:
 
 
 class _FixedPointFunction(torch.autograd.Function):
-    """Forward: solve without a graph. Backward: the adjoint of ``problem.options``."""
+    """Forward: solve without a graph. Backward: the adjoint of ``problem.options``.
+
+    Forward mode does not pass through this node: :func:`solve_forward_mode` runs the primal
+    solve with forward AD off and attaches the implicit tangent itself, which also reaches
+    dual tensors ``f`` captures (a ``jvp`` staticmethod would only see the node's inputs).
+    """
 
     @staticmethod
     def forward(ctx, problem, z0f, fz1, *rest):  # type: ignore[override]

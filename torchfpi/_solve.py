@@ -158,6 +158,10 @@ def fixed_point(
     vector-Jacobian products, then ``dL/dx = (df/dx)^T u`` for every input and every tensor ``f``
     uses (``nn.Module`` parameters and captured tensors alike). The backward is itself
     differentiable: a second derivative solves another backward fixed point.
+    Forward mode: inside ``torch.autograd.forward_ad.dual_level()``, dual tensors among the
+    inputs or captured by ``f`` give ``value`` the implicit tangent ``t = (df/dz) t + (df/dx) x'``
+    (FPI on Jacobian-vector products to ``backward_tol``); ``torch.func`` transforms raise a
+    ``NotImplementedError`` naming what to use instead.
 
     Args:
         f: the map, ``f(z, *inputs) -> z_like``; a function or an ``nn.Module``. It may call
@@ -199,6 +203,7 @@ def fixed_point(
             ``compact``, or ``f`` returning another shape, dtype or device.
         FixedPointError: NaN/Inf in ``z0``, the inputs or ``f``'s output (naming the
             iteration), or non-convergence / divergence with ``on_failure="raise"``.
+        NotImplementedError: called inside a ``torch.func`` transform (vmap, grad, jvp, ...).
 
     Example:
         >>> import torch, torchfpi
