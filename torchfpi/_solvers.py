@@ -181,9 +181,10 @@ class Anderson:
         if state["count"] == 0:
             plain: Tensor = state["plain"]
         else:
-            dz = (z - state["z_prev"]).to(torch.float64)
-            dg = (g - state["g_prev"]).to(torch.float64)
-            slope = (dz * dg).sum(1) / ((dz * dz).sum(1) + torch.finfo(torch.float64).tiny)
+            dz = z - state["z_prev"]
+            dg = g - state["g_prev"]
+            tiny = torch.finfo(torch.float64).tiny
+            slope = (dz * dg).sum(1, dtype=torch.float64) / ((dz * dz).sum(1, dtype=torch.float64) + tiny)
             up = torch.where(slope > 0, state["up"] + 1, torch.zeros_like(state["up"]))
             plain = state["plain"] | (up >= self.patience)
             state.update(up=up, plain=plain)
