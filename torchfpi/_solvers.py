@@ -106,10 +106,13 @@ class Anderson:
     FPI step, so with the default ``patience=1`` a sample that starts where the map repels
     never takes an Anderson step: it follows the damped iteration exactly and lands where that
     lands (going back to Anderson later was tried and can jump to another basin or back to
-    the repelling point). Where the map attracts, ``s < 0`` and the safeguard never acts: on
-    the benchmark problems and the contractions of the test suite it changes no iterate. What
-    it cannot see: a repelling direction the iterates never move along, or ``s > 0`` only
-    after Anderson has started (it then still switches, from wherever Anderson got to).
+    the repelling point); such samples run at FPI's speed. Where the map attracts, ``s < 0``
+    and the safeguard does not act: on the benchmark problems and the contractions of the
+    test suite it changes no iterate (a strongly non-normal contraction could show ``s > 0``
+    along some move; the cost is then FPI's speed for that sample, not another answer). What
+    it cannot see: a repelling direction the iterates never move along. And when ``s > 0``
+    shows only after Anderson has come very close to a repelling point, the sample switches
+    from there, and leaving it can grow the residual enough for the loop to report DIVERGED.
     Pass ``safeguard=False`` for the bare method (e.g. to find an unstable fixed point on
     purpose).
 
