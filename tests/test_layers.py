@@ -228,6 +228,7 @@ def test_energy_grad_checks_energy_shape():
         (lambda: torchfpi.MLPUpdate(2, 2, activation="gelu"), "activation"),
         (lambda: torchfpi.MLPUpdate(2, 2, gamma=1.5), "gamma"),
         (lambda: torchfpi.ConvUpdate(1, 1, kernel_size=2), "kernel_size"),
+        (lambda: torchfpi.ConvUpdate(1, 1, activation="gelu"), "activation"),
         (lambda: ICNNEnergy(2, 2, hidden=()), "hidden"),
         (lambda: QuadraticEnergy(2, A=torch.eye(3)), "A: expected shape"),
     ],
