@@ -1,29 +1,39 @@
 """The per-sample iteration loop that every solver shares, forward and adjoint.
 
-:func:`iterate` calls the map and the solver; everything per sample lives in a :class:`_Book`
-(residuals, stopping and freezing, divergence and NaN detection, best iterates, compaction of
-the working batch, traces), one method per step of an iteration:
+:func:`iterate` calls the map and the solver. Residual norms are computed on the device at
+every iteration, but read on the host only once per *window* of ``w`` iterations (one transfer
+of a ``(w, 2, B)`` block): there a :class:`_Book` replays the window sample by sample and
+decides, exactly as a per-iteration test would, at which iteration each sample converged,
+diverged or hit NaN, and which image is its best. The images of the window are kept (a bounded
+number, :data:`WINDOW_BYTES`), so a sample that met ``tol`` inside the window is frozen at that
+iteration: the results do not depend on the window length, nor on the rest of the batch. The
+window length adapts to the observed contraction rate (the iteration at which the slowest
+sample should meet ``tol``), so a solve usually syncs with the host two to four times.
 
-1. :meth:`_Book.measure`: the residual of each working row;
-2. :meth:`_Book.observe`: new best images and divergence limits, and which rows stop now;
-3. :meth:`_Book.finish`: store the stopped rows' results;
-4. :meth:`_Book.advance`: the next working rows (compacted or held still);
-5. :meth:`_Book.result`: the final ``(z*, SolveStats)``.
+The convergence test (documented in :func:`relative_residual`):
 
-The residual is defined once, in :func:`relative_residual` and :data:`REL_EPS`.
-Bookkeeping runs on the host in float64: a handful of tiny array operations per iteration
-instead of device kernels, and one device-to-host transfer of two norms per sample.
+* the residual of sample ``i`` at iteration ``k`` is ``r = ||f(z) - z|| / max(||f(z)||, floor_i)``
+  with ``floor_i = REL_EPS * max(||z0_i||, ||f(z0)_i||)`` (and at least the dtype's ``tiny``),
+  or ``||f(z) - z||`` with ``residual="absolute"``;
+* a sample converges at ``k`` when ``r < tol`` **and** its absolute residual ``a = ||f(z) - z||``
+  is zero or shrank: ``a_k <= CONTRACTION * a_{k-1}``. A map that drifts by a constant step
+  (``z + 1``) never passes, however large ``z`` grows; so a sample needs two iterations to
+  converge unless ``f(z0) == z0`` exactly;
+* a sample diverges when ``a`` exceeds ``DIVERGENCE_FACTOR`` times its smallest value so far,
+  or the norms overflow; NaN or Inf in ``f``'s output raise :class:`FixedPointError`;
+* a sample that did not converge returns its best image by absolute residual.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from torchfpi._solution import DIVERGENCE_FACTOR, SolveStats, Status
+from torchfpi._solvers import FPI
 from torchfpi.errors import FixedPointError
 
 try:  # numpy makes the per-sample bookkeeping ~5x cheaper; torch alone works too
@@ -32,17 +42,36 @@ except ImportError:  # pragma: no cover - numpy is an optional companion of torc
     _np = None  # type: ignore[assignment]
 
 REL_EPS = 1e-9
-"""Added to ||f(z)|| in the relative residual ||f(z) - z|| / (||f(z)|| + REL_EPS)."""
+"""Scale-relative floor of the relative residual's denominator (see :func:`relative_residual`)."""
+
+CONTRACTION = 0.999
+"""A converging sample's absolute residual must shrink by this factor at the stopping iteration."""
+
+WINDOW_BYTES = 1 << 19
+"""Memory for the images kept between two host reads (the window is at most this many bytes)."""
+
+MAX_WINDOW = 16
+"""Longest window (iterations between two host reads)."""
 
 Call = Callable[[Tensor, Optional[Tensor]], Tensor]
 """``call(z_work, idx)``: the map on the working rows; ``idx`` their ``(b,)`` original rows or None."""
 
 
-def relative_residual(fz: Tensor, z: Tensor) -> Tensor:
-    r"""Per-sample relative residual ``||f(z) - z|| / (||f(z)|| + 1e-9)``, shape ``(B,)``.
+def relative_residual(fz: Tensor, z: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+    r"""Per-sample relative residual ``||f(z) - z|| / max(||f(z)||, 1e-9 s, tiny)``, shape ``(B,)``.
 
-    The convergence measure of :func:`torchfpi.fixed_point` (``residual="relative"``); norms are
-    Euclidean over every non-batch dimension.
+    The convergence measure of :func:`torchfpi.fixed_point` (``residual="relative"``): norms are
+    Euclidean over every non-batch dimension; ``s`` is the sample's scale, in ``fixed_point``
+    ``max(||z0||, ||f(z0)||)`` (here ``scale``, default ``max(||z||, ||f(z)||)``), so the floor
+    only matters for a fixed point at zero, at any scale of the problem (a fixed point near
+    1e-30 is measured relative to itself); ``tiny`` is the dtype's smallest normal number.
+    ``fixed_point`` also requires the absolute residual to shrink at the stopping iteration
+    (see :data:`CONTRACTION`), so a drifting map such as ``z + 1`` never converges.
+
+    Args:
+        fz: ``(B, ...)`` the map's image ``f(z)``.
+        z: ``(B, ...)`` the iterate.
+        scale: optional ``(B,)`` per-sample scale ``s``.
 
     Example:
         >>> import torch, torchfpi
@@ -51,7 +80,11 @@ def relative_residual(fz: Tensor, z: Tensor) -> Tensor:
     """
     b = fz.shape[0]
     a = torch.linalg.vector_norm((fz - z).reshape(b, -1), dim=1)
-    return a / (torch.linalg.vector_norm(fz.reshape(b, -1), dim=1) + REL_EPS)
+    n = torch.linalg.vector_norm(fz.reshape(b, -1), dim=1)
+    if scale is None:
+        scale = torch.maximum(n, torch.linalg.vector_norm(z.reshape(b, -1), dim=1))
+    floor = (REL_EPS * scale.to(n.dtype)).clamp_min(torch.finfo(n.dtype).tiny)
+    return a / torch.maximum(n, floor)
 
 
 def nonfinite_message(what: str, k: int) -> str:
@@ -63,10 +96,11 @@ def nonfinite_message(what: str, k: int) -> str:
 
 
 class _HostOps:
-    """The few array operations of the bookkeeping, on host (CPU) arrays.
+    """The array operations of the bookkeeping, on host (CPU) float64 arrays.
 
-    numpy arrays when numpy is importable (each small op costs ~1 us instead of torch's ~5 us,
-    which matters once per iteration), else CPU float64 tensors with the same semantics.
+    numpy arrays when numpy is importable (each small op costs ~1 us instead of torch's ~5 us),
+    else CPU tensors with the same semantics. :meth:`host` is the only device-to-host read of
+    the loop (once per window; tests count its calls).
     """
 
     def __init__(self) -> None:
@@ -82,22 +116,16 @@ class _HostOps:
         dt = {"f": torch.float64, "i": torch.int64, "b": torch.bool}[kind]
         return torch.full((n,), value, dtype=dt)
 
-    def relative(self, a: Any, nrm: Any) -> Any:
-        """``a / (nrm + REL_EPS)`` in float64 (``a``, ``nrm`` may be float32 arrays)."""
-        if not self.np:
-            return a / (nrm + REL_EPS)
-        with _np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # inf/inf -> nan: handled
-            return _np.divide(a, _np.add(nrm, REL_EPS, dtype=_np.float64), dtype=_np.float64)
-
     def fmin(self, a: Any, b: Any) -> Any:
         return _np.fmin(a, b) if self.np else torch.fmin(a, b)
 
-    def scale(self, a: Any, factor: float) -> Any:
-        """``a * factor`` in float64 (``a`` may be a float32 array)."""
-        return _np.multiply(a, factor, dtype=_np.float64) if self.np else a * factor
+    def fmax(self, a: Any, b: Any) -> Any:
+        return _np.fmax(a, b) if self.np else torch.fmax(a, torch.as_tensor(b, dtype=a.dtype))
 
     def where(self, m: Any, a: Any, b: Any) -> Any:
-        return _np.where(m, a, b) if self.np else torch.where(m, torch.as_tensor(a), torch.as_tensor(b))
+        if self.np:
+            return _np.where(m, a, b)
+        return torch.where(m, torch.as_tensor(a), torch.as_tensor(b))
 
     def isfinite(self, a: Any) -> Any:
         return _np.isfinite(a) if self.np else torch.isfinite(a)
@@ -105,8 +133,35 @@ class _HostOps:
     def nonzero(self, m: Any) -> Any:
         return _np.flatnonzero(m) if self.np else m.nonzero().squeeze(1)
 
+    def unique(self, a: Any) -> List[int]:
+        return [int(v) for v in (_np.unique(a) if self.np else torch.unique(a))]
+
+    def cat0(self, a: Any, b: Any) -> Any:
+        return _np.concatenate((a, b), axis=0) if self.np else torch.cat((a, b), dim=0)
+
+    def cummin0(self, a: Any) -> Any:
+        """Running minimum along axis 0, NaN ignored (NaN only where every earlier value is)."""
+        if self.np:
+            with _np.errstate(invalid="ignore"):
+                return _np.fmin.accumulate(a, axis=0)
+        out = a.clone()
+        for j in range(1, out.shape[0]):
+            out[j] = torch.fmin(out[j - 1], out[j])
+        return out
+
+    def argmax0(self, a: Any) -> Any:
+        return a.argmax(axis=0) if self.np else a.to(torch.int8).argmax(dim=0)
+
+    def argmin0(self, a: Any) -> Any:
+        return a.argmin(axis=0) if self.np else a.argmin(dim=0)
+
+    def take0(self, a: Any, j: Any) -> Any:
+        """``a[j[i], i]`` for each column ``i``."""
+        cols = _np.arange(a.shape[1]) if self.np else torch.arange(a.shape[1])
+        return a[j, cols]
+
     def torch(self, a: Any, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tensor:
-        t = torch.from_numpy(a) if self.np else a
+        t = torch.from_numpy(_np.ascontiguousarray(a)) if self.np else a
         if device.type == "cpu" and (dtype is None or dtype == t.dtype):
             return t  # no dispatch for a no-op move
         return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
@@ -115,167 +170,336 @@ class _HostOps:
 _HOST = _HostOps()
 
 
+def _window_limit(z0: Tensor, images_per_step: int) -> int:
+    per_image = max(1, z0.numel() * z0.element_size() * images_per_step)
+    return max(1, min(MAX_WINDOW, WINDOW_BYTES // per_image))
+
+
 class _Book:
     """Per-sample records of one solve; the working rows are ``idx`` (None: all rows)."""
 
-    def __init__(self, z0: Tensor, tol: float, absolute: bool, compact: bool, what: str) -> None:
+    def __init__(self, z0: Tensor, tol: float, absolute: bool, compact: bool, what: str, fpi: bool) -> None:
         H = _HOST
         B = z0.shape[0]
         self.z0, self.tol, self.absolute, self.compact, self.what = z0, tol, absolute, compact, what
         self.device = z0.device
-        # On the CPU with numpy, norms are read as arrays without a copy (no stack, no transfer).
-        self.direct = H.np and z0.device.type == "cpu" and z0.dtype in (torch.float32, torch.float64)
         self.grad_on = torch.is_grad_enabled()  # unrolled differentiation: norms off the graph
+        self.limit = _window_limit(z0, 1 if fpi else 2)  # FPI's iterates are its images
         self.z_out: Optional[Tensor] = None  # allocated at the first stop
         self.res_out = H.full(B, math.nan, "f")
         self.it_out = H.full(B, 0, "i")
         self.st_out = H.full(B, int(Status.MAX_ITER), "i")
-        self.traces: list = []
+        self.traces: list = []  # (idx, (w, b) residuals) per window
         self.idx: Any = None  # host indices of the working rows (None: all rows)
         self.idx_dev: Optional[Tensor] = None
-        self.best_r = H.full(B, math.inf, "f")
-        self.best_f = z0
-        self.lim = H.full(B, math.inf, "f")  # DIVERGENCE_FACTOR * smallest |residual| so far
+        self.best_a = H.full(B, math.inf, "f")  # smallest absolute residual so far
+        self.best_r = H.full(B, math.nan, "f")  # the residual at that iterate
+        self.best_f: Optional[Tensor] = None  # its image
+        self.min_a = H.full(B, math.nan, "f")  # for the divergence limit
+        self.last_a = H.full(B, math.nan, "f")  # a at the previous iteration
         self.active = H.full(B, True, "b")
-        self.inactive: Any = None  # ~active once a sample has stopped
         self.n_active = B
-        self.all_active = True
-        self.held: Any = None  # diverged samples, kept still in the full-batch mode
-        self.a: Any = None  # |f(z) - z| per working row
-        self.nrm: Any = None  # |f(z)| per working row (None for the absolute residual)
-        self.r: Any = None  # the residual per working row
+        self.held: Optional[Tensor] = None  # diverged samples, kept still in the full-batch mode
+        self.floor_dev: Optional[Tensor] = None  # the relative residual's floor, per working row
+        self.floor: Any = None
+        self.a_list: List[Tensor] = []  # the window: ||f(z) - z|| per iteration
+        self.n_list: List[Tensor] = []  # ... ||f(z)|| (relative residual)
+        self.images: List[Tensor] = []  # ... the images f(z)
+        self.iterates: List[Tensor] = []  # ... and the iterates z (for FPI: the previous images)
+        # Norms are computed in the state's dtype; below this a float32 norm may have lost
+        # its squares to underflow, and the window's norms are recomputed in float64.
+        self.underflow = math.sqrt(torch.finfo(z0.dtype).tiny) * 1e4
+        self.diff: Optional[Tensor] = None  # f(z) - z
+        self.window = min(2, self.limit)  # the first window: two iterations give a first contraction rate
+        self.k0 = 0  # iterations before the window
 
-    def measure(self, fz: Tensor, zw: Tensor) -> Any:
-        """Step 1: the residual of each working row (float64, host)."""
+    # -- every iteration: device work only -----------------------------------------------
+    def measure(self, fz: Tensor, zw: Tensor, want_r: bool) -> Optional[Tensor]:
+        """Norms of this iteration (kept on the device); the residual if the solver wants it."""
+        self.images.append(fz)  # with its graph when the loop is recorded (unroll)
+        self.iterates.append(zw)
+        if self.grad_on:
+            fz, zw = fz.detach(), zw.detach()
+        diff = self.diff
+        if diff is None or diff.shape != fz.shape:
+            diff = self.diff = torch.empty_like(fz)
+        # States are flat (B, N). The difference goes into a reused buffer: a fresh one of a
+        # few hundred KiB costs page faults, more than the subtraction.
+        torch.sub(fz, zw, out=diff)
+        a = torch.linalg.vector_norm(diff, dim=1)
+        self.a_list.append(a)
+        if self.absolute:
+            return a if want_r else None
+        n = torch.linalg.vector_norm(fz, dim=1)
+        self.n_list.append(n)
+        if self.floor_dev is None:
+            z0n = torch.linalg.vector_norm(zw, dim=1)
+            self.floor_dev = (REL_EPS * torch.maximum(z0n, n)).clamp_min(torch.finfo(fz.dtype).tiny)
+        return a / torch.maximum(n, self.floor_dev) if want_r else None
+
+    # -- once per window: one host read, the replay ----------------------------------------
+    def check(self, k: int) -> Optional[int]:
+        """Replay the window ending at iteration ``k``; return the rows stopped (or None)."""
         H = _HOST
-        fzd = fz.detach() if self.grad_on else fz
-        diff = fzd - (zw.detach() if self.grad_on else zw)
-        if self.direct:
-            # ``a`` may stay float32: it is only compared and scaled in float64.
-            a = torch.linalg.vector_norm(diff, dim=1).numpy()
-            if self.absolute:
-                a = r = a.astype(_np.float64)
-                nrm = None
-            else:
-                nrm = torch.linalg.vector_norm(fzd, dim=1).numpy()
-                r = H.relative(a, nrm)
-        elif self.absolute:
-            a = r = H.host(torch.linalg.vector_norm(diff, dim=1))
-            nrm = None
+        w, c = len(self.a_list), 1 if self.absolute else 2
+        block = torch.stack(self.a_list + self.n_list)  # (c w, b): a then ||f(z)||
+        b = block.shape[1]
+        first = self.floor is None and not self.absolute
+        if first:
+            flat = H.host(torch.cat((block.reshape(-1), self.floor_dev)))  # type: ignore[arg-type]
+            self.floor = flat[w * c * b:]
+            nr = flat[: w * c * b].reshape(c, w, b)
         else:
-            both = torch.stack([torch.linalg.vector_norm(diff, dim=1), torch.linalg.vector_norm(fzd, dim=1)])
-            a, nrm = H.host(both)
-            r = H.relative(a, nrm)
-        self.a, self.nrm, self.r = a, nrm, r
-        return r
-
-    def observe(self, k: int, fz: Tensor, zw: Tensor) -> Optional[Tuple[Any, Any]]:
-        """Step 2: update best images and limits; return ``(rows, converged)`` that stop now."""
-        H = _HOST
-        a, nrm, r = self.a, self.nrm, self.r
-        # One test for "nothing happens to any active sample": no stop (r >= tol), no divergence
-        # and finite (a < lim; NaN and Inf compare False, lim starts at Inf), and a new best
-        # residual (r < best). Only otherwise are the exact event and best-image rules evaluated.
-        quiet = (r >= self.tol) & (a < self.lim) & (r < self.best_r)
-        if not self.all_active:
-            quiet |= self.inactive
-        calm = bool(quiet.all())
-        best_prev, lim_prev = self.best_r, self.lim
-        # Calm: r < best for every active sample, so the new best is r (rows of stopped samples
-        # are never read again).
-        self.best_r = r if calm else H.fmin(self.best_r, r)
-        self.lim = H.fmin(self.lim, H.scale(a, DIVERGENCE_FACTOR))
-        self.traces.append((self.idx, r))  # rows of stopped samples are masked out at the end
-        if calm:
-            self.best_f = fz
+            nr = H.host(block).reshape(c, w, b)
+        nr = nr.transpose(1, 0, 2) if H.np else nr.permute(1, 0, 2)  # (w, c, b)
+        if bool((nr[:, -1] < self.underflow).any()):
+            nr = self._exact_norms(nr, first)
+        a = nr[:, 0]
+        if self.absolute:
+            r, fin = a, H.isfinite(a)
+        else:
+            n = nr[:, 1]
+            r = a / H.fmax(n, self.floor)
+            fin = H.isfinite(a) & H.isfinite(n)
+        self.traces.append((self.idx, r))
+        self.k0 = k - w
+        if self._quiet(a, r, n if not self.absolute else None):
             return None
-        # An overflowing ||f(z)|| makes r = 0 < tol and is sorted out below.
+        # Divergence: a above DIVERGENCE_FACTOR x its smallest value before (NaN counts).
+        runmin = H.cummin0(H.cat0(self.min_a[None], a))
+        lim = runmin[:-1] * DIVERGENCE_FACTOR
+        div = ~(a <= lim)
+        if k - w == 0:  # the first iteration has no limit yet
+            div[0] = ~fin[0]
+        prev = H.cat0(self.last_a[None], a[:-1])
+        shrink = (a == 0) | (a <= prev * CONTRACTION)
+        conv = (r < self.tol) & shrink & fin
+        event = conv | div | ~fin
+        if self.n_active < len(self.active):
+            event &= self.active[None]
+        stopped = None
+        has = event.any(0)
+        last = w - 1
+        if bool(has.any()):
+            jstop = H.argmax0(event)
+            if self.z_out is None and self.n_active == len(self.active) and self.idx is None and bool(has.all()):
+                if bool(H.take0(conv, jstop).all()):
+                    return self._all_converged(jstop, r)
+            jlast = H.where(has, jstop, last)
+        else:
+            jstop, jlast = None, None
+        # Best image by absolute residual among the iterations up to each sample's stop.
+        a_best = H.where(H.isfinite(a), a, math.inf)
+        if jlast is not None:
+            steps = _np.arange(w)[:, None] if H.np else torch.arange(w)[:, None]
+            a_best = H.where(steps <= jlast[None], a_best, math.inf)
+            if bool((~fin).any()):  # an event at a non-finite norm: not a best candidate
+                a_best = H.where(fin, a_best, math.inf)
+        jb = H.argmin0(a_best)
+        cand = H.take0(a_best, jb)
+        better = cand < self.best_a
+        if self.n_active < len(self.active):
+            better &= self.active
+        if jstop is not None:  # a sample that converges needs no best image
+            better &= ~(has & H.take0(conv, jstop))
+        self._update_best(jb, better, cand, H.take0(r, jb), last)
+        if jstop is not None:
+            stopped = self._stop(k, has, jstop, conv, fin, r)
+        self.min_a = runmin[-1]
+        self.last_a = a[-1]
+        self._plan(r, a)
+        self.a_list, self.n_list, self.images, self.iterates = [], [], [], []
+        return stopped
+
+    def _all_converged(self, js: Any, r: Any) -> Any:
+        """Every sample converged in this window (the common last window): gather the images."""
+        H = _HOST
+        b = len(js)
+        if bool((js == js[0]).all()):
+            self.z_out = self.images[int(js[0])]
+        else:
+            cols = torch.arange(b, device=self.device)
+            self.z_out = torch.stack(self.images)[H.torch(js, self.device), cols]
+        self.it_out[:] = js + (self.k0 + 1)
+        self.res_out[:] = H.take0(r, js)
+        self.st_out[:] = int(Status.CONVERGED)
+        self.active[:] = False
+        self.n_active = 0
+        self.a_list, self.n_list, self.images, self.iterates = [], [], [], []
+        return H.nonzero(~self.active)
+
+    def _quiet(self, a: Any, r: Any, n: Any) -> bool:
+        """The common window: no active sample met ``tol``, all finite, nothing diverged, and
+        (usually) every sample's newest image is its best. A few array operations in all."""
+        H = _HOST
         hit = r < self.tol
-        event = hit | ~(a < lim_prev)
-        worse = r >= best_prev
-        if not self.all_active:
-            event &= self.active
-            worse &= self.active
-        if k == 1 or not bool(worse.any()):
-            self.best_f = fz
+        if self.n_active < len(self.active):
+            hit &= self.active[None]
+        if bool(hit.any()):
+            return False
+        if not bool(H.isfinite(a.sum() if n is None else a.sum() + n.sum())):
+            return False
+        amin = a.min(0) if H.np else a.amin(0)
+        lowest = H.fmin(self.min_a, amin)
+        # Sufficient for "no divergence": every a within the factor of the smallest of all.
+        if not bool(((a.max(0) if H.np else a.amax(0)) <= lowest * DIVERGENCE_FACTOR).all()):
+            return False
+        newest = a[-1]
+        better = newest < self.best_a
+        if bool((newest <= amin).all()) and bool(better.all()):
+            self.best_a, self.best_r = newest, r[-1]
+            self.best_f = self.images[-1]
         else:
-            self.best_f = torch.where(H.torch(worse, self.device).unsqueeze(1), self.best_f, fz)
-        if not bool(event.any()):
-            return None
-        # Norms are >= 0, so a + ||f(z)|| is finite iff both are (barring an overflow of the
-        # sum, which only sends the check down the exact path).
-        conv = hit
-        if bool(H.isfinite(a if nrm is None else a + nrm).all()):
-            finished = event & (conv | (a > self.lim))
-        else:
-            ok = H.isfinite(a) if nrm is None else H.isfinite(a) & H.isfinite(nrm)
-            rows = H.torch(H.nonzero(~ok & self.active), self.device)
-            if rows.numel() and not (torch.isfinite(fz[rows]).all() and torch.isfinite(zw[rows]).all()):
-                raise FixedPointError(nonfinite_message(self.what, k))
-            conv = conv & ok
-            finished = event & (conv | ~ok | ~(a <= self.lim))
-        sel = H.nonzero(finished)
-        return (sel, conv) if len(sel) > 0 else None
+            jb = H.argmin0(a)
+            cand = H.take0(a, jb)
+            better = cand < self.best_a
+            if self.n_active < len(self.active):
+                better &= self.active
+            self._update_best(jb, better, cand, H.take0(r, jb), a.shape[0] - 1)
+        self.min_a, self.last_a = lowest, newest
+        self._plan(r, a)
+        self.a_list, self.n_list, self.images, self.iterates = [], [], [], []
+        return True
 
-    def finish(self, k: int, fz: Tensor, stop: Tuple[Any, Any]) -> None:
-        """Step 3: store the stopped rows' results (an index copy of those rows only)."""
+    def _exact_norms(self, nr: Any, first: bool) -> Any:
+        """Rows whose norms may have underflowed: recompute the window's norms in float64."""
         H = _HOST
-        sel, conv = stop
-        csel = conv[sel]
-        sel_dev = H.torch(sel, self.device)
+        rows = H.nonzero((nr[:, -1] < self.underflow).any(0))
+        rows_dev = H.torch(rows, self.device)
+        nr = nr.copy() if H.np else nr.clone()
+        for j, (fz, z) in enumerate(zip(self.images, self.iterates)):
+            f64 = fz.detach().index_select(0, rows_dev).to(torch.float64).reshape(len(rows), -1)
+            z64 = z.detach().index_select(0, rows_dev).to(torch.float64).reshape(len(rows), -1)
+            nr[j, 0, rows] = H.host(torch.linalg.vector_norm(f64 - z64, dim=1))
+            if not self.absolute:
+                nr[j, 1, rows] = H.host(torch.linalg.vector_norm(f64, dim=1))
+                if first and j == 0:
+                    s = torch.maximum(torch.linalg.vector_norm(z64, dim=1), torch.linalg.vector_norm(f64, dim=1))
+                    self.floor[rows] = H.fmax(H.host(REL_EPS * s), torch.finfo(torch.float64).tiny)
+        return nr
+
+    def _update_best(self, jb: Any, better: Any, cand: Any, rb: Any, last: int) -> None:
+        H = _HOST
+        if not bool(better.any()):
+            return
+        self.best_a = H.where(better, cand, self.best_a)
+        self.best_r = H.where(better, rb, self.best_r)
+        if bool(better.all()) and bool((jb == last).all()):
+            self.best_f = self.images[last]  # the common case: every sample's newest image
+            return
+        best = torch.empty_like(self.images[0]) if self.best_f is None else self.best_f.clone()
+        for j in H.unique(jb[better]):
+            rows = H.torch(H.nonzero(better & (jb == j)), self.device)
+            best.index_copy_(0, rows, self.images[j].index_select(0, rows))
+        self.best_f = best
+
+    def _stop(self, k: int, has: Any, jstop: Any, conv: Any, fin: Any, r: Any) -> Optional[Any]:
+        H = _HOST
+        sel = H.nonzero(has)
+        js = jstop[sel]
+        csel = H.take0(conv[:, sel], js)
+        fsel = H.take0(fin[:, sel], js)
+        for j in H.unique(js[~fsel]) if not bool(fsel.all()) else []:
+            rows = H.torch(sel[(js == j) & ~fsel], self.device)
+            bad = self.images[j].index_select(0, rows)
+            if not bool(torch.isfinite(bad).all()):
+                raise FixedPointError(nonfinite_message(self.what, self.k0 + j + 1))
         gidx = sel if self.idx is None else self.idx[sel]
-        gidx_dev = sel_dev if self.idx is None else H.torch(gidx, self.device)
-        if bool(csel.all()):  # the common case: every stopped row converged
-            rows = fz.index_select(0, sel_dev)
-            self.res_out[gidx] = self.r[sel]
-            self.st_out[gidx] = int(Status.CONVERGED)
-        else:
-            keep_best = H.torch(csel, self.device).unsqueeze(1)
-            rows = torch.where(keep_best, fz.index_select(0, sel_dev), self.best_f.index_select(0, sel_dev))
-            self.res_out[gidx] = H.where(csel, self.r[sel], self.best_r[sel])
-            self.st_out[gidx] = H.where(csel, int(Status.CONVERGED), int(Status.DIVERGED))
-            if self.idx is None and not self.compact:
-                # Full batch: diverged samples are held still from now on.
-                diverged = H.full(len(self.active), False, "b")
-                diverged[sel] = ~csel
-                self.held = diverged if self.held is None else self.held | diverged
+        if self.z_out is None and len(sel) == len(self.res_out) and bool(csel.all()) and bool((js == js[0]).all()):
+            # The whole batch converged at one iteration: its image is the result, no copy.
+            j = int(js[0])
+            self.z_out = self.images[j]
+            self.it_out[:] = self.k0 + j + 1
+            self.res_out[:] = r[j]
+            self.st_out[:] = int(Status.CONVERGED)
+            self.active[:] = False
+            self.n_active = 0
+            return sel
         if self.z_out is None:
             self.z_out = torch.empty_like(self.z0)
-        self.z_out.index_copy_(0, gidx_dev, rows)
-        self.it_out[gidx] = k
+        for j in H.unique(js):
+            m = js == j
+            rows = sel[m]
+            rows_dev = H.torch(rows, self.device)
+            g_dev = H.torch(gidx[m], self.device)
+            cj = csel[m]
+            img = self.images[j].index_select(0, rows_dev)
+            if not bool(cj.all()):
+                keep = H.torch(cj, self.device).unsqueeze(1)
+                img = torch.where(keep, img, self.best_f.index_select(0, rows_dev))  # type: ignore[union-attr]
+            self.z_out.index_copy_(0, g_dev, img)
+            self.it_out[gidx[m]] = self.k0 + j + 1
+        rs = H.take0(r[:, sel], js)
+        self.res_out[gidx] = H.where(csel, rs, self.best_r[sel])
+        self.st_out[gidx] = H.where(csel, int(Status.CONVERGED), int(Status.DIVERGED))
+        if self.idx is None and not self.compact and not bool(csel.all()):
+            diverged = H.full(len(self.active), False, "b")
+            diverged[sel] = ~csel
+            mask = H.torch(diverged, self.device).unsqueeze(1)
+            self.held = mask if self.held is None else self.held | mask
         self.active[sel] = False
-        self.inactive = ~self.active
-        self.n_active -= len(sel)
-        self.all_active = False
+        self.n_active = int(self.active.sum())
+        return sel
 
-    def advance(self, zw: Tensor, z_next: Tensor, state: Any, stopped: bool) -> Tuple[Tensor, Any]:
-        """Step 4: the next working iterate and solver state (compacted or held)."""
+    def _plan(self, r: Any, a: Any) -> None:
+        """The next window: until the slowest (full batch) or fastest (compact) sample should
+        meet ``tol`` at its contraction rate over this window, within ``[1, limit]``."""
+        w = r.shape[0]
+        if self.n_active == 0 or w < 2:
+            self.window = min(2, self.limit)
+            return
+        lib = _np if _HOST.np else torch
+        r0, r1 = r[0], r[-1]
+        if self.n_active < len(self.active):
+            r0, r1 = r0[self.active], r1[self.active]
+        # log-rate per iteration; clipped away from 0 so that nothing divides by zero.
+        tiny = 1e-300
+        l1 = lib.log(lib.maximum(r1, tiny) if _HOST.np else r1.clamp_min(tiny))
+        l0 = lib.log(lib.maximum(r0, tiny) if _HOST.np else r0.clamp_min(tiny))
+        lq = (l1 - l0) / (w - 1)
+        need = (math.log(self.tol) - l1) / lib.minimum(lq, -1e-12) if _HOST.np else (math.log(self.tol) - l1) / lq.clamp_max(-1e-12)
+        need = lib.where(lq < -1e-9, need, math.inf) if _HOST.np else torch.where(lq < -1e-9, need, torch.full_like(need, math.inf))
+        guess = float(need.min() if self.compact else need.max())
+        if not math.isfinite(guess):
+            self.window = self.limit
+        else:
+            self.window = int(min(self.limit, max(1, math.ceil(guess - 1e-3))))
+
+    # -- after a stop ----------------------------------------------------------------------
+    def advance(self, z_next: Tensor, state: Any) -> Tuple[Tensor, Any]:
+        """Drop the stopped rows (``compact``): the next working iterate and solver state."""
         H = _HOST
-        if stopped and self.compact:
-            keep = H.nonzero(self.active)
-            keep_dev = H.torch(keep, self.device)
-            self.best_f, self.best_r, self.lim = self.best_f[keep_dev], self.best_r[keep], self.lim[keep]
-            self.idx = keep if self.idx is None else self.idx[keep]
-            self.idx_dev = H.torch(self.idx, self.device)
-            self.active = H.full(len(keep), True, "b")
-            self.n_active = len(keep)
-            self.all_active = True
-            return z_next[keep_dev], _select(state, keep_dev)
-        if self.held is None:
+        if not self.compact:
             return z_next, state
-        return torch.where(H.torch(self.held, self.device).unsqueeze(1), zw, z_next), state
+        keep = H.nonzero(self.active)
+        keep_dev = H.torch(keep, self.device)
+        self.best_a, self.best_r = self.best_a[keep], self.best_r[keep]
+        self.min_a, self.last_a = self.min_a[keep], self.last_a[keep]
+        if self.best_f is not None:
+            self.best_f = self.best_f[keep_dev]
+        if self.floor is not None:
+            self.floor = self.floor[keep]
+            self.floor_dev = self.floor_dev[keep_dev]  # type: ignore[index]
+        self.idx = keep if self.idx is None else self.idx[keep]
+        self.idx_dev = H.torch(self.idx, self.device)
+        self.active = H.full(len(keep), True, "b")
+        self.n_active = len(keep)
+        return z_next[keep_dev], _select(state, keep_dev)
 
     def result(self, k: int) -> Tuple[Tensor, SolveStats]:
-        """Step 5: ``(z*, stats)``; rows still running hold their best image."""
+        """``(z*, stats)``; rows still running hold their best image."""
         H = _HOST
         B, device = self.z0.shape[0], self.device
         if self.n_active:
             sel = H.nonzero(self.active)
             gidx = sel if self.idx is None else self.idx[sel]
-            if self.z_out is None:
-                self.z_out = self.best_f  # no sample stopped: every row is its best image
+            best = self.best_f if self.best_f is not None else self.z0
+            if self.z_out is None and self.idx is None:
+                self.z_out = best  # no sample stopped: every row is its best image
             else:
-                self.z_out.index_copy_(0, H.torch(gidx, device), self.best_f.index_select(0, H.torch(sel, device)))
+                if self.z_out is None:
+                    self.z_out = torch.empty_like(self.z0)
+                self.z_out.index_copy_(0, H.torch(gidx, device), best.index_select(0, H.torch(sel, device)))
             self.res_out[gidx] = self.best_r[sel]
             self.it_out[gidx] = k
         stats = SolveStats(
@@ -284,22 +508,25 @@ class _Book:
             status=H.torch(self.st_out, device),
             trace=H.torch(self._trace(B), device, self.z0.dtype),
         )
-        return self.z_out if self.z_out is not None else self.best_f, stats
+        return self.z_out if self.z_out is not None else self.z0, stats
 
     def _trace(self, B: int) -> Any:
         H, traces = _HOST, self.traces
+        T = sum(tr.shape[0] for _, tr in traces)
         if H.np and all(tidx is None for tidx, _ in traces):
-            trace = _np.stack([tr for _, tr in traces]) if traces else H.full(0, math.nan, "f").reshape(0, B)
+            trace = _np.concatenate([tr for _, tr in traces]) if traces else H.full(0, math.nan, "f").reshape(0, B)
         else:
-            trace = H.full(len(traces) * B, math.nan, "f").reshape(len(traces), B)
-            for t, (tidx, tr) in enumerate(traces):
+            trace = H.full(T * B, math.nan, "f").reshape(T, B)
+            t = 0
+            for tidx, tr in traces:
                 if tidx is None:
-                    trace[t] = tr
+                    trace[t : t + tr.shape[0]] = tr
                 else:
-                    trace[t, tidx] = tr
-        if traces and not (self.n_active == B and self.idx is None):
+                    trace[t : t + tr.shape[0], tidx] = tr
+                t += tr.shape[0]
+        if T and not (self.n_active == B and self.idx is None):
             # NaN after each sample's stop: iteration t + 1 > its iteration count.
-            steps = _np.arange(len(traces)) if H.np else torch.arange(len(traces))
+            steps = _np.arange(T) if H.np else torch.arange(T)
             trace[steps[:, None] >= self.it_out[None, :]] = math.nan
         return trace
 
@@ -325,28 +552,40 @@ def iterate(
     Args:
         call: the map on the working rows (see :data:`Call`).
         z0: ``(B, N)`` initial iterate.
-        solver: an object of the solver protocol (see :mod:`torchfpi._solvers`).
+        solver: an object of the solver protocol (see :mod:`torchfpi._solvers`). Its ``step``
+            gets the ``(b,)`` residual as a device tensor, or ``None`` if the solver declares
+            ``uses_residual = False`` (``FPI`` ignores it, so it is not computed).
         first_fz: the map already evaluated at ``z0`` (saves one call).
         what: the solve's name in error messages.
 
     Returns:
         ``(z_star, stats)``: ``z_star`` is ``(B, N)``; converged samples hold ``f(z_k)`` at the
-        iteration where they converged, the others the best image seen.
+        iteration where they converged, the others the best image seen (by absolute residual).
     """
-    book = _Book(z0, tol, absolute, compact, what)
+    fpi = isinstance(solver, FPI)
+    book = _Book(z0, tol, absolute, compact, what, fpi)
+    want_r = bool(getattr(solver, "uses_residual", not fpi))
     zw = z0
     state = None
     k = 0
-    for k in range(1, max_iter + 1):
+    end = 0  # the iteration that closes the current window
+    while k < max_iter:
+        k += 1
+        if k > end:
+            end = min(max_iter, k - 1 + book.window)
         fz = first_fz if (k == 1 and first_fz is not None) else call(zw, book.idx_dev)
-        r = book.measure(fz, zw)
-        stop = book.observe(k, fz, zw)
-        if stop is not None:
-            book.finish(k, fz, stop)
+        r = book.measure(fz, zw, want_r)
+        stopped = None
+        if k == end:
+            stopped = book.check(k)
             if book.n_active == 0:
                 break
         if state is None:
             state = solver.init(zw, fz)
         z_next = solver.step(state, zw, fz, r)
-        zw, state = book.advance(zw, z_next, state, stop is not None)
+        if book.held is not None:
+            z_next = torch.where(book.held, zw, z_next)
+        zw = z_next
+        if stopped is not None:
+            zw, state = book.advance(zw, state)
     return book.result(k)
