@@ -2,7 +2,7 @@
 
 The core, one idea per module: ``_solve`` (``fixed_point``, ``FPILayer``), ``_options`` (the one
 validated ``Options``), ``_problem`` (state structure, map on flat states, autograd node),
-``_loop`` (the per-sample loop), ``_solvers`` (FPI, Anderson: the solver protocol),
+``_loop`` (the per-sample loop), ``_solvers`` (FPI, Anderson, and Broyden from ``_broyden``: the solver protocol),
 ``_adjoints`` (every backward mode: the adjoint protocol and registry), ``_autograd`` (partial
 derivatives as graph nodes, ``energy_grad``), ``_solution`` (``Solution``, ``Status``, the
 failure report), ``_layers`` (FPI_NN, FPI_GD), ``_diagnostics``; exceptions in ``errors``.
@@ -33,8 +33,10 @@ from torchfpi._loop import relative_residual
 from torchfpi._options import Options
 from torchfpi._solution import Solution, SolveStats, Status
 from torchfpi._solve import FPILayer, fixed_point
-from torchfpi._solvers import FPI, Anderson, Solver
+from torchfpi._solvers import FPI, Anderson, Broyden, Solver
 from torchfpi.errors import ConvergenceWarning, FixedPointError
+
+register_adjoint("broyden", lambda: ImplicitAdjoint(Broyden()))  # backward="broyden": exact
 
 __version__ = "0.2.0.dev0"  # the one source of the version (pyproject reads it)
 
@@ -43,6 +45,7 @@ __all__ = [
     "AdjointSystem",
     "Anderson",
     "AndersonBackward",
+    "Broyden",
     "ConvergenceWarning",
     "ConvUpdate",
     "DenseBackward",

@@ -253,7 +253,9 @@ class Anderson:
         return z_next
 
 
-SOLVERS: Dict[str, type] = {"fpi": FPI, "anderson": Anderson}
+from torchfpi._broyden import Broyden  # noqa: E402 - its own module, registered here
+
+SOLVERS: Dict[str, type] = {"fpi": FPI, "anderson": Anderson, "broyden": Broyden}
 """The solver names ``fixed_point(..., solver=...)`` accepts; each maps to a class built with no arguments."""
 
 
