@@ -528,7 +528,8 @@ class _Book:
             # NaN after each sample's stop: iteration t + 1 > its iteration count.
             steps = _np.arange(T) if H.np else torch.arange(T)
             trace[steps[:, None] >= self.it_out[None, :]] = math.nan
-        return trace
+        # Iterations run after the last stop inside a window are not part of any sample's solve.
+        return trace[: int(self.it_out.max())] if T and B else trace
 
 
 def _select(state: Any, keep: Tensor) -> Any:

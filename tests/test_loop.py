@@ -1,0 +1,95 @@
+"""The loop's convergence test, best iterates, windows and host reads (issue: no silent wrong answer)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import torchfpi
+from torchfpi import Status, _loop
+
+
+def test_diverging_sample_returns_its_best_iterate_by_absolute_residual():
+    x = torch.randn(4, 3)
+    sol = torchfpi.fixed_point(lambda z, x: 2 * z + x, torch.zeros(4, 3), x, on_failure="ignore")
+    assert sol.status.tolist() == [Status.DIVERGED] * 4
+    # The smallest ||f(z) - z|| is at z0 = 0: its image x (the blow-up reaches ~1e6).
+    torch.testing.assert_close(sol.value, x)
+
+
+@pytest.mark.parametrize("z0, tol, dtype", [(0.0, 1e-3, torch.float32), (1e7, 1e-6, torch.float32), (1e7, 1e-6, torch.float64)])
+def test_a_drifting_map_never_converges(z0, tol, dtype):
+    sol = torchfpi.fixed_point(lambda z: z + 1, torch.full((2, 3), z0, dtype=dtype), tol=tol, max_iter=3000,
+                               on_failure="ignore")
+    assert sol.status.tolist() == [Status.MAX_ITER] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fixed_points_at_tiny_and_zero_scales(dtype):
+    tiny = torchfpi.fixed_point(lambda z: 0.5 * z + 1e-30, torch.zeros(2, 3, dtype=dtype), tol=1e-6)
+    assert bool(tiny.converged.all()) and int(tiny.iterations.min()) > 1
+    assert float((tiny.value / 2e-30 - 1).abs().max()) < 1e-5  # relative to itself, not to 1e-9
+    zero = torchfpi.fixed_point(lambda z: 0.5 * z, torch.ones(2, 3, dtype=dtype), tol=1e-6)
+    assert bool(zero.converged.all()) and float(zero.value.abs().max()) < 1e-8
+    exact = torchfpi.fixed_point(lambda z: 0 * z + 2, torch.full((2, 3), 2.0, dtype=dtype), tol=1e-6)
+    assert exact.iterations.tolist() == [1, 1]  # f(z0) == z0 exactly: converged at once
+
+
+def test_relative_residual_documented_formula():
+    fz = torch.tensor([[3.0, 4.0], [1e-30, 0.0]], dtype=torch.float64)
+    z = torch.tensor([[3.0, 3.0], [0.0, 0.0]], dtype=torch.float64)
+    r = torchfpi.relative_residual(fz, z)
+    torch.testing.assert_close(r, torch.tensor([0.2, 1.0], dtype=torch.float64))
+    r = torchfpi.relative_residual(fz, z, scale=torch.tensor([1.0, 1.0], dtype=torch.float64))
+    assert math.isclose(float(r[1]), 1e-30 / 1e-9)
+
+
+def _solve(**kw):
+    gen = torch.Generator().manual_seed(3)
+    rates = torch.rand(16, 1, generator=gen, dtype=torch.float64) * 0.95
+    c = torch.randn(16, 5, generator=gen, dtype=torch.float64)
+    return torchfpi.fixed_point(lambda z, r, c: r * torch.tanh(z) + c, torch.zeros(16, 5, dtype=torch.float64),
+                                rates, c, tol=1e-9, max_iter=400, **kw)
+
+
+@pytest.mark.parametrize("solver", ["fpi", "anderson", "broyden"])
+@pytest.mark.parametrize("compact", [False, True])
+def test_results_do_not_depend_on_the_window(monkeypatch, solver, compact):
+    ref = _solve(solver=solver, compact=compact)
+    monkeypatch.setattr(_loop, "MAX_WINDOW", 1)  # a host read at every iteration
+    one = _solve(solver=solver, compact=compact)
+    assert torch.equal(ref.value, one.value)
+    assert torch.equal(ref.iterations, one.iterations) and torch.equal(ref.status, one.status)
+    torch.testing.assert_close(ref.trace, one.trace, rtol=0, atol=0, equal_nan=True)
+
+
+def test_samples_do_not_depend_on_the_batch():
+    full = _solve()
+    gen = torch.Generator().manual_seed(3)
+    rates = torch.rand(16, 1, generator=gen, dtype=torch.float64) * 0.95
+    c = torch.randn(16, 5, generator=gen, dtype=torch.float64)
+    for i in (0, 7):
+        alone = torchfpi.fixed_point(lambda z, r, c: r * torch.tanh(z) + c, torch.zeros(1, 5, dtype=torch.float64),
+                                     rates[i : i + 1], c[i : i + 1], tol=1e-9, max_iter=400)
+        assert torch.equal(alone.value[0], full.value[i]) and int(alone.iterations[0]) == int(full.iterations[i])
+
+
+@pytest.mark.parametrize("solver", ["fpi", "anderson"])
+def test_host_reads_once_per_window(monkeypatch, solver):
+    calls = []
+    real = _loop._HOST.host
+
+    def counted(t):
+        calls.append(t.shape)
+        return real(t)
+
+    monkeypatch.setattr(_loop._HOST, "host", counted)
+    gen = torch.Generator().manual_seed(0)
+    A = 0.97 * torch.linalg.qr(torch.randn(8, 8, generator=gen))[0]  # orthogonal x 0.97: ~450 iterations
+    sol = torchfpi.fixed_point(lambda z: z @ A.T + 1, torch.zeros(4, 8), solver=solver, tol=1e-6, max_iter=1000)
+    k = int(sol.iterations.max())
+    assert bool(sol.converged.all()) and k > 30
+    # One device-to-host read per window (windows of up to MAX_WINDOW iterations).
+    assert len(calls) <= k / 8 + 2, (len(calls), k)
