@@ -99,7 +99,7 @@ def test_quick_benchmark_writes_results(tmp_path):
         assert rec["max_residual"] < cfg.tol and rec["all_met_tol"]
         assert rec["floor_ms"] > 0 and rec["peak_memory_mb"] > 0
     assert "torchfpi fpi/fpi compact" in data["problems"]["mixed"]["methods"]
-    assert [c["number"] for c in res["claims"]] == [1, 2, 3, 4, 5, 6]
+    assert [c["number"] for c in res["claims"]] == [1, 2, 3, 4, 5, 6, 7]
     assert (tmp_path / "results.md").read_text().startswith("# torchfpi benchmark")
     assert (tmp_path / "memory_sweep.png").exists() and (tmp_path / "time.png").exists()
     # Rerun with resume: finished problems are kept, not recomputed.
@@ -137,3 +137,18 @@ def test_cli_bench_list(capsys):
     assert main(["bench", "--list"]) == 0
     out = capsys.readouterr().out
     assert "torchdeq fpi/implicit" in out and "mixed" in out
+
+
+def test_deq_sizes_plain_loop_peer_and_speed_verdict(tmp_path):
+    cfg = Config.quick_config(problems=("deq", "deq_small"),
+                              methods=("torchfpi fpi/fpi", "plain loop (batch-wide stop)", "torchfpi broyden/fpi"),
+                              repeats=2, sweep=())
+    res = run_benchmark(cfg, None, sweep=False, make_plots=False, command="test")
+    for name in ("deq", "deq_small"):
+        ms = res["problems"][name]["methods"]
+        assert set(ms) == set(cfg.methods)
+        for rec in ms.values():
+            assert rec["all_met_tol"] and rec["grad_rel_error"] < GRAD_TOL
+    verdict = [c for c in res["claims"] if c["number"] == 7][0]
+    assert set(verdict["values"]) == {"deq", "deq_small"} and verdict["holds"] in (True, False)
+    assert "paired median" in verdict["detail"]

@@ -9,6 +9,7 @@ exactly the same tensors, and the loss is the fixed linear functional ``L = <w, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Tuple, Union
 
@@ -91,6 +92,14 @@ SIZES: Dict[str, Dict[str, Dict[str, float]]] = {
         "quick": {"batch": 8, "dim": 12, "interactions": 4, "mu": 0.2},
     },
 }
+SIZES["deq"] = {
+    "full": {"batch": 128, "dim": 256, "gamma": 0.9},
+    "quick": {"batch": 8, "dim": 16, "gamma": 0.9},
+}
+SIZES["deq_small"] = {
+    "full": {"batch": 32, "dim": 64, "gamma": 0.9},
+    "quick": {"batch": 4, "dim": 8, "gamma": 0.9},
+}
 PROBLEMS = tuple(SIZES)
 
 
@@ -117,6 +126,33 @@ def _mlp(sizes: Dict[str, float], gen: torch.Generator, dtype: torch.dtype, devi
             f"DEQ MLP layer torchfpi.MLPUpdate: z = W_o relu(inj + {sizes['gamma']} W_z z) + b_o, "
             f"spectrally normalised weights, B={b}, d={d}, hidden={h}"
         ),
+        sizes=dict(sizes),
+    )
+
+
+def deq_map(z: Tensor, inj: Tensor, W: Tensor) -> Tensor:
+    """``tanh(z W^T + inj)``: the DEQ layer z = tanh(W z + U x + b) with ``inj = U x + b``."""
+    return torch.tanh(torch.addmm(inj, z, W.T))
+
+
+def _deq(sizes: Dict[str, float], gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> Instance:
+    b, d, gamma = int(sizes["batch"]), int(sizes["dim"]), float(sizes["gamma"])
+    W = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    W = gamma * W / torch.linalg.matrix_norm(W, 2)
+    U = torch.randn(d, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
+    bias = 0.1 * torch.randn(d, generator=gen, dtype=torch.float64)
+    x = torch.randn(b, d, generator=gen, dtype=torch.float64)
+    inj = x @ U.T + bias
+    inputs = tuple(_leaf(t, dtype, device) for t in (inj, W))
+    return Instance(
+        name="deq",
+        f=deq_map,
+        z0=torch.zeros(b, d, dtype=dtype, device=device),
+        inputs=inputs,
+        params=list(inputs),
+        weight=_loss_weight((b, d), gen, dtype, device),
+        per_sample=True,
+        description=f"DEQ layer z = tanh(W z + U x + b), ||W||_2 = {gamma}, B={b}, d={d}",
         sizes=dict(sizes),
     )
 
@@ -282,7 +318,8 @@ def _smooth_gd(sizes: Dict[str, float], gen: torch.Generator, dtype: torch.dtype
     )
 
 
-_BUILDERS = {"mlp": _mlp, "conv": _conv, "multilabel": _multilabel, "mixed": _mixed, "smooth_gd": _smooth_gd}
+_BUILDERS = {"mlp": _mlp, "conv": _conv, "multilabel": _multilabel, "mixed": _mixed, "smooth_gd": _smooth_gd,
+             "deq": _deq, "deq_small": _deq}
 
 
 def build(
