@@ -60,7 +60,8 @@ def correctness(device: torch.device, quick: bool) -> List[Dict[str, Any]]:
             # Unrolling *through Anderson* differentiates the mixing weights: not a gradient
             # method (it can be far off on projected maps), so it is left out here.
             for solver, mode in (("fpi", "fpi"), ("fpi", "anderson"), ("anderson", "fpi"),
-                                 ("anderson", "anderson"), ("fpi", "unroll")):
+                                 ("anderson", "anderson"), ("fpi", "unroll"), ("broyden", "fpi"),
+                                 ("broyden", "broyden")):
                 sol = torchfpi.fixed_point(inst.f, inst.z0, *inst.inputs, solver=solver, backward=mode,
                                            tol=tol, max_iter=2000, on_failure="raise")
                 assert sol.value.device.type == device.type
@@ -144,6 +145,24 @@ def correctness(device: torch.device, quick: bool) -> List[Dict[str, Any]]:
         return {"ok": nan_ok and raise_ok, "nan_raises": nan_ok, "divergence_raises": raise_ok}
 
     _check(results, "NaN and non-convergence raise on the device", errors_on_device)
+
+    def host_syncs() -> Dict[str, Any]:
+        # The loop reads residuals on the host once per window: count the reads per iteration.
+        from torchfpi import _loop
+
+        calls = []
+        real = _loop._HOST.host
+        _loop._HOST.host = lambda t: (calls.append(1), real(t))[1]  # type: ignore[method-assign]
+        try:
+            A = 0.97 * torch.linalg.qr(torch.randn(64, 64))[0].to(device)
+            sol = torchfpi.fixed_point(lambda z: z @ A.T + 1, torch.zeros(32, 64, device=device), tol=1e-6,
+                                       max_iter=1000)
+        finally:
+            _loop._HOST.host = real  # type: ignore[method-assign]
+        k = int(sol.iterations.max())
+        return {"ok": bool(sol.converged.all()) and len(calls) <= k / 8 + 2, "iterations": k, "host_reads": len(calls)}
+
+    _check(results, "host reads once per window of iterations", host_syncs)
     return results
 
 
@@ -176,7 +195,7 @@ def main(argv: List[str] | None = None) -> int:
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     left = args.budget_s - (time.perf_counter() - start)
     if not args.skip_timings and left > 30:
-        problems = ("mlp", "conv", "mixed", "multilabel")
+        problems = ("deq", "deq_small", "mlp", "conv", "mixed", "multilabel")
         t0 = time.perf_counter()
         try:
             res: Dict[str, Any] = {}

@@ -47,7 +47,7 @@ REL_EPS = 1e-9
 CONTRACTION = 0.999
 """A converging sample's absolute residual must shrink by this factor at the stopping iteration."""
 
-WINDOW_BYTES = 1 << 19
+WINDOW_BYTES = 1 << 20
 """Memory for the images kept between two host reads (the window is at most this many bytes)."""
 
 MAX_WINDOW = 16
@@ -117,7 +117,7 @@ class _HostOps:
         return torch.full((n,), value, dtype=dt)
 
     def fmin(self, a: Any, b: Any) -> Any:
-        return _np.fmin(a, b) if self.np else torch.fmin(a, b)
+        return _np.fmin(a, b) if self.np else torch.fmin(a, torch.as_tensor(b, dtype=a.dtype))
 
     def fmax(self, a: Any, b: Any) -> Any:
         return _np.fmax(a, b) if self.np else torch.fmax(a, torch.as_tensor(b, dtype=a.dtype))
@@ -142,8 +142,7 @@ class _HostOps:
     def cummin0(self, a: Any) -> Any:
         """Running minimum along axis 0, NaN ignored (NaN only where every earlier value is)."""
         if self.np:
-            with _np.errstate(invalid="ignore"):
-                return _np.fmin.accumulate(a, axis=0)
+            return _np.fmin.accumulate(a, axis=0)  # fmin: NaN never warns
         out = a.clone()
         for j in range(1, out.shape[0]):
             out[j] = torch.fmin(out[j - 1], out[j])
@@ -452,13 +451,13 @@ class _Book:
         r0, r1 = r[0], r[-1]
         if self.n_active < len(self.active):
             r0, r1 = r0[self.active], r1[self.active]
-        # log-rate per iteration; clipped away from 0 so that nothing divides by zero.
-        tiny = 1e-300
-        l1 = lib.log(lib.maximum(r1, tiny) if _HOST.np else r1.clamp_min(tiny))
-        l0 = lib.log(lib.maximum(r0, tiny) if _HOST.np else r0.clamp_min(tiny))
-        lq = (l1 - l0) / (w - 1)
-        need = (math.log(self.tol) - l1) / lib.minimum(lq, -1e-12) if _HOST.np else (math.log(self.tol) - l1) / lq.clamp_max(-1e-12)
-        need = lib.where(lq < -1e-9, need, math.inf) if _HOST.np else torch.where(lq < -1e-9, need, torch.full_like(need, math.inf))
+        # Per sample: iterations left = log(tol / r1) / log(rate); a rate >= 1 (or NaN) gives
+        # -inf or NaN here, sorted out below by the largest-window fallback.
+        H = _HOST
+        lq = lib.log(H.fmax(r1, 1e-300) / H.fmax(r0, 1e-300)) / (w - 1)
+        need = lib.log(self.tol / H.fmax(r1, 1e-300)) / H.fmin(lq, -1e-12)
+        if not bool((lq < -1e-9).all()):
+            need = lib.where(lq < -1e-9, need, math.inf)
         guess = float(need.min() if self.compact else need.max())
         if not math.isfinite(guess):
             self.window = self.limit
