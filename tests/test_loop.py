@@ -93,3 +93,23 @@ def test_host_reads_once_per_window(monkeypatch, solver):
     assert bool(sol.converged.all()) and k > 30
     # One device-to-host read per window (windows of up to MAX_WINDOW iterations).
     assert len(calls) <= k / 8 + 2, (len(calls), k)
+
+
+def test_compiled_map_forward_backward_and_a_clear_double_backward_error():
+    # torch.compile'd f (cheap backend): same forward and gradients as eager; the loop itself
+    # stays eager, so torchfpi adds no graph break inside f. PyTorch's AOT autograd has no
+    # double backward: it fails with one clear line.
+    torch.manual_seed(0)
+    W = 0.25 * torch.randn(4, 4, dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(z, x):
+        return torch.tanh(z @ W.T + x)
+
+    compiled = torch.compile(f, backend="aot_eager")
+    sols = [torchfpi.fixed_point(g, torch.zeros(3, 4, dtype=torch.float64), x, tol=1e-12, max_iter=200) for g in (compiled, f)]
+    assert torch.equal(sols[0].value, sols[1].value)
+    grads = [torch.autograd.grad((s.value ** 2).sum(), x, create_graph=True)[0] for s in sols]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(grads[0].sum(), x)
