@@ -113,3 +113,34 @@ def test_compiled_map_forward_backward_and_a_clear_double_backward_error():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(grads[0].sum(), x)
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_low_precision_map_with_a_float32_state(low):
+    # Mixed precision without an option: f computes in bf16/fp16, the state, residuals and the
+    # adjoint (VJPs cast back through f) stay float32. Gradient error against float64: the
+    # low-precision map's own rounding (bf16 eps 7.8e-3, fp16 9.8e-4), not the solve.
+    gen = torch.Generator().manual_seed(0)
+    W = 0.5 * torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))[0]
+    x64 = torch.randn(8, 16, generator=gen, dtype=torch.float64)
+    w = torch.randn(8, 16, generator=gen, dtype=torch.float64)
+
+    # The map's rounding bounds the reachable residual: tol sits above it.
+    tol = {torch.bfloat16: 3e-2, torch.float16: 4e-3}[low]
+
+    def grad(dtype, cast):
+        Wd = W.to(dtype).clone().requires_grad_(True)
+
+        def f(z, x):
+            if cast is None:
+                return torch.tanh(z @ Wd.T + x)
+            return torch.tanh(z.to(cast) @ Wd.to(cast).T + x.to(cast)).to(dtype)
+
+        sol = torchfpi.fixed_point(f, torch.zeros(8, 16, dtype=dtype), x64.to(dtype),
+                                   tol=1e-12 if cast is None else tol, max_iter=200)
+        assert sol.value.dtype == dtype and bool(sol.converged.all())
+        return torch.autograd.grad((sol.value * w.to(dtype)).sum(), Wd)[0].double()
+
+    ref = grad(torch.float64, None)
+    err = float((grad(torch.float32, low) - ref).norm() / ref.norm())
+    assert err < 5 * tol, err

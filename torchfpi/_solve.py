@@ -152,8 +152,10 @@ def fixed_point(
     The forward solve iterates ``z <- f(z, *inputs)`` (or an accelerated variant) without
     recording a graph, so memory does not grow with the iteration count. Each sample (dim 0 of
     the state) stops on its own when its residual (:func:`torchfpi.relative_residual`,
-    ``||f(z) - z|| / (||f(z)|| + 1e-9)``) falls below ``tol``, and is then frozen: its result
-    does not depend on the rest of the batch.
+    ``||f(z) - z|| / max(||f(z)||, 1e-9 s)`` with ``s = max(||z0||, ||f(z0)||)`` per sample)
+    falls below ``tol`` while ``||f(z) - z||`` still shrinks (a drifting map never converges),
+    and is then frozen: its result does not depend on the rest of the batch. A sample that does
+    not converge returns its best image by ``||f(z) - z||``.
     Gradients come from the backward FPI layer: ``u = g + (df/dz)^T u`` solved with
     vector-Jacobian products, then ``dL/dx = (df/dx)^T u`` for every input and every tensor ``f``
     uses (``nn.Module`` parameters and captured tensors alike). The backward is itself
@@ -170,7 +172,8 @@ def fixed_point(
             takes and returns a tuple). ``z0`` receives no gradient: the fixed point does not
             depend on it.
         *inputs: further arguments of ``f``; floating tensors among them receive gradients.
-        solver: ``"fpi"``, ``"anderson"`` or a solver object (:class:`FPI`, :class:`Anderson`).
+        solver: ``"fpi"``, ``"anderson"``, ``"broyden"`` or a solver object (:class:`FPI`,
+            :class:`Anderson`, :class:`Broyden`).
         backward: ``"fpi"`` (default, exact), ``"anderson"`` (exact), ``"neumann"``, ``"onestep"``
             (inexact), ``"unroll"``, ``"dense"`` (references), a name given to
             :func:`register_adjoint`, or an adjoint object (:class:`ImplicitAdjoint`, ...).

@@ -2,7 +2,8 @@
 
 Every method gets the same :class:`~torchfpi.bench._problems.Instance` (same ``f``, ``z0``,
 inputs, dtype), the same tolerance ``tol`` on the same relative residual
-``||f(z) - z|| / (||f(z)|| + 1e-9)`` (TorchDEQ's ``stop_mode="rel"`` is this formula), and
+``||f(z) - z|| / (||f(z)|| + 1e-9)`` (TorchDEQ's ``stop_mode="rel"``; torchfpi's floor is
+relative to the sample's scale, which only differs near a fixed point at 0), and
 the same iteration budget. torchfpi stops each sample when it reaches ``tol``; TorchDEQ and
 the unrolled loop stop when the batch maximum does, so in all of them every sample meets the
 tolerance.
