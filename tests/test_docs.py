@@ -15,6 +15,7 @@ MODULES = [
     "torchfpi._autograd",
     "torchfpi._solve",
     "torchfpi._adjoints",
+    "torchfpi._broyden",
     "torchfpi._loop",
     "torchfpi._options",
     "torchfpi._solution",
