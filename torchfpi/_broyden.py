@@ -82,6 +82,7 @@ class Broyden:
         return {
             "U": z.new_zeros(b, self.m, n),
             "V": z.new_zeros(b, self.m, n),
+            "valid": torch.zeros(b, self.m, dtype=z.dtype, device=z.device),  # 1: slot in use
             "z": None,  # previous iterate
             "g": None,  # previous g(z)
             "best": torch.full((b,), math.inf, dtype=torch.float64, device=z.device),
@@ -89,23 +90,21 @@ class Broyden:
         }
 
     @staticmethod
-    def _apply(U: Tensor, V: Tensor, x: Tensor) -> Tensor:
-        """``H x = -x + sum_i u_i (v_i . x)`` per sample."""
-        return torch.baddbmm(-x.unsqueeze(1), torch.bmm(V, x.unsqueeze(2)).transpose(1, 2), U).squeeze(1)
-
-    @staticmethod
-    def _apply_t(U: Tensor, V: Tensor, x: Tensor) -> Tensor:
-        """``H^T x = -x + sum_i v_i (u_i . x)`` per sample."""
-        return torch.baddbmm(-x.unsqueeze(1), torch.bmm(U, x.unsqueeze(2)).transpose(1, 2), V).squeeze(1)
+    def _apply(P: Tensor, Q: Tensor, valid: Tensor, x: Tensor) -> Tensor:
+        """``-x + sum_i p_i (q_i . x)`` over the valid slots: ``H x`` with ``(P, Q) = (U, V)``,
+        ``H^T x`` with ``(V, U)``. Multiply-sums: on the CPU faster than bmm's mat-vec."""
+        c = (Q * x.unsqueeze(1)).sum(2) * valid  # (B, m)
+        return torch.baddbmm(-x.unsqueeze(1), c.unsqueeze(1), P).squeeze(1)
 
     def step(self, state: State, z: Tensor, fz: Tensor, residual: Any) -> Tensor:
         U: Tensor = state["U"]
         V: Tensor = state["V"]
+        valid: Tensor = state["valid"]
         best: Tensor = state["best"]
         ptr: int = state["ptr"]
         g = fz - z
         if torch.is_grad_enabled():  # unrolled differentiation records this step
-            U, V = U.clone(), V.clone()
+            U, V, valid = U.clone(), V.clone(), valid.clone()
         keep = None
         if residual is not None:
             res = torch.as_tensor(residual, device=z.device).to(torch.float64)
@@ -114,28 +113,26 @@ class Broyden:
         zp, gp = state["z"], state["g"]
         if zp is not None and zp.shape == z.shape:
             s, y = z - zp, g - gp
-            Hy = self._apply(U, V, y)
+            Hy = self._apply(U, V, valid, y)
             den = (s * Hy).sum(1)
             scale = torch.linalg.vector_norm(s, dim=1) * torch.linalg.vector_norm(Hy, dim=1)
             ok = torch.isfinite(den) & (den.abs() > 1e-10 * scale) & (scale > 0)
             safe = torch.where(ok, den, torch.ones_like(den))
-            u = torch.where(ok.unsqueeze(1), (s - Hy) / safe.unsqueeze(1), torch.zeros_like(s))
-            v = torch.where(ok.unsqueeze(1), self._apply_t(U, V, s), torch.zeros_like(s))
-            U[:, ptr] = u
-            V[:, ptr] = v
+            v = self._apply(V, U, valid, s)  # H^T s, before slot ptr is overwritten
+            okc = ok.unsqueeze(1)
+            U[:, ptr] = torch.where(okc, (s - Hy) / safe.unsqueeze(1), torch.zeros((), dtype=s.dtype, device=s.device))
+            V[:, ptr] = torch.where(okc, v, torch.zeros((), dtype=s.dtype, device=s.device))
+            valid[:, ptr] = ok.to(valid.dtype)  # a skipped update leaves an unused slot
             ptr = (ptr + 1) % self.m
-        step = -self._apply(U, V, g)
+        step = -self._apply(U, V, valid, g)
         gn = torch.linalg.vector_norm(g, dim=1)
         sn = torch.linalg.vector_norm(step, dim=1)
         bad = ~torch.isfinite(sn) | (sn > self.max_step * gn)
         if keep is not None:
             bad = bad | ~keep
         z_next = torch.where(bad.unsqueeze(1), z + self.damping * g, z + step)
-        # A bad step or a restart clears that sample's memory.
-        clear = bad.unsqueeze(1).unsqueeze(2)
-        U.masked_fill_(clear, 0.0)
-        V.masked_fill_(clear, 0.0)
-        state.update(U=U, V=V, z=z, g=g, best=best, ptr=ptr)
+        valid.masked_fill_(bad.unsqueeze(1), 0.0)  # a bad step or a restart clears the memory
+        state.update(U=U, V=V, valid=valid, z=z, g=g, best=best, ptr=ptr)
         return z_next
 
 
