@@ -70,14 +70,14 @@ def test_backward_tol_and_max_iter_checked(z0):
 
 
 def test_unknown_solver_lists_choices(z0):
-    with pytest.raises(ValueError, match=r"solver: expected one of \['anderson', 'fpi'\]"):
-        torchfpi.fixed_point(ok, z0, solver="broyden")
+    with pytest.raises(ValueError, match=r"solver: expected one of \['anderson', 'broyden', 'fpi'\]"):
+        torchfpi.fixed_point(ok, z0, solver="newton")
     with pytest.raises(ValueError, match="solver object with init"):
         torchfpi.fixed_point(ok, z0, solver=3)
 
 
 def test_unknown_backward_lists_choices(z0):
-    with pytest.raises(ValueError, match=r"backward: expected one of \['anderson', 'dense', 'fpi', 'neumann', 'onestep', 'unroll'\]"):
+    with pytest.raises(ValueError, match=r"backward: expected one of \['anderson', 'broyden', 'dense', 'fpi', 'neumann', 'onestep', 'unroll'\]"):
         torchfpi.fixed_point(ok, z0, backward="phantom")
 
 

@@ -258,8 +258,12 @@ class _Book:
             r, fin = a, H.isfinite(a)
         else:
             n = nr[:, 1]
-            r = a / H.fmax(n, self.floor)
             fin = H.isfinite(a) & H.isfinite(n)
+            if H.np and not bool(fin.all()):
+                with _np.errstate(invalid="ignore", divide="ignore"):  # inf / inf: handled below
+                    r = a / H.fmax(n, self.floor)
+            else:
+                r = a / H.fmax(n, self.floor)
         self.traces.append((self.idx, r))
         self.k0 = k - w
         if self._quiet(a, r, n if not self.absolute else None):
@@ -326,6 +330,12 @@ class _Book:
         self.n_active = 0
         self.a_list, self.n_list, self.images, self.iterates = [], [], [], []
         return H.nonzero(~self.active)
+
+    def _best(self) -> Tensor:
+        """The best images of the working rows (z0's rows before any finite residual)."""
+        if self.best_f is not None:
+            return self.best_f
+        return self.z0 if self.idx_dev is None else self.z0.index_select(0, self.idx_dev)
 
     def _quiet(self, a: Any, r: Any, n: Any) -> bool:
         """The common window: no active sample met ``tol``, all finite, nothing diverged, and
@@ -425,7 +435,7 @@ class _Book:
             img = self.images[j].index_select(0, rows_dev)
             if not bool(cj.all()):
                 keep = H.torch(cj, self.device).unsqueeze(1)
-                img = torch.where(keep, img, self.best_f.index_select(0, rows_dev))  # type: ignore[union-attr]
+                img = torch.where(keep, img, self._best().index_select(0, rows_dev))
             self.z_out.index_copy_(0, g_dev, img)
             self.it_out[gidx[m]] = self.k0 + j + 1
         rs = H.take0(r[:, sel], js)
@@ -492,7 +502,7 @@ class _Book:
         if self.n_active:
             sel = H.nonzero(self.active)
             gidx = sel if self.idx is None else self.idx[sel]
-            best = self.best_f if self.best_f is not None else self.z0
+            best = self._best()
             if self.z_out is None and self.idx is None:
                 self.z_out = best  # no sample stopped: every row is its best image
             else:
