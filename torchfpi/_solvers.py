@@ -6,8 +6,8 @@ The solver protocol (:class:`Solver`), on flat states ``(B, N)``:
   allowed); the loop slices every tensor of it when it drops stopped samples (``compact``);
 * ``step(state, z, fz, residual) -> z_next``: the next iterate from the iterate ``z``, its image
   ``fz = f(z)`` and the ``(B,)`` residual as a tensor on ``z``'s device (no host copy), or
-  ``None`` for a solver whose class sets ``uses_residual = False`` (FPI's default: it is not
-  computed then). ``step`` updates ``state`` **in place**
+  ``None`` for :class:`FPI` and for a solver whose class sets ``uses_residual = False`` (it is
+  not computed then). ``step`` updates ``state`` **in place**
   (``state.update(...)``), and must not modify ``z`` or ``fz``. Under grad mode (the
   ``"unroll"`` adjoint records the loop) it clones a state tensor before writing into it, so
   that autograd keeps the history it recorded.
