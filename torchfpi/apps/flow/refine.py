@@ -13,27 +13,19 @@ Jacobian penalty (Hutchinson) that keeps ``f`` contractive.
 
 from __future__ import annotations
 
-import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, cast
+from typing import Any, Dict, Mapping, Optional, Tuple, cast
 
 import torch
 import torch.nn as nn
 
 import torchfpi
 from torchfpi import errors, io, runtime
-from torchfpi.apps._distributed import DistContext, wrap
-from torchfpi.apps._training import (
-    NonFiniteGuard,
-    describe_exception,
-    first_nonfinite,
-    load_checkpoint,
-    restoring,
-    save_checkpoint,
-)
+from torchfpi.apps._distributed import DistContext
+from torchfpi.apps._trainer import CHECKPOINT_KEYS, StepResult, Task, Trainer
+from torchfpi.apps._training import describe_exception, load_checkpoint
 from torchfpi.apps._weights import read_weights, weights_meta
 from torchfpi.apps.flow import _ops
 from torchfpi.apps.flow.synthetic import TextureBank, batch_epe, default_texture_folder, make_batch
@@ -186,6 +178,86 @@ def _precompute(n: int, size: int, gen: torch.Generator, bank: TextureBank, max_
     return f1, f2, gt, zgd
 
 
+class RefineTask(Task):
+    """``train flow --model fpi_nn``: the refinement on precomputed synthetic pairs."""
+
+    app = "flow --model fpi_nn"
+    metric = "val_epe"
+    mode = "min"
+
+    def __init__(self, out_dir: Path, base: VariationalFlow, settings: Dict[str, Any], folder: Optional[Path],
+                 ctx: DistContext) -> None:
+        super().__init__()
+        self.out_dir, self.settings, self.folder, self.ctx = out_dir, settings, folder, ctx
+        s = settings
+        self.dtype = {"float32": torch.float32, "float64": torch.float64}[s["dtype"]]
+        base = base.to(self.dtype)
+        gen = runtime.seed_everything(s["seed"] + 1)
+        bank = TextureBank(folder)
+        self.train_set = _precompute(s["pairs"], s["size"], gen, bank, s["max_motion"], base, self.dtype, ctx)
+        val_set = _precompute(s["val_pairs"], s["size"], torch.Generator().manual_seed(20_000 + s["seed"]), bank,
+                              s["max_motion"], base, self.dtype, ctx)
+        self.val_set = tuple(t[ctx.shard(s["val_pairs"], epoch=0, seed=s["seed"], shuffle=False)] for t in val_set)
+        self.refined = RefinedFlow(base).to(self.dtype)
+        self.model = self.refined.update
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=s["lr"])
+        # The Hutchinson probes get their own generator, shared by every process: it starts where the
+        # global torch RNG stands after the model's initialisation, i.e. where one process drew them
+        # before this generator existed, so single-process numbers did not change.
+        noise = torch.Generator()
+        noise.set_state(torch.get_rng_state())
+        self.generators = {"data": gen, "noise": noise}
+        self.rows = ctx.shard(s["batch_size"], epoch=0, seed=s["seed"], shuffle=False)
+        self.config = dict(settings)
+
+    def forward_module(self) -> nn.Module:
+        return _RefineLoss(self.refined)
+
+    def train_step(self, net: nn.Module, step: int) -> StepResult:
+        s, ctx, rows = self.settings, self.ctx, self.rows
+        batch_size = s["batch_size"]
+        idx = torch.randint(s["pairs"], (batch_size,), generator=self.generators["data"])[rows]
+        f1, f2, gt, zgd = (t[idx] for t in self.train_set)
+        probes = None
+        if s["jac_weight"] > 0:  # the global batch's probes, this process's rows
+            probes = torch.randn((1, batch_size, *zgd.shape[1:]), generator=self.generators["noise"],
+                                 dtype=self.dtype)[:, rows]
+        epe, penalty = net(zgd, f1, f2, gt, probes)
+        if ctx.distributed:  # DDP averages over processes: scale the local sum to the global mean
+            loss = epe.sum() * (ctx.world_size / batch_size)
+            if penalty is not None:
+                loss = loss + s["jac_weight"] * penalty.sum() * (ctx.world_size / batch_size)
+        else:
+            loss = epe.mean()
+            if penalty is not None:
+                loss = loss + s["jac_weight"] * penalty.mean()
+        # the mean of the processes' scaled sums (taken by the trainer) is the global-batch mean
+        return StepResult(loss, {"loss": float(loss.detach())})
+
+    def evaluate(self) -> Dict[str, Any]:
+        f1, f2, gt, zgd = self.val_set
+        with torch.no_grad():
+            epe = batch_epe(self.refined.refine(zgd, f1, f2), gt)
+        if not self.ctx.distributed:
+            return {"val_epe": float(epe.mean())}
+        return {"val_epe": self.ctx.reduce_mean({"epe": float(epe.mean())}, weight=len(epe))["epe"]}
+
+    def on_best(self, record: Dict[str, Any]) -> None:
+        if self.ctx.is_main:
+            save_refined(self.refined, self.out_dir / "best_nn.pt",
+                         {"val_epe": record["val_epe"], "step": record["step"]}, self.folder is None)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"base": self.refined.base.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        mine = self.refined.base.state_dict()
+        theirs = state.get("base", {})
+        if set(theirs) != set(mine) or any(not torch.equal(theirs[k].to(mine[k].dtype), mine[k]) for k in mine):
+            raise errors.UsageError("--resume: the checkpoint was trained on another --base model: give the same "
+                                    "--base, or train without --resume")
+
+
 def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pairs: int = 32,
                  size: int = 96, steps: int = 400, batch_size: int = 8, lr: float = 1e-3,
                  jac_weight: float = 0.1, val_every: int = 50, seed: int = 0, max_motion: float = 6.0,
@@ -196,16 +268,14 @@ def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pai
 
     Model selection: the best synthetic validation EPE (the step-0 model equals ``fpi_gd``).
     Writes ``out_dir/best_nn.pt``, ``out_dir/checkpoint_nn.pt`` (at each validation and every
-    ``checkpoint_every`` steps) and ``out_dir/train_nn.json``.
+    ``checkpoint_every`` steps), its JSON-lines log ``checkpoint_nn.jsonl`` and
+    ``out_dir/train_nn.json``. The loop is :class:`~torchfpi.apps._trainer.Trainer`.
 
     Data parallel (``ctx`` from :func:`torchfpi.apps._distributed.setup`): every process draws the
     same global batch of ``batch_size`` pairs and the same Hutchinson probes for it (from shared
     generators) and trains on its interleaved rows, with the loss scaled so that DDP's gradient
     average is the gradient of the global-batch mean: N processes take the same steps as one.
-    The validation EPE is reduced over the processes; only rank 0 logs and writes files.
 
-    A NaN/Inf loss or gradient skips the step (``on_nonfinite="skip"``) or stops training
-    (``"stop"``); a checkpoint with non-finite weights is never written over a good one.
     ``resume`` restores the weights, the optimiser, every RNG state (data, probes, Python, torch,
     numpy), the step, the history and the best model: the continued run is bit-identical to an
     uninterrupted one (CPU). There is no learning-rate schedule (constant ``lr``).
@@ -215,147 +285,49 @@ def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pai
         DataError: an unreadable checkpoint, or one that only some processes find.
         NonFiniteError: NaN/Inf with ``on_nonfinite="stop"`` (or 10 skipped steps in a row).
     """
-    from tqdm import tqdm
-
     ctx = ctx or DistContext()
     quiet = quiet or not ctx.is_main
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        io.remove_stale_temp_files(out_dir)
-    tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
-    base = base.to(tdtype)
     settings = {"pairs": pairs, "val_pairs": val_pairs, "size": size, "steps": steps, "batch_size": batch_size,
                 "lr": lr, "jac_weight": jac_weight, "seed": seed, "max_motion": max_motion, "dtype": dtype}
     ckpt = out_dir / "checkpoint_nn.pt"
-    found = resume and ckpt.exists()
-    if resume and ctx.distributed:
-        seen = int(ctx.all_reduce_sum(torch.tensor([float(found)], dtype=torch.float64)))
-        if 0 < seen < ctx.world_size:
-            raise errors.DataError(f"--resume: '{ckpt}' exists for {seen} of {ctx.world_size} processes: "
-                                    "put --out on a file system every machine sees, or copy the checkpoint")
-    state = None
-    if found:  # read and check before the (slow) data set, so that a wrong --resume fails at once
-        state = load_checkpoint(ckpt, required=("model", "optimizer", "rng", "generator", "noise", "step",
-                                                "settings", "base"), app="flow --model fpi_nn")
-        _check_resumable(ckpt, state, settings, base)
-    gen = runtime.seed_everything(seed + 1)
+    if resume and ckpt.exists():  # read and check before the (slow) data set: a wrong --resume fails at once
+        _check_resumable(ckpt, load_checkpoint(ckpt, required=CHECKPOINT_KEYS, app=RefineTask.app), settings, base)
     folder = default_texture_folder(data_root)
     if not quiet:
         print(f"textures: {'procedural noise (no data set)' if folder is None else folder}", flush=True)
-        if state is not None:
-            print(f"--resume: resumed from '{ckpt}' at step {state['step']} of {steps}", flush=True)
-        elif resume:
-            print(f"--resume: no checkpoint at '{ckpt}': starting a fresh run", flush=True)
-    bank = TextureBank(folder)
     t0 = time.time()
-    train_set = _precompute(pairs, size, gen, bank, max_motion, base, tdtype, ctx)
-    val_set = _precompute(val_pairs, size, torch.Generator().manual_seed(20_000 + seed), bank, max_motion,
-                          base, tdtype, ctx)
-    val_rows = ctx.shard(val_pairs, epoch=0, seed=seed, shuffle=False)
-    val_set = tuple(t[val_rows] for t in val_set)
-    model = RefinedFlow(base).to(tdtype)
-    opt = torch.optim.Adam(model.update.parameters(), lr=lr)
-    # The Hutchinson probes get their own generator, shared by every process: it starts where the
-    # global torch RNG stands after the model's initialisation, i.e. where one process drew them
-    # before this generator existed, so single-process numbers did not change.
-    noise = torch.Generator()
-    noise.set_state(torch.get_rng_state())
-    guard = NonFiniteGuard(on_nonfinite, ctx=ctx, log=lambda msg: None if quiet else print(msg, flush=True))
-
-    def evaluate() -> float:
-        f1, f2, gt, zgd = val_set
-        with torch.no_grad():
-            epe = batch_epe(model.refine(zgd, f1, f2), gt)
-        if not ctx.distributed:
-            return float(epe.mean())
-        return ctx.reduce_mean({"epe": float(epe.mean())}, weight=len(epe))["epe"]
-
-    if state is not None:
-        with restoring(ckpt):
-            model.update.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            runtime.set_rng_state(state["rng"])
-            gen.set_state(state["generator"])
-            noise.set_state(state["noise"])
-        step, history, best = state["step"], state["history"], state["best"]
-        guard.skipped = state.get("skipped", 0)
-    else:
-        step = 0
-        history = [{"step": 0, "val_epe": evaluate()}]
-        best = dict(history[0])
-        if ctx.is_main:
-            save_refined(model, out_dir / "best_nn.pt", {"val_epe": best["val_epe"], "step": 0}, folder is None)
+    task = RefineTask(out_dir, base, settings, folder, ctx)
     if not quiet:
-        print(f"fpi_nn: data ready in {time.time() - t0:.0f} s; step {step} val EPE {history[-1]['val_epe']:.4f}",
-              flush=True)
-    step_module = wrap(_RefineLoss(model), ctx)  # after loading: DDP starts from rank 0's weights
-    rows = ctx.shard(batch_size, epoch=0, seed=seed, shuffle=False)
-    every = checkpoint_every or val_every
-    train_loss = float(history[-1].get("train_loss", float("nan")))
-    bar = tqdm(total=steps, initial=step, disable=quiet or not sys.stderr.isatty(), desc="train flow fpi_nn")
-    while step < steps:
-        idx = torch.randint(pairs, (batch_size,), generator=gen)[rows]
-        f1, f2, gt, zgd = (t[idx] for t in train_set)
-        probes = None
-        if jac_weight > 0:  # the global batch's probes, this process's rows
-            probes = torch.randn((1, batch_size, *zgd.shape[1:]), generator=noise, dtype=tdtype)[:, rows]
-        epe, penalty = step_module(zgd, f1, f2, gt, probes)
-        if ctx.distributed:  # DDP averages over processes: scale the local sum to the global mean
-            loss = epe.sum() * (ctx.world_size / batch_size)
-            if penalty is not None:
-                loss = loss + jac_weight * penalty.sum() * (ctx.world_size / batch_size)
-        else:
-            loss = epe.mean()
-            if penalty is not None:
-                loss = loss + jac_weight * penalty.mean()
-        opt.zero_grad()
-        step += 1
-        taken = guard.backward(loss, list(model.update.parameters()), step)
-        if taken:
-            opt.step()
-        if ctx.distributed:  # the processes' scaled sums add up to world_size times the global mean
-            step_loss = float(ctx.all_reduce_sum(loss.detach().reshape(1).double())) / ctx.world_size
-        else:
-            step_loss = float(loss.detach())
-        train_loss = step_loss if taken else train_loss  # a skipped step's loss is not a result
-        bar.update(1)
-        validate = step % val_every == 0 or step == steps
-        if validate:
-            v = evaluate()
-            history.append({"step": step, "val_epe": v, "train_loss": train_loss})
-            if not quiet:
-                print(f"fpi_nn step {step}: loss {train_loss:.4f} val EPE {v:.4f}", flush=True)
-            if v < best["val_epe"]:
-                best = {"step": step, "val_epe": v}
-                if ctx.is_main and first_nonfinite(model.update.state_dict()) is None:
-                    save_refined(model, out_dir / "best_nn.pt", {"val_epe": v, "step": step}, folder is None)
-        if validate or step % every == 0:
-            save_checkpoint({"app": "flow --model fpi_nn",
-                "model": model.update.state_dict(), "optimizer": opt.state_dict(), "rng": runtime.rng_state(),
-                "generator": gen.get_state(), "noise": noise.get_state(), "step": step, "history": history,
-                "best": best, "skipped": guard.skipped, "settings": settings, "base": model.base.state_dict(),
-                "metrics": {"train_loss": train_loss} if math.isfinite(train_loss) else {}}, ckpt, ctx)  # fmt: skip
-    bar.close()
+        print(f"fpi_nn: data ready in {time.time() - t0:.0f} s", flush=True)
+    trainer = Trainer(task, steps=steps, val_every=val_every, checkpoint=ckpt, checkpoint_every=checkpoint_every,
+                      resume=resume, ctx=ctx, on_nonfinite=on_nonfinite, log=None if quiet else _print,
+                      progress=not quiet, log_prefix="fpi_nn ").fit()
     summary = {"textures": str(folder) if folder is not None else "procedural", "procedural": folder is None,
-               "best": best, "history": history, "seconds": round(time.time() - t0, 1), "settings": settings,
-               "skipped_steps": guard.skipped, "world_size": ctx.world_size,
-               "refine_config": asdict(model.config), "command": command, "machine": runtime.machine_info()}
+               "best": trainer.best, "history": trainer.history, "seconds": round(time.time() - t0, 1),
+               "settings": settings, "skipped_steps": trainer.guard.skipped, "world_size": ctx.world_size,
+               "refine_config": asdict(task.refined.config), "command": command, "machine": runtime.machine_info()}
     if ctx.is_main:
         io.atomic_write_json(summary, out_dir / "train_nn.json")
     ctx.barrier()
     return summary
 
 
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
 def _check_resumable(path: Path, state: Dict[str, Any], settings: Dict[str, Any], base: VariationalFlow) -> None:
     """Refuse to continue a run whose data set or base model would differ from the checkpoint's."""
     for key, value in settings.items():
-        if key != "steps" and state["settings"].get(key) != value:
+        if key != "steps" and state["config"].get(key) != value:
             flag = "--" + key.replace("_", "-")
             raise errors.UsageError(f"--resume: '{path}' was written with {flag} {state['settings'].get(key)}, "
                                      f"this run has {flag} {value}: resume with the same settings, or train "
                                      "without --resume")
-    mine = base.state_dict()
-    if set(state["base"]) != set(mine) or any(not torch.equal(state["base"][k].to(mine[k].dtype), mine[k])
+    mine, theirs = base.state_dict(), state["task"].get("base", {})
+    if set(theirs) != set(mine) or any(not torch.equal(theirs[k].to(mine[k].dtype), mine[k])
                                               for k in mine):
         raise errors.UsageError(f"--resume: '{path}' was trained on another --base model: give the same "
                                  "--base, or train without --resume")

@@ -6,8 +6,6 @@ Middlebury test pairs is seen.
 
 from __future__ import annotations
 
-import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,15 +14,9 @@ from typing import Any, Dict, Optional
 import torch
 
 from torchfpi import errors, io, runtime
-from torchfpi.apps._distributed import DistContext, wrap
-from torchfpi.apps._training import (
-    NonFiniteGuard,
-    describe_exception,
-    first_nonfinite,
-    load_checkpoint,
-    restoring,
-    save_checkpoint,
-)
+from torchfpi.apps._distributed import DistContext
+from torchfpi.apps._trainer import StepResult, Task, Trainer
+from torchfpi.apps._training import describe_exception
 from torchfpi.apps._weights import read_weights, weights_meta
 from torchfpi.apps.flow.synthetic import TextureBank, batch_epe, default_texture_folder, make_batch
 from torchfpi.apps.flow.variational import FlowConfig, VariationalFlow
@@ -99,119 +91,87 @@ def save_weights(model: VariationalFlow, path: Path, extra: Optional[Dict[str, A
     io.atomic_torch_save(blob, path)
 
 
+class FlowTask(Task):
+    """``train flow``: the variational model on fresh synthetic pairs at every step."""
+
+    app = "flow"
+    metric = "val_epe"
+    mode = "min"
+
+    def __init__(self, out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig],
+                 folder: Optional[Path], ctx: DistContext) -> None:
+        super().__init__()
+        self.out_dir, self.cfg, self.ctx, self.folder = out_dir, config, ctx, folder
+        self.generators = {"data": runtime.seed_everything(config.seed)}
+        self.bank = TextureBank(folder, limit=config.textures)
+        val_gen = torch.Generator().manual_seed(10_000 + config.seed)
+        val = make_batch(config.val_pairs, config.size, config.size, val_gen, self.bank, config.max_motion)
+        val_rows = ctx.shard(config.val_pairs, epoch=0, seed=config.seed, shuffle=False)
+        self.dtype = {"float32": torch.float32, "float64": torch.float64}[config.dtype]
+        self.val = tuple(t[val_rows].to(self.dtype) for t in val)
+        self.model: VariationalFlow = VariationalFlow(flow_config).to(self.dtype)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(config.steps, 1))
+        self.rows = ctx.shard(config.batch_size, epoch=0, seed=config.seed, shuffle=False)
+        self.config = {k: v for k, v in asdict(config).items() if k not in ("on_nonfinite",)}
+        self.config["flow_config"] = asdict(self.model.config)
+
+    def train_step(self, net: torch.nn.Module, step: int) -> StepResult:
+        cfg, rows = self.cfg, self.rows
+        f1, f2, gt = make_batch(cfg.batch_size, cfg.size, cfg.size, self.generators["data"], self.bank,
+                                cfg.max_motion)
+        flow, _ = net(f1[rows].to(self.dtype), f2[rows].to(self.dtype))
+        epe = batch_epe(flow, gt[rows].to(self.dtype))
+        # DDP averages gradients over the processes: scale the local sum so that the result is
+        # the gradient of the mean over the global batch (with one process: the plain mean).
+        loss = epe.mean() if not self.ctx.distributed else epe.sum() * (self.ctx.world_size / cfg.batch_size)
+        return StepResult(loss, {"loss": float(epe.detach().mean())})
+
+    def evaluate(self) -> Dict[str, Any]:
+        return {"val_epe": evaluate(self.model, self.val, self.ctx), **self.model.describe()}
+
+    def on_best(self, record: Dict[str, Any]) -> None:
+        if self.ctx.is_main:
+            save_weights(self.model, self.out_dir / "best.pt", {"val_epe": record["val_epe"], "step": record["step"]},
+                         self.folder is None)
+
+
 def train(out_dir: Path, config: TrainConfig, flow_config: Optional[FlowConfig] = None,
           data_root: Optional[Path] = None, resume: bool = False, quiet: bool = False,
           command: str = "", ctx: Optional[DistContext] = None) -> Dict[str, Any]:
     """Train, checkpointing to ``out_dir/checkpoint.pt``; the best-on-validation model goes to
     ``out_dir/best.pt``. Returns a summary dict (also written to ``out_dir/train.json``).
 
-    Data parallel (``ctx`` from :func:`torchfpi.apps._distributed.setup`): every process draws
-    the same global batch of ``config.batch_size`` pairs from the shared seed and trains on its
-    interleaved shard, so N processes take the same steps as one; the validation EPE is reduced
-    over the processes; only rank 0 logs and writes files. A NaN/Inf loss or gradient skips the
-    step (``config.on_nonfinite == "skip"``) or stops training (``"stop"``); a checkpoint with
-    non-finite weights is never written over a good one.
-
-    ``--resume`` restores model, optimiser, scheduler, every RNG state, the step, the history and
-    the best model so far; the continued run is bit-identical to an uninterrupted one (CPU).
+    The loop is :class:`~torchfpi.apps._trainer.Trainer` (checkpoints every
+    ``config.checkpoint_every`` steps and at each validation, ``--resume`` bit-identical to an
+    uninterrupted run, the non-finite policy ``config.on_nonfinite``, progress, a JSON-lines log
+    ``checkpoint.jsonl``). Data parallel (``ctx`` from :func:`torchfpi.apps._distributed.setup`):
+    every process draws the same global batch of ``config.batch_size`` pairs from the shared seed
+    and trains on its interleaved shard, so N processes take the same steps as one.
     """
-    from tqdm import tqdm
-
     ctx = ctx or DistContext()
     quiet = quiet or not ctx.is_main
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        io.remove_stale_temp_files(out_dir)
-    gen = runtime.seed_everything(config.seed)
     folder = default_texture_folder(data_root)
     textures = str(folder) if folder is not None else "procedural"
     if not quiet:
         print(f"textures: {'procedural noise (no data set)' if folder is None else folder}", flush=True)
-    bank = TextureBank(folder, limit=config.textures)
-    val_gen = torch.Generator().manual_seed(10_000 + config.seed)
-    val = make_batch(config.val_pairs, config.size, config.size, val_gen, bank, config.max_motion)
-    val_rows = ctx.shard(config.val_pairs, epoch=0, seed=config.seed, shuffle=False)
-    dtype = {"float32": torch.float32, "float64": torch.float64}[config.dtype]
-    val = (val[0][val_rows].to(dtype), val[1][val_rows].to(dtype), val[2][val_rows].to(dtype))
-    model = VariationalFlow(flow_config).to(dtype)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.steps, 1))
-    guard = NonFiniteGuard(config.on_nonfinite, ctx=ctx, log=lambda msg: None if quiet else print(msg, flush=True))
-    ckpt = out_dir / "checkpoint.pt"
-    found = resume and ckpt.exists()
-    if resume and ctx.distributed:
-        seen = int(ctx.all_reduce_sum(torch.tensor([float(found)], dtype=torch.float64)))
-        if 0 < seen < ctx.world_size:
-            raise errors.DataError(f"--resume: '{ckpt}' exists for {seen} of {ctx.world_size} processes: "
-                                    "put --out on a file system every machine sees, or copy the checkpoint")
-    if found:
-        state = load_checkpoint(ckpt, required=("model", "optimizer", "scheduler", "rng", "generator", "step"),
-                                app="flow")
-        with restoring(ckpt):
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            runtime.set_rng_state(state["rng"])
-            gen.set_state(state["generator"])
-        step, history, best = state["step"], state["history"], state["best"]
-        guard.skipped = state.get("skipped", 0)
-        if not quiet:
-            print(f"--resume: resumed from '{ckpt}' at step {step} of {config.steps}", flush=True)
-    else:
-        if resume and not quiet:
-            print(f"--resume: no checkpoint at '{ckpt}': starting a fresh run", flush=True)
-        step = 0
-        v0 = evaluate(model, val, ctx)
-        best = {"val_epe": v0, "step": 0, "params": model.describe()}
-        history = [{"step": 0, "val_epe": v0}]
-        if ctx.is_main:
-            save_weights(model, out_dir / "best.pt", {"val_epe": v0, "step": 0}, folder is None)
-    ddp_model = wrap(model, ctx)  # after loading: DDP starts by broadcasting rank 0's weights
-    rows = ctx.shard(config.batch_size, epoch=0, seed=config.seed, shuffle=False)
-    bar = tqdm(total=config.steps, initial=step, disable=quiet or not sys.stderr.isatty(), desc="train flow")
+    task = FlowTask(out_dir, config, flow_config, folder, ctx)
     t0 = time.time()
-    every = config.checkpoint_every or config.val_every
-    train_epe = float(history[-1].get("train_loss", float("nan")))
-    while step < config.steps:
-        f1, f2, gt = make_batch(config.batch_size, config.size, config.size, gen, bank, config.max_motion)
-        flow, info = ddp_model(f1[rows].to(dtype), f2[rows].to(dtype))
-        epe = batch_epe(flow, gt[rows].to(dtype))
-        # DDP averages gradients over the processes: scale the local sum so that the result is
-        # the gradient of the mean over the global batch (with one process: the plain mean).
-        loss = epe.mean() if not ctx.distributed else epe.sum() * (ctx.world_size / config.batch_size)
-        opt.zero_grad()
-        taken = guard.backward(loss, list(model.parameters()), step + 1)
-        if taken:
-            opt.step()
-            sched.step()
-        step += 1
-        step_epe = ctx.reduce_mean({"epe": float(epe.detach().mean())}, weight=len(rows))["epe"]
-        train_epe = step_epe if taken else train_epe  # a skipped step's loss is not a result
-        bar.update(1)
-        bar.set_postfix(loss=f"{train_epe:.3f}")
-        validate = step % config.val_every == 0 or step == config.steps
-        if validate:
-            v = evaluate(model, val, ctx)
-            history.append({"step": step, "val_epe": v, "train_loss": train_epe, "params": model.describe()})
-            if not quiet:
-                print(f"step {step}: train EPE {train_epe:.4f}  val EPE {v:.4f}  {model.describe()}", flush=True)
-            if v < best["val_epe"]:
-                best = {"val_epe": v, "step": step, "params": model.describe()}
-                if ctx.is_main and first_nonfinite(model.state_dict()) is None:
-                    save_weights(model, out_dir / "best.pt", {"val_epe": v, "step": step}, folder is None)
-        if validate or step % every == 0:
-            save_checkpoint({"app": "flow",
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": runtime.rng_state(), "generator": gen.get_state(), "step": step,
-                "history": history, "best": best, "skipped": guard.skipped,
-                "metrics": {"train_epe": train_epe} if math.isfinite(train_epe) else {}}, ckpt, ctx)  # fmt: skip
-    bar.close()
-    summary = {"config": asdict(config), "flow_config": asdict(model.config), "best": best,
+    trainer = Trainer(task, steps=config.steps, val_every=config.val_every, checkpoint=out_dir / "checkpoint.pt",
+                      checkpoint_every=config.checkpoint_every, resume=resume, ctx=ctx,
+                      on_nonfinite=config.on_nonfinite, log=None if quiet else _print, progress=not quiet).fit()
+    summary = {"config": asdict(config), "flow_config": asdict(task.model.config), "best": trainer.best,
                "textures": textures, "procedural": folder is None,
-               "history": history, "skipped_steps": guard.skipped, "world_size": ctx.world_size,
+               "history": trainer.history, "skipped_steps": trainer.guard.skipped, "world_size": ctx.world_size,
                "seconds": round(time.time() - t0, 1), "command": command,
                "machine": runtime.machine_info()}
     if ctx.is_main:
         io.atomic_write_json(summary, out_dir / "train.json")
     ctx.barrier()
     return summary
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
