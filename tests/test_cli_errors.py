@@ -103,10 +103,13 @@ def _fpi_nn_checkpoints(d) -> None:
     settings = {"pairs": 2, "val_pairs": 1, "size": 32, "steps": 1, "batch_size": 1, "lr": 1e-3,
                 "jac_weight": 0.1, "seed": 0, "max_motion": 6.0, "dtype": "float32"}
     shipped = load_weights(_SHIPPED_FLOW).state_dict()
-    state = {"model": {}, "optimizer": {}, "rng": {}, "generator": None, "noise": None, "step": 1}
+    from torchfpi.apps._trainer import CHECKPOINT_KEYS
+
+    state = {**dict.fromkeys(CHECKPOINT_KEYS), "app": "flow --model fpi_nn", "step": 1}
     for name, size, base in (("nnsize", 64, shipped), ("nnbase", 32, VariationalFlow().state_dict())):
         (d / name).mkdir()
-        torch.save({**state, "settings": {**settings, "size": size}, "base": base}, d / name / "checkpoint_nn.pt")
+        torch.save({**state, "config": {**settings, "size": size}, "task": {"base": base}},
+                   d / name / "checkpoint_nn.pt")
 
 
 def _pending(app: str):

@@ -91,12 +91,15 @@ def inputs(tmp_path_factory):
     (d / "ckother").mkdir()
     torch.save({"model": {}, "optimizer": {}, "scheduler": {}, "rng": {}, "generator": torch.zeros(1),
                 "step": 1, "history": [], "best": {}, "skipped": 0}, d / "ckother" / "fpi_gd_s25.pt")
-    full = {"model": {"w": torch.zeros(2)}, "optimizer": {}, "scheduler": {}, "rng": {}, "generator": torch.zeros(1),
-            "step": 1, "elapsed": 0.0, "best": {}, "history": [], "best_state": {}}
+    from torchfpi.apps._trainer import CHECKPOINT_KEYS
+
+    full = {**dict.fromkeys(CHECKPOINT_KEYS), "model": {"w": torch.zeros(2)}, "optimizer": {}, "scheduler": {},
+            "rng": {}, "generators": {}, "step": 1, "elapsed": 0.0, "best": {}, "history": [], "best_state": {},
+            "config": {}, "task": {}, "running": {}, "skipped": 0, "rejected": 0}
     (d / "ckappflow").mkdir()  # a flow run's checkpoint where train denoise looks
     torch.save({**full, "app": "flow"}, d / "ckappflow" / "fpi_gd_s25.pt")
     (d / "ckmismatch").mkdir()  # complete keys, but the weights of some other model
-    torch.save(full, d / "ckmismatch" / "checkpoint.pt")
+    torch.save({**full, "app": "flow"}, d / "ckmismatch" / "checkpoint.pt")
     (d / "bench").mkdir()
     (d / "bench" / "results.json").write_text("{not json")
     return d

@@ -280,12 +280,6 @@ class Trainer:
             return False
         path, t = self.checkpoint, self.task
         ck = load_checkpoint(path, required=CHECKPOINT_KEYS, app=t.app)
-        old = ck["config"] or {}
-        for key in sorted(set(old) | set(t.config)):
-            if key not in t.may_change and old.get(key) != t.config.get(key):
-                flag = "--" + key.replace("_", "-")
-                raise UsageError(f"--resume: '{path}' was written with other options ({flag} {old.get(key)}, "
-                                 f"this run has {t.config.get(key)}): use the same options or another checkpoint")
         with restoring(path):
             t.model.load_state_dict(ck["model"])
             if t.optimizer is not None:
@@ -296,11 +290,16 @@ class Trainer:
             for name, gen in t.generators.items():
                 gen.set_state(ck["generators"][name])
             t.load_state_dict(ck["task"])
-        self.step, self.history, self.best = int(ck["step"]), list(ck["history"]), dict(ck["best"])
-        self.best_state, self.elapsed = ck["best_state"], float(ck["elapsed"])
-        self._since = {k: list(v) for k, v in ck["running"].items()}
-        self.guard.skipped, self.rejected = int(ck["skipped"]), int(ck["rejected"])
-        self.resumed = True
+            old = ck["config"] or {}
+            for key in sorted(set(old) | set(t.config)):
+                if key not in t.may_change and old.get(key) != t.config.get(key):
+                    flag = "--" + key.replace("_", "-")
+                    raise UsageError(f"--resume: '{path}' was written with other options ({flag} {old.get(key)}, "
+                                     f"this run has {t.config.get(key)}): use the same options or another checkpoint")
+            self.step, self.history, self.best = int(ck["step"]), list(ck["history"]), dict(ck["best"])
+            self.best_state, self.elapsed = ck["best_state"], float(ck["elapsed"])
+            self._since = {k: list(v) for k, v in ck["running"].items()}
+            self.guard.skipped, self.rejected = int(ck["skipped"]), int(ck["rejected        self.resumed = True
         self.log(f"--resume: resumed from '{path}' at step {self.step} of {self.steps}")
         return True
 

@@ -323,7 +323,7 @@ def _check_resumable(path: Path, state: Dict[str, Any], settings: Dict[str, Any]
     for key, value in settings.items():
         if key != "steps" and state["config"].get(key) != value:
             flag = "--" + key.replace("_", "-")
-            raise errors.UsageError(f"--resume: '{path}' was written with {flag} {state['settings'].get(key)}, "
+            raise errors.UsageError(f"--resume: '{path}' was written with {flag} {state['config'].get(key)}, "
                                      f"this run has {flag} {value}: resume with the same settings, or train "
                                      "without --resume")
     mine, theirs = base.state_dict(), state["task"].get("base", {})
