@@ -299,7 +299,8 @@ class Trainer:
             self.step, self.history, self.best = int(ck["step"]), list(ck["history"]), dict(ck["best"])
             self.best_state, self.elapsed = ck["best_state"], float(ck["elapsed"])
             self._since = {k: list(v) for k, v in ck["running"].items()}
-            self.guard.skipped, self.rejected = int(ck["skipped"]), int(ck["rejected        self.resumed = True
+            self.guard.skipped, self.rejected = int(ck["skipped"]), int(ck["rejected"])
+        self.resumed = True
         self.log(f"--resume: resumed from '{path}' at step {self.step} of {self.steps}")
         return True
 
