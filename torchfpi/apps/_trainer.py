@@ -176,6 +176,9 @@ class Task:
         """Validation metrics, the same on every process (override; must contain :attr:`metric`)."""
         raise NotImplementedError
 
+    def after_step(self, stats: Dict[str, float]) -> None:
+        """Called after the backward pass with the step's ``stats`` (add what the backward told)."""
+
     def before_update(self) -> None:
         """Called between a good backward and ``optimizer.step()`` (e.g. gradient clipping)."""
 
@@ -322,9 +325,11 @@ class Trainer:
         if self.steps_per_epoch:
             rec["epoch"] = self._epoch(self.step)
         keys = sorted(self._since)
-        means = {k: (sum(v) / len(v) if v else math.nan) for k, v in self._since.items()}
+        # "_seconds"-like entries add up (time since the last record); the others are averaged
+        means = {k.lstrip("_"): (sum(v) if k.startswith("_") else sum(v) / len(v) if v else math.nan)
+                 for k, v in self._since.items()}
         if self.ctx.distributed and keys:
-            means = self.ctx.reduce_mean({k: means[k] for k in keys})
+            means = self.ctx.reduce_mean(means)
         rec.update({k: (None if math.isnan(v) else v) for k, v in means.items()})
         if self.record_extra is not None:
             rec.update(self.record_extra(self.step))
@@ -392,10 +397,14 @@ class Trainer:
             bar = tqdm(total=self.steps, initial=self.step, desc=f"train {self.task.app}", file=sys.stderr)
         params = self.task.parameters()
         while self.step < self.steps and self._within_budget() and not self._stop_early():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             taken = self._one_step(net, params)
             self.step += 1
-            self.elapsed += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.elapsed += seconds
+            self._since.setdefault("_seconds", []).append(seconds)
+            # CPU time (all threads): unlike wall time, not inflated by other jobs on a shared machine
+            self._since.setdefault("_cpu_seconds", []).append(time.process_time() - c0)
             if bar is not None:
                 bar.update(1)
                 loss = self._since.get("loss")
@@ -427,6 +436,7 @@ class Trainer:
             self.guard._skip(what, params, step)
             return False
         taken = self.guard.backward(out.loss, params, step)
+        task.after_step(out.stats)
         accept = out.accept
         if self.ctx.distributed:  # every process takes the same decision
             accept = float(self.ctx.all_reduce_sum(torch.tensor([float(not accept)], dtype=torch.float64))) == 0

@@ -50,6 +50,9 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     p.add_argument("--out", default=None, help="write the result JSON here (a .json file, checked before training)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="steps between checkpoints besides the one at each epoch's end (0: only there); "
+                   "a kill loses at most this many steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no per-epoch lines")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="float64 for runs that must match across process counts to 1e-6")
@@ -82,6 +85,9 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--val-fraction: expected a number in (0, 1), got {args.val_fraction}")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max-steps: expected >= 1, got {args.max_steps}")
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every: expected 0 (at each epoch's end) or a positive integer, "
+                         f"got {args.checkpoint_every}")
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise UsageError(f"--threads: expected >= 1, got {args.threads}" if args.threads < 1
                          else f"--threads: expected at most 1024, got {args.threads}")
@@ -182,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
             max_steps=args.max_steps,
             ctx=ctx,
             on_nonfinite=args.on_nonfinite,
+            checkpoint_every=args.checkpoint_every,
         )
     if not ctx.is_main:  # rank 0 prints and writes the results
         return 0

@@ -16,22 +16,15 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
 
 from torchfpi.apps._distributed import DistContext, wrap
-from torchfpi.apps._training import (
-    NonFiniteGuard,
-    first_nonfinite,
-    load_checkpoint,
-    restoring,
-    save_checkpoint,
-)
+from torchfpi.apps._trainer import ShuffledBatches, StepResult, Task, Trainer, mean_or_none
 from torchfpi.apps.multilabel.metrics import (
     DEFAULT_THRESHOLDS,
     best_threshold,
@@ -39,9 +32,8 @@ from torchfpi.apps.multilabel.metrics import (
     mean_example_f1,
 )
 from torchfpi.apps.multilabel.models import MODELS, ModelConfig, MultiLabelModel
-from torchfpi.errors import DataError, UsageError
-from torchfpi.io import atomic_torch_save, remove_stale_temp_files, safe_load
-from torchfpi.runtime import machine_info, rng_state, seed_everything, set_rng_state
+from torchfpi.errors import UsageError
+from torchfpi.runtime import machine_info, seed_everything
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -190,6 +182,82 @@ def _validate(model: MultiLabelModel, x: torch.Tensor, y: torch.Tensor, ctx: Dis
     return {"threshold": best[0], "f1": best[1], "forward_iterations": iters}
 
 
+class MultiLabelTask(Task):
+    """``train multilabel``: epochs of seeded shuffled batches, validation F1 at each epoch's end."""
+
+    app = "multilabel"
+    metric = "val_f1"
+    mode = "max"
+
+    def __init__(self, cfg: TrainConfig, splits: Splits, ctx: DistContext) -> None:
+        super().__init__()
+        self.cfg, self.splits, self.ctx = cfg, splits, ctx
+        gen = seed_everything(cfg.seed)
+        self.device, self.dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+        model = MultiLabelModel(cfg.model, splits.x_train.shape[1], splits.y_train.shape[1], cfg.model_cfg)
+        self.model: MultiLabelModel = model.to(self.device, self.dtype)
+        unary = [p for n, p in model.named_parameters() if n.startswith("unary.")]
+        structured = [p for n, p in model.named_parameters() if not n.startswith("unary.")]
+        groups = [{"params": unary}] + ([{"params": structured, "lr": cfg.lr * cfg.energy_lr_mult}]
+                                        if structured else [])
+        self.optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.generators = {"data": gen}
+        self.sampler = ShuffledBatches(splits.x_train.shape[0], cfg.batch_size, gen)
+        self.config = asdict(cfg)
+        self.unary_net: Optional[torch.nn.Module] = None
+
+    def pretraining(self, step: int) -> bool:
+        """True while the step (0-based) belongs to a unary-only pretraining epoch."""
+        return self.cfg.model != "mlp" and step // self.sampler.batches_per_epoch < self.cfg.pretrain_epochs
+
+    def train_step(self, net: torch.nn.Module, step: int) -> StepResult:
+        cfg, ctx = self.cfg, self.ctx
+        pretraining = self.pretraining(step)
+        if pretraining and self.unary_net is None:
+            # Unary-only pretraining goes through its own DDP wrapper of the unary MLP (created
+            # after loading, like the trainer's), so its gradients are reduced too.
+            self.unary_net = wrap(self.model.unary, ctx)
+        (self.unary_net if pretraining and self.unary_net is not None else net).train()
+        idx = self.sampler.next()  # the same on every process (shared seed)
+        rows, share = idx, 1.0
+        if ctx.distributed:  # this process's interleaved share of the global batch
+            rows = idx[ctx.shard(len(idx), epoch=0, seed=cfg.seed, shuffle=False)]
+            # DDP averages gradients over the processes: weight the local mean so that the
+            # result is the gradient of the mean over the global batch.
+            share = len(rows) * ctx.world_size / len(idx)
+            if len(rows) == 0:  # a short last batch: take part with one row of weight 0
+                rows, share = idx[:1], 0.0
+        x = self.splits.x_train[rows].to(self.device, self.dtype)
+        y = self.splits.y_train[rows].to(self.device, self.dtype)
+        z = self.unary_net(x)[0] if pretraining and self.unary_net is not None else net(x)
+        loss = multilabel_loss(z, y, cfg.f1_weight)
+        scaled = loss if share == 1.0 else loss * share
+        stats = {"loss": float(scaled.detach())}  # averaged over processes: the global-batch mean
+        sol = self.model.last_solution if (self.model.kind in ("fpi_gd", "fpi_nn") and not pretraining) else None
+        if sol is not None:
+            stats["train_forward_iterations"] = float(sol.iterations.float().mean())
+            stats["train_converged_fraction"] = float(sol.converged.float().mean())
+        return StepResult(scaled, stats)
+
+    def after_step(self, stats: Dict[str, float]) -> None:
+        """Backward iterations are known once the backward pass ran."""
+        sol = self.model.last_solution
+        b = _backward_iterations(sol) if sol is not None and "train_forward_iterations" in stats else None
+        if b is not None:
+            stats["train_backward_iterations"] = b
+
+    def evaluate(self) -> Dict[str, Any]:
+        val = _validate(self.model, self.splits.x_val, self.splits.y_val, self.ctx)
+        return {"val_f1": 100 * val["f1"], "threshold": val["threshold"],
+                "val_forward_iterations": val["forward_iterations"]}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+
 def train_multilabel(
     cfg: TrainConfig,
     splits: Splits,
@@ -201,23 +269,28 @@ def train_multilabel(
     max_steps: Optional[int] = None,
     ctx: Optional[DistContext] = None,
     on_nonfinite: str = "skip",
+    checkpoint_every: int = 0,
 ) -> Dict[str, Any]:
     """Train one model, select epoch and threshold on validation, evaluate the test split once.
+
+    The loop is :class:`~torchfpi.apps._trainer.Trainer`: a validation at the end of each epoch
+    (early stopping after ``cfg.patience`` epochs without a better F1), checkpoints there and every
+    ``checkpoint_every`` steps (the position in the epoch's shuffled order included, so a run
+    resumed mid-epoch sees the same batches), the non-finite policy, progress and a JSON-lines log.
 
     Args:
         cfg: the run's options.
         splits: data (see :func:`make_splits`).
-        checkpoint: file for atomic checkpoints after every epoch (and the best weights next to
-            it as ``<name>.best.pt``); None: no checkpoints.
-        resume: continue from ``checkpoint`` if it exists (model, optimiser, every RNG state,
-            epoch, step, history and the best weights so far).
-        progress: show a tqdm bar over the batches.
+        checkpoint: file for atomic checkpoints (holding the best weights too); None: none.
+        resume: continue from ``checkpoint`` if it exists.
+        progress: show a tqdm bar over the steps.
         log: where one line per epoch goes (rank 0 only).
         max_steps: stop after this many optimiser steps in total (tests and smoke runs).
         ctx: data-parallel context from :func:`torchfpi.apps._distributed.setup` (None: one
             process).
         on_nonfinite: a NaN/Inf loss or gradient ``"skip"``\\ s the step or ``"stop"``\\ s training
             (:class:`~torchfpi.apps._training.NonFiniteError`).
+        checkpoint_every: steps between checkpoints besides the one at each epoch's end (0: none).
 
     Returns:
         A JSON-able dict: test F1 (%), validation F1, chosen threshold and epoch, per-epoch
@@ -231,180 +304,21 @@ def train_multilabel(
     """
     cfg.validate()
     ctx = ctx or DistContext()
-    if not ctx.is_main:
-        log, progress = (lambda msg: None), False
-    if checkpoint is not None and ctx.is_main:
-        remove_stale_temp_files(checkpoint.parent)
-    gen = seed_everything(cfg.seed)
-    dev = torch.device(cfg.device)
-    dtype = DTYPES[cfg.dtype]
-    model = MultiLabelModel(cfg.model, splits.x_train.shape[1], splits.y_train.shape[1], cfg.model_cfg).to(dev)
-    if dtype != torch.float32:
-        model = model.to(dtype)
-    unary = [p for n, p in model.named_parameters() if n.startswith("unary.")]
-    structured = [p for n, p in model.named_parameters() if not n.startswith("unary.")]
-    groups = [{"params": unary}] + ([{"params": structured, "lr": cfg.lr * cfg.energy_lr_mult}] if structured else [])
-    opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    guard = NonFiniteGuard(on_nonfinite, ctx=ctx, log=log)
-    history: List[Dict[str, Any]] = []
-    best: Dict[str, Any] = {"val_f1": -1.0, "epoch": -1, "threshold": 0.5}
-    start_epoch = 0
-    step = 0
-    best_path = checkpoint.with_suffix(".best.pt") if checkpoint is not None else None
-    best_state: Optional[Dict[str, torch.Tensor]] = None
-    found = resume and checkpoint is not None and checkpoint.exists()
-    if resume and ctx.distributed:
-        seen = int(ctx.all_reduce_sum(torch.tensor([float(found)], dtype=torch.float64)))
-        if 0 < seen < ctx.world_size:
-            raise DataError(f"--resume: '{checkpoint}' exists for {seen} of {ctx.world_size} processes: put "
-                            "--checkpoint-dir on a file system every machine sees, or copy the checkpoint")
-    if found and checkpoint is not None:
-        ck = load_checkpoint(checkpoint, required=("model", "optimizer", "rng", "generator", "epoch", "step",
-                                                   "history", "best", "config"), map_location=dev,
-                             app="multilabel")
-        if ck.get("config") != asdict(cfg):
-            raise UsageError(
-                f"--resume: the checkpoint '{checkpoint}' was written with other options; "
-                "use the same options or another --checkpoint-dir"
-            )
-        with restoring(checkpoint):
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            set_rng_state(ck["rng"])
-            gen.set_state(ck["generator"])
-        history, best, start_epoch, step = ck["history"], ck["best"], ck["epoch"] + 1, ck["step"]
-        guard.skipped = ck.get("skipped", 0)
-        if best_path is not None and best_path.exists():
-            try:
-                best_state = safe_load(best_path, "best-weights", map_location=dev)
-            except DataError as exc:
-                raise DataError(f"{exc}: delete it and the checkpoint, or train without --resume") from exc
-        log(f"--resume: resumed from '{checkpoint}' at epoch {start_epoch} (step {step})")
-    elif resume:
-        log(f"--resume: no checkpoint at '{checkpoint}': starting a fresh run")
-    net = wrap(model, ctx)  # after loading: DDP starts by broadcasting rank 0's weights
-    # Unary-only pretraining goes through its own DDP wrapper of the unary MLP, so its gradients
-    # are reduced too. Each wrapper's reducer acts only in the backward of a forward through it.
-    unary_net = wrap(model.unary, ctx) if cfg.model != "mlp" and start_epoch < cfg.pretrain_epochs else None
-
-    tqdm = None
-    if progress:
-        from tqdm import tqdm  # type: ignore[no-redef]
-
-    n = splits.x_train.shape[0]
-    bad_epochs = sum(1 for h in history if h["epoch"] > best["epoch"])
-    for epoch in range(start_epoch, cfg.epochs):
-        if bad_epochs >= cfg.patience or (max_steps is not None and step >= max_steps):
-            break
-        pretraining = cfg.model != "mlp" and epoch < cfg.pretrain_epochs
-        (unary_net if pretraining and unary_net is not None else net).train()
-        perm = torch.randperm(n, generator=gen)  # the same on every process (shared seed)
-        batches = range(0, n, cfg.batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, file=sys.stderr) if tqdm else batches
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss_sum, fwd, bwd, conv = 0.0, [], [], []
-        for i in bar:
-            idx = perm[i : i + cfg.batch_size]
-            share = 1.0
-            if ctx.distributed:  # this process's interleaved share of the global batch
-                rows = idx[ctx.shard(len(idx), epoch=epoch, seed=cfg.seed, shuffle=False)]
-                # DDP averages gradients over the processes: weight the local mean so that the
-                # result is the gradient of the mean over the global batch.
-                share = len(rows) * ctx.world_size / len(idx)
-                if len(rows) == 0:  # a short last batch: take part with one row of weight 0
-                    rows, share = idx[:1], 0.0
-            else:
-                rows = idx
-            x, y = splits.x_train[rows].to(dev, dtype), splits.y_train[rows].to(dev, dtype)
-            if pretraining and unary_net is not None:
-                z = unary_net(x)[0]
-            else:
-                z = net(x)
-            loss = multilabel_loss(z, y, cfg.f1_weight)
-            opt.zero_grad(set_to_none=True)
-            taken = guard.backward(loss if share == 1.0 else loss * share, list(model.parameters()), step + 1)
-            if taken:
-                opt.step()
-            step += 1
-            if taken and share > 0:
-                count = len(rows) if ctx.distributed else len(idx)
-                loss_sum += float(loss.detach()) * count
-            sol = model.last_solution if (model.kind in ("fpi_gd", "fpi_nn") and not pretraining) else None
-            if sol is not None:
-                fwd.append(float(sol.iterations.float().mean()))
-                conv.append(float(sol.converged.float().mean()))
-                b = _backward_iterations(sol)
-                if b is not None:
-                    bwd.append(b)
-            if max_steps is not None and step >= max_steps:
-                break
-        epoch_s, epoch_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-        stats = {"fwd": float(np.mean(fwd)) if fwd else None, "bwd": float(np.mean(bwd)) if bwd else None,
-                 "conv": float(np.mean(conv)) if conv else None}
-        if ctx.distributed:
-            loss_sum = float(ctx.all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64)))
-            present = {k: v for k, v in stats.items() if v is not None}  # the same keys on every process
-            stats.update(ctx.reduce_mean(present) if present else {})
-        val = _validate(model, splits.x_val, splits.y_val, ctx)
-        th, vf1 = val["threshold"], val["f1"]
-        rec = {
-            "epoch": epoch,
-            "loss": loss_sum / n,
-            "val_f1": 100 * vf1,
-            "threshold": th,
-            "epoch_s": epoch_s,
-            "epoch_cpu_s": epoch_cpu_s,
-            "pretraining": pretraining,
-            "train_forward_iterations": stats["fwd"],
-            "train_backward_iterations": stats["bwd"],
-            "train_converged_fraction": stats["conv"],
-            "val_forward_iterations": val["forward_iterations"],
-        }
-        history.append(rec)
-        # Pretraining epochs of the unary net are not candidates for the structured model.
-        if not pretraining and vf1 > best["val_f1"] and first_nonfinite(model.state_dict()) is None:
-            best = {"val_f1": vf1, "epoch": epoch, "threshold": th}
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if best_path is not None and ctx.is_main:
-                atomic_torch_save(best_state, best_path)
-            bad_epochs = 0
-        elif not pretraining:
-            bad_epochs += 1
-        log(
-            f"[{cfg.dataset}/{cfg.model}/seed {cfg.seed}] epoch {epoch:3d} loss {rec['loss']:.4f} "
-            f"val F1 {rec['val_f1']:.2f} (th {th:.2f}) {epoch_s:.1f}s"
-            + (f" fwd it {rec['train_forward_iterations']:.1f}" if rec["train_forward_iterations"] else "")
-            + (f" bwd it {rec['train_backward_iterations']:.1f}" if rec["train_backward_iterations"] else "")
-            + (f" converged {100 * rec['train_converged_fraction']:.1f}%" if conv else "")
-            + (" [pretrain]" if pretraining else "")
-            + (f" ({guard.skipped} steps skipped)" if guard.skipped else "")
-        )
-        if checkpoint is not None:
-            save_checkpoint(
-                {
-                    "app": "multilabel",
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "rng": rng_state(),
-                    "generator": gen.get_state(),
-                    "epoch": epoch,
-                    "step": step,
-                    "history": history,
-                    "best": best,
-                    "skipped": guard.skipped,
-                    "config": asdict(cfg),
-                    "metrics": {"loss": rec["loss"]},
-                },
-                checkpoint,
-                ctx,
-            )
-
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    task = MultiLabelTask(cfg, splits, ctx)
+    per_epoch = task.sampler.batches_per_epoch
+    steps = cfg.epochs * per_epoch if max_steps is None else min(max_steps, cfg.epochs * per_epoch)
+    trainer = Trainer(task, steps=steps, val_every=per_epoch, checkpoint=checkpoint,
+                      checkpoint_every=checkpoint_every, resume=resume, ctx=ctx, on_nonfinite=on_nonfinite,
+                      log=log, progress=progress, evaluate_first=False, patience=cfg.patience,
+                      steps_per_epoch=per_epoch, log_prefix=f"[{cfg.dataset}/{cfg.model}/seed {cfg.seed}] ",
+                      record_extra=lambda step: {"pretraining": task.pretraining(step - 1)}).fit()
+    model, best, history = task.model, trainer.best, trainer.history
+    if trainer.best_state is not None:
+        model.load_state_dict(trainer.best_state)
     test_f1, test_iters = None, None
     if ctx.is_main:
         test = predict(model, splits.x_test)
-        test_f1 = 100 * float(example_f1(test["prob"] >= best["threshold"], splits.y_test).mean())
+        test_f1 = 100 * float(example_f1(test["prob"] >= best.get("threshold", 0.5), splits.y_test).mean())
         test_iters = test["forward_iterations"]
     trained = [h for h in history if not h["pretraining"]]
     return {
@@ -412,26 +326,21 @@ def train_multilabel(
         "model": cfg.model,
         "seed": cfg.seed,
         "test_f1": test_f1,
-        "val_f1": 100 * best["val_f1"] if best["val_f1"] >= 0 else None,
-        "threshold": best["threshold"],
-        "best_epoch": best["epoch"],
+        "val_f1": best.get("val_f1"),
+        "threshold": best.get("threshold", 0.5),
+        "best_epoch": best.get("epoch", -1),
         "epochs_run": len(history),
-        "epoch_s_mean": float(np.mean([h["epoch_s"] for h in trained])) if trained else math.nan,
+        "epoch_s_mean": float(np.mean([h["seconds"] for h in trained])) if trained else math.nan,
         # CPU time of the training batches (all threads): unlike wall time, not inflated by other
         # jobs on a shared machine, so it compares models run at different times.
-        "epoch_cpu_s_mean": float(np.mean([h.get("epoch_cpu_s", math.nan) for h in trained])) if trained else math.nan,
-        "train_forward_iterations": _mean_or_none([h["train_forward_iterations"] for h in trained]),
-        "train_backward_iterations": _mean_or_none([h["train_backward_iterations"] for h in trained]),
+        "epoch_cpu_s_mean": float(np.mean([h["cpu_seconds"] for h in trained])) if trained else math.nan,
+        "train_forward_iterations": mean_or_none(h.get("train_forward_iterations") for h in trained),
+        "train_backward_iterations": mean_or_none(h.get("train_backward_iterations") for h in trained),
         "test_forward_iterations": test_iters,
-        "skipped_steps": guard.skipped,
+        "skipped_steps": trainer.guard.skipped,
         "world_size": ctx.world_size,
         "history": history,
         "config": asdict(cfg),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "machine": machine_info(),
     }
-
-
-def _mean_or_none(values: List[Optional[float]]) -> Optional[float]:
-    vals = [v for v in values if v is not None]
-    return float(np.mean(vals)) if vals else None
