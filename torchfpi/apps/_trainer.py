@@ -176,8 +176,11 @@ class Task:
         """Validation metrics, the same on every process (override; must contain :attr:`metric`)."""
         raise NotImplementedError
 
-    def after_step(self, stats: Dict[str, float]) -> None:
-        """Called after the backward pass with the step's ``stats`` (add what the backward told)."""
+    def begin(self, resumed: bool) -> None:
+        """Called once the checkpoint (if any) is loaded, before the first evaluation and step."""
+
+    def after_step(self, out: StepResult) -> None:
+        """Called after the backward pass (add to ``out.stats`` what it told; may set ``out.accept``)."""
 
     def before_update(self) -> None:
         """Called between a good backward and ``optimizer.step()`` (e.g. gradient clipping)."""
@@ -384,7 +387,9 @@ class Trainer:
         if self.checkpoint is not None and self.ctx.is_main:
             self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(self.checkpoint.parent)
-        if not self.restore() and self.evaluate_first:
+        resumed = self.restore()
+        self.task.begin(resumed)
+        if not resumed and self.evaluate_first:
             self._record()
         if self.resumed and self.patience is not None:
             self.bad_evaluations = sum(1 for h in self.history if h["step"] > self.best.get("step", -1)
@@ -436,7 +441,7 @@ class Trainer:
             self.guard._skip(what, params, step)
             return False
         taken = self.guard.backward(out.loss, params, step)
-        task.after_step(out.stats)
+        task.after_step(out)
         accept = out.accept
         if self.ctx.distributed:  # every process takes the same decision
             accept = float(self.ctx.all_reduce_sum(torch.tensor([float(not accept)], dtype=torch.float64))) == 0

@@ -112,7 +112,7 @@ def _plot(history: list) -> bytes:
     axes[1].plot(epochs, [h["val_f1"] for h in history], marker="o", color="C1")
     axes[1].set(title="validation example F1 (%)", xlabel="epoch")
     for key, label in (("train_forward_iterations", "forward"), ("train_backward_iterations", "backward")):
-        vals = [h[key] for h in history]
+        vals = [h.get(key) for h in history]
         if any(v is not None for v in vals):
             axes[2].plot(epochs, [float("nan") if v is None else v for v in vals], marker="o", label=label)
     axes[2].set(title="fixed-point iterations per batch", xlabel="epoch")

@@ -71,7 +71,10 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     t.add_argument("--data-root", default=None)
     t.add_argument("--limit-images", type=int, default=None, help="first N Train400 images (tests)")
     t.add_argument("--checkpoint", default=None, help="default: runs/denoise/<model>_s<sigma>.pt")
-    t.add_argument("--resume", action="store_true")
+    t.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    t.add_argument("--checkpoint-every", type=int, default=0,
+                   help="steps between checkpoints besides those at each validation (0: only there); "
+                   "a kill loses at most this many steps")
     t.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="weights and data (float64: runs that must agree across process counts)")
     t.add_argument("--on-nonfinite", choices=("skip", "stop"), default="skip",
@@ -197,6 +200,9 @@ def run_train(args: argparse.Namespace) -> int:
     _checks.positive_number(args.lr, "--lr")
     _checks.positive_number(args.budget_minutes, "--budget-minutes")
     _checks.seed(args.seed)
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every: expected 0 (at each validation) or a positive integer, "
+                         f"got {args.checkpoint_every}")
     model_config: dict = {}
     if args.calibrate_data_weight and args.model == "fpi_nn":
         raise UsageError("--calibrate-data-weight: only for --model fpi_gd or unrolled")
@@ -268,7 +274,8 @@ def run_train(args: argparse.Namespace) -> int:
         export = train(cfg, train_dir, ckpt, resume=args.resume,
                        progress=progress, log=(lambda s: None) if args.quiet else print,
                        limit_images=args.limit_images, init_state=init_state, ctx=ctx,
-                       on_nonfinite=args.on_nonfinite, command=args.command_line)
+                       on_nonfinite=args.on_nonfinite, command=args.command_line,
+                       checkpoint_every=args.checkpoint_every)
     if not ctx.is_main:  # rank 0 writes the weights and prints
         return 0
     export["train"]["command"] = args.command_line  # the last one; every command of the run: "commands"

@@ -17,22 +17,20 @@ reduced over the processes, so N processes follow one process's steps.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from torchfpi.apps._distributed import DistContext, wrap
-from torchfpi.apps._training import NonFiniteGuard, load_checkpoint, restoring, save_checkpoint
+from torchfpi.apps._distributed import DistContext
+from torchfpi.apps._trainer import StepResult, Task, Trainer
 from torchfpi.apps.denoise._models import Denoiser, build_model
 from torchfpi.data.images import load_folder
 from torchfpi.errors import DataError, UsageError
-from torchfpi.io import remove_stale_temp_files
-from torchfpi.runtime import rng_state, seed_everything, set_rng_state
+from torchfpi.runtime import seed_everything
 
 #: Default model configurations (JSON-able; stored in checkpoints and weights).
 DEFAULT_CONFIGS: Dict[str, Dict[str, Any]] = {
@@ -215,6 +213,83 @@ def check_training_data(cfg: TrainConfig, train_dir: Path, limit_images: Optiona
     return len(files)
 
 
+class DenoiseTask(Task):
+    """``train denoise``: random augmented crops with fresh noise, validation PSNR on fixed crops."""
+
+    app = "denoise"
+    metric = "val_psnr"
+    mode = "max"
+
+    def __init__(self, cfg: TrainConfig, train_dir: Path, limit_images: Optional[int],
+                 init_state: Optional[Dict[str, Tensor]], ctx: DistContext, log: Callable[[str], None]) -> None:
+        super().__init__()
+        self.cfg, self.ctx, self.log = cfg, ctx, log
+        dtype = DTYPES[cfg.dtype]
+        self.generators = {"data": seed_everything(cfg.seed)}
+        images = _to_tensor(load_folder(train_dir, limit=limit_images), dtype)
+        self.train_imgs, val_imgs = images[: -cfg.val_images], images[-cfg.val_images:]
+        self.val_clean, self.val_noisy = validation_set(val_imgs, cfg.crop, cfg.sigma)
+        cfg.model_config = {**DEFAULT_CONFIGS[cfg.model], **cfg.model_config}
+        self.model: Denoiser = build_model(cfg.model, cfg.model_config).to(dtype)
+        if init_state is not None:
+            self.model.load_state_dict(init_state)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)) * 0.95 + 0.05)
+        self.calibration: Optional[Dict[str, Any]] = None
+        self.commands: List[str] = []
+        self.command: Optional[str] = None
+        self.config = asdict(cfg)
+
+    def begin(self, resumed: bool) -> None:
+        if self.command:
+            self.commands.append(self.command)
+        if not resumed and self.cfg.calibrate_data_weight:
+            if not hasattr(self.model, "energy"):
+                raise UsageError(f"--calibrate-data-weight: only for energy models, not {self.cfg.model}")
+            self.calibration = calibrate_data_weight(self.model, self.val_clean, self.val_noisy, log=self.log)
+            self.log(f"calibrated data weight: {self.calibration['data_weight']:.4g} "
+                     f"(log offset {self.calibration['chosen_offset']:+.1f})")
+
+    def train_step(self, net: nn.Module, step: int) -> StepResult:
+        cfg, ctx = self.cfg, self.ctx
+        clean, noisy = random_batch(self.train_imgs, cfg.batch_size, cfg.crop, cfg.sigma, self.generators["data"])
+        share = 1.0
+        if ctx.distributed:  # every process drew the same global batch: keep this process's rows
+            rows = ctx.shard(cfg.batch_size, epoch=0, seed=0, shuffle=False)
+            # DDP averages gradients over the processes: weight the local mean so that the
+            # average equals the global-batch mean (every crop has the same number of pixels)
+            share = len(rows) * ctx.world_size / cfg.batch_size
+            clean, noisy = clean[rows], noisy[rows]
+        loss = ((net(noisy) - clean) ** 2).mean()
+        scaled = loss if share == 1.0 else loss * share
+        return StepResult(scaled, {"loss": float(scaled.detach()), "train_iterations": self.model.last_info.iterations})
+
+    def after_step(self, out: StepResult) -> None:
+        info = self.model.last_info
+        bwd = info.backward_iterations()
+        if bwd is not None and math.isfinite(bwd):
+            out.stats["train_backward_iterations"] = bwd
+        # An unconverged forward or backward solve gives a wrong gradient: reject the update rather
+        # than let it corrupt the energy (a non-convex prior can get there; see docs/denoise.md).
+        sol = info.solution
+        out.accept = not (sol is not None and (not bool(sol.converged.all()) or (
+            sol.backward is not None and not bool(sol.backward.converged.all()))))
+
+    def before_update(self) -> None:
+        nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+
+    def evaluate(self) -> Dict[str, Any]:
+        val = _validate(self.model, self.val_clean, self.val_noisy, self.ctx)
+        return {"val_psnr": round(val["psnr"], 4), "val_iterations": val["iterations"]}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"calibration": self.calibration, "commands": self.commands}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.calibration, self.commands = state["calibration"], list(state["commands"])
+
+
 def train(
     cfg: TrainConfig,
     train_dir: Path,
@@ -227,8 +302,13 @@ def train(
     ctx: Optional[DistContext] = None,
     on_nonfinite: str = "skip",
     command: Optional[str] = None,
+    checkpoint_every: int = 0,
 ) -> Dict[str, Any]:
     """Train one denoiser; returns the export dict (kind, config, best state, training record).
+
+    The loop is :class:`~torchfpi.apps._trainer.Trainer` (validation every ``cfg.val_every``
+    steps, checkpoints there and every ``checkpoint_every`` steps, ``resume`` bit-identical to an
+    uninterrupted run, the non-finite policy, progress, a JSON-lines log next to the checkpoint).
 
     Args:
         command: the command line of this call, appended to the run's ``commands`` (kept in the
@@ -237,6 +317,7 @@ def train(
             process). Every process needs the same ``cfg``; only rank 0 logs and writes files.
         on_nonfinite: ``"skip"`` a step whose loss or gradient is NaN/Inf, or ``"stop"`` there
             (:class:`~torchfpi.apps._training.NonFiniteError`; the last good checkpoint is kept).
+        checkpoint_every: steps between checkpoints besides those at each validation (0: none).
 
     Raises:
         DataError: if ``resume`` and the checkpoint is unreadable or incomplete.
@@ -248,156 +329,20 @@ def train(
         log, progress = (lambda msg: None), False
     if cfg.dtype not in DTYPES:
         raise UsageError(f"--dtype: expected one of {list(DTYPES)}, got '{cfg.dtype}'")
-    dtype = DTYPES[cfg.dtype]
     check_training_data(cfg, train_dir, limit_images)
-    if ctx.is_main:
-        remove_stale_temp_files(checkpoint.parent)
     torch.set_num_threads(cfg.threads)
-    gen = seed_everything(cfg.seed)
-    images = _to_tensor(load_folder(train_dir, limit=limit_images), dtype)
-    train_imgs, val_imgs = images[: -cfg.val_images], images[-cfg.val_images:]
-    val_clean, val_noisy = validation_set(val_imgs, cfg.crop, cfg.sigma)
-    mcfg = {**DEFAULT_CONFIGS[cfg.model], **cfg.model_config}
-    cfg.model_config = mcfg
-    model = build_model(cfg.model, mcfg)
-    if dtype != torch.float32:
-        model = model.to(dtype)
-    if init_state is not None:
-        model.load_state_dict(init_state)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)) * 0.95 + 0.05)
-    guard = NonFiniteGuard(on_nonfinite, ctx=ctx, log=log)
-    step, elapsed, best, history = 0, 0.0, {"psnr": -math.inf}, []
-    best_state = None
-    skipped = 0
-    calibration: Optional[Dict[str, Any]] = None
-    commands: List[str] = []
-    found = resume and checkpoint.exists()
-    if resume and ctx.distributed:
-        seen = int(ctx.all_reduce_sum(torch.tensor([float(found)], dtype=torch.float64)))
-        if 0 < seen < ctx.world_size:
-            raise DataError(f"--resume: '{checkpoint}' exists for {seen} of {ctx.world_size} processes: put "
-                            "--checkpoint on a file system every machine sees, or copy the checkpoint")
-    if found:
-        ck = load_checkpoint(checkpoint, required=("model", "optimizer", "scheduler", "rng", "generator",
-                                                   "step", "elapsed", "best", "history", "best_state"),
-                             app="denoise")
-        with restoring(checkpoint):
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            set_rng_state(ck["rng"])
-            gen.set_state(ck["generator"])
-        step, elapsed, best, history = ck["step"], ck["elapsed"], ck["best"], ck["history"]
-        calibration = ck.get("calibration")
-        best_state = ck["best_state"]
-        skipped = ck.get("skipped_updates", 0)
-        commands = list(ck.get("commands", []))
-        guard.skipped = ck.get("nonfinite_skipped", 0)
-        log(f"--resume: resumed from '{checkpoint}' at step {step} of {cfg.steps}")
-    elif resume:
-        log(f"--resume: no checkpoint at '{checkpoint}': starting a fresh run")
-    if command:
-        commands.append(command)
-    net = wrap(model, ctx)  # after loading: DDP starts by broadcasting rank 0's weights
-
-    def save() -> None:
-        save_checkpoint({"app": "denoise",
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": rng_state(), "generator": gen.get_state(), "step": step, "elapsed": elapsed,
-            "best": best, "history": history, "best_state": best_state, "config": asdict(cfg),
-            "skipped_updates": skipped, "nonfinite_skipped": guard.skipped, "world_size": ctx.world_size,
-            "calibration": calibration, "commands": commands,
-        }, checkpoint, ctx, check=("model", "optimizer", "best_state"))
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model} sigma {cfg.sigma:g}")
-    fwd_its: List[float] = []
-    bwd_its: List[float] = []
-    if step == 0 and cfg.calibrate_data_weight:
-        if not hasattr(model, "energy"):
-            raise UsageError(f"--calibrate-data-weight: only for energy models, not {cfg.model}")
-        calibration = calibrate_data_weight(model, val_clean, val_noisy, log=log)
-        log(f"calibrated data weight: {calibration}")
-    if step == 0:  # the starting point is a candidate too (it matters when fine-tuning)
-        val = _validate(model, val_clean, val_noisy, ctx)
-        history.append({"step": 0, "elapsed": 0.0, "val_psnr": round(val["psnr"], 4),
-                        "val_iterations": val["iterations"]})
-        log(f"step 0 {history[-1]}")
-        best = {"psnr": val["psnr"], "step": 0}
-        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def within_budget() -> bool:
-        if not ctx.distributed:
-            return elapsed < cfg.budget_minutes * 60
-        # one verdict for every process (rank 0's clock), or they would leave the loop apart
-        t = torch.tensor([elapsed if ctx.is_main else 0.0], dtype=torch.float64)
-        return float(ctx.all_reduce_sum(t)) < cfg.budget_minutes * 60
-
-    while step < cfg.steps and within_budget():
-        t0 = time.perf_counter()
-        clean, noisy = random_batch(train_imgs, cfg.batch_size, cfg.crop, cfg.sigma, gen)
-        share = 1.0
-        if ctx.distributed:  # every process drew the same global batch: keep this process's rows
-            rows = ctx.shard(cfg.batch_size, epoch=0, seed=0, shuffle=False)
-            # DDP averages gradients over the processes: weight the local mean so that the
-            # average equals the global-batch mean (every crop has the same number of pixels)
-            share = len(rows) * ctx.world_size / cfg.batch_size
-            clean, noisy = clean[rows], noisy[rows]
-        est = net(noisy)
-        loss = ((est - clean) ** 2).mean()
-        opt.zero_grad()
-        taken = guard.backward(loss if share == 1.0 else loss * share, list(model.parameters()), step + 1)
-        sol = model.last_info.solution
-        # An unconverged forward or backward solve gives a wrong gradient: skip the update rather
-        # than let it corrupt the energy (a non-convex prior can get there; see docs/denoise.md).
-        bad = sol is not None and (not bool(sol.converged.all()) or (
-            sol.backward is not None and not bool(sol.backward.converged.all())))
-        if ctx.distributed:  # every process takes the same decision
-            bad = float(ctx.all_reduce_sum(torch.tensor([float(bad)], dtype=torch.float64))) > 0
-        if not taken:
-            pass
-        elif bad:
-            skipped += 1
-        else:
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-        step += 1
-        elapsed += time.perf_counter() - t0
-        fwd_its.append(model.last_info.iterations)
-        bwd_its.append(model.last_info.backward_iterations())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.2e}", it=f"{fwd_its[-1]:.0f}")
-        if step % cfg.val_every == 0 or step >= cfg.steps:
-            val = _validate(model, val_clean, val_noisy, ctx)
-            rec = {"step": step, "elapsed": round(elapsed, 1), "val_psnr": round(val["psnr"], 4),
-                   "val_iterations": val["iterations"],
-                   "train_iterations": float(np.mean(fwd_its)) if fwd_its else 0.0,
-                   "train_backward_iterations": float(np.nanmean(bwd_its))
-                   if np.isfinite(bwd_its).any() else None, "skipped_updates": skipped}
-            if guard.skipped:
-                rec["nonfinite_skipped"] = guard.skipped
-            fwd_its, bwd_its = [], []
-            history.append(rec)
-            log(f"step {step} {rec}")
-            if val["psnr"] > best["psnr"]:
-                best = {"psnr": val["psnr"], "step": step}
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            save()
-    if bar is not None:
-        bar.close()
-    if best_state is None:
-        best_state = model.state_dict()
-    save()
+    task = DenoiseTask(cfg, train_dir, limit_images, init_state, ctx, log)
+    trainer = Trainer(task, steps=cfg.steps, val_every=cfg.val_every, checkpoint=checkpoint,
+                      checkpoint_every=checkpoint_every, resume=resume, ctx=ctx, on_nonfinite=on_nonfinite,
+                      log=log, progress=progress, budget_s=cfg.budget_minutes * 60)
+    task.command = command
+    trainer.fit()
+    best = {"psnr": trainer.best.get("val_psnr", -math.inf), "step": trainer.best.get("step", 0)}
+    best_state = trainer.best_state if trainer.best_state is not None else task.model.state_dict()
     return {
-        "kind": cfg.model, "sigma": cfg.sigma, "config": mcfg, "state_dict": best_state,
-        "train": {"steps": step, "seconds": round(elapsed, 1), "best": best, "history": history,
-                  "settings": asdict(cfg), "nonfinite_skipped": guard.skipped,
-                  "world_size": ctx.world_size, "calibration": calibration, "commands": commands},
+        "kind": cfg.model, "sigma": cfg.sigma, "config": cfg.model_config, "state_dict": best_state,
+        "train": {"steps": trainer.step, "seconds": round(trainer.elapsed, 1), "best": best,
+                  "history": trainer.history, "settings": asdict(cfg), "skipped": trainer.guard.skipped,
+                  "rejected": trainer.rejected, "world_size": ctx.world_size, "calibration": task.calibration,
+                  "commands": task.commands},
     }

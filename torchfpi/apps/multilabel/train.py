@@ -239,12 +239,12 @@ class MultiLabelTask(Task):
             stats["train_converged_fraction"] = float(sol.converged.float().mean())
         return StepResult(scaled, stats)
 
-    def after_step(self, stats: Dict[str, float]) -> None:
+    def after_step(self, out: StepResult) -> None:
         """Backward iterations are known once the backward pass ran."""
         sol = self.model.last_solution
-        b = _backward_iterations(sol) if sol is not None and "train_forward_iterations" in stats else None
+        b = _backward_iterations(sol) if sol is not None and "train_forward_iterations" in out.stats else None
         if b is not None:
-            stats["train_backward_iterations"] = b
+            out.stats["train_backward_iterations"] = b
 
     def evaluate(self) -> Dict[str, Any]:
         val = _validate(self.model, self.splits.x_val, self.splits.y_val, self.ctx)
