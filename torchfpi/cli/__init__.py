@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -29,8 +30,64 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+_STATES_DEFAULT = re.compile(r"\(default|default:|default \S+ for|defaults? to", re.IGNORECASE)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help that keeps the examples' line breaks and shows every option's default.
+
+    The default is appended as ``(default: X)`` unless the help already says what it is.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if _STATES_DEFAULT.search(text) or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+#: One example per command, shown at the end of its ``--help``.
+EXAMPLES = {
+    "torchfpi": "example:\n  torchfpi demo --epochs 3\n  torchfpi train flow --help",
+    "torchfpi train": "example:\n  torchfpi train multilabel --dataset bibtex --model fpi_gd",
+    "torchfpi train multilabel": "examples:\n  torchfpi train multilabel --dataset bibtex --model fpi_gd --out runs/ml.json\n"
+    "  torchfpi train multilabel --resume --checkpoint-every 50   # continue a killed run\n"
+    "  torchrun --nproc_per_node 2 -m torchfpi train multilabel --dtype float64",
+    "torchfpi train denoise": "examples:\n  torchfpi train denoise --model fpi_gd --sigma 25 --steps 800\n"
+    "  torchfpi train denoise --resume --checkpoint-every 10   # continue a killed run",
+    "torchfpi train flow": "examples:\n  torchfpi train flow --out runs/flow --steps 150\n"
+    "  torchfpi train flow --model fpi_nn --base runs/flow/best.pt --out runs/flow\n"
+    "  torchfpi train flow --procedural --out runs/flow --resume",
+    "torchfpi demo": "example:\n  torchfpi demo --epochs 3",
+    "torchfpi gradcheck": "example:\n  torchfpi gradcheck --seed 1",
+    "torchfpi denoise": "examples:\n  torchfpi denoise noisy.png --sigma 25 --out clean.png\n"
+    "  torchfpi denoise noisy.png --sigma 25 --out est.png --clean reference.png   # prints PSNR / SSIM",
+    "torchfpi flow": "examples:\n  torchfpi flow frame10.png frame11.png --out flow.flo --png flow.png\n"
+    "  torchfpi flow frame10.png frame11.png --truth flow10.flo   # prints the end-point error",
+    "torchfpi bench": "example:\n  torchfpi bench --out bench-results",
+}
+
+
+def _explain(parser: argparse.ArgumentParser, helps: dict) -> None:
+    """Give every (sub)command the defaults formatter, a description (its help line when it has
+    none) and its example; recursively."""
+    parser.formatter_class = _Formatter
+    if not parser.description and parser.prog in helps:
+        parser.description = helps[parser.prog][0].upper() + helps[parser.prog][1:] + "."
+    if not parser.epilog and parser.prog in EXAMPLES:
+        parser.epilog = EXAMPLES[parser.prog]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub_helps = {f"{parser.prog} {c.dest}": c.help for c in action._choices_actions if c.help}
+            for child in action.choices.values():
+                _explain(child, sub_helps)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Build the full argument parser of the ``torchfpi`` command."""
+    """Build the full argument parser of the ``torchfpi`` command (every option with its help and
+    default, every command with a description and an example)."""
     from torchfpi import __version__
 
     parser = _Parser(
@@ -46,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _COMMAND_MODULES:
         module = importlib.import_module(f"torchfpi.cli.{name}")
         module.register(commands, train)
+    _explain(parser, {})
     return parser
 
 

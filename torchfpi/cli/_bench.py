@@ -28,7 +28,8 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per method (default 1)")
     p.add_argument("--tol", type=float, default=1e-5, help="relative residual tolerance (default 1e-5)")
     p.add_argument("--max-iter", type=int, default=500, help="iteration budget, forward and backward")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="precision of the benchmark problems")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda[:N]' or 'auto'")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable timings)")
     p.add_argument("--clock", default="auto", choices=["auto", "cpu", "wall"],
@@ -39,7 +40,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.add_argument("--no-plots", action="store_true", help="write no PNG figures")
     p.add_argument("--resume", action="store_true", help="keep finished problems of --out/results.json")
     p.add_argument("--strict", action="store_true", help="exit 1 if a claim of the issue fails")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random problems")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     p.set_defaults(func=run)
 

@@ -21,7 +21,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     )
     p.add_argument("--epochs", type=int, default=25, help="maximum epochs (default 25)")
     p.add_argument("--patience", type=int, default=5, help="early-stopping patience (default 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, weights and batch order")
     p.add_argument("--out-dir", default="runs/demo", help="where the plot and results go")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda[:N]' or 'auto'")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")

@@ -20,13 +20,17 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.add_argument("input", metavar="IN", help="noisy input image (PNG)")
     p.add_argument("--sigma", type=float, required=True, help="noise level on the [0, 255] scale")
     p.add_argument("--out", required=True, help="output PNG (8-bit grey)")
-    p.add_argument("--model", default="fpi_gd", choices=["fpi_gd", "unrolled", "fpi_nn"])
+    p.add_argument("--model", default="fpi_gd", choices=["fpi_gd", "unrolled", "fpi_nn"],
+                   help="which trained model denoises: the FoE energy solved by FPI, its unrolled twin, or FPI_NN")
     p.add_argument("--weights", default=None,
                    help="weights file or folder (default: shipped); a file of another --model is refused, one "
                    "trained for another --sigma is used with a one-line warning that names its sigma")
     p.add_argument("--tol", type=float, default=1e-4, help="forward solve tolerance")
     p.add_argument("--max-iter", type=int, default=300, help="forward solve iteration limit")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--clean", default=None, metavar="REF",
+                   help="clean reference image of the same size: also print PSNR and SSIM (scikit-image)")
+    p.add_argument("--device", default="cpu", help="where the model runs: 'cpu', 'cuda[:N]' or 'auto'")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success (no progress either)")
     p.set_defaults(func=run_denoise)
 
     t = train.add_parser(
@@ -38,14 +42,16 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
         "--budget-minutes (40) of compute on one CPU thread. Runs under torchrun "
         "(--batch-size split across the processes; rank 0 writes the files).",
     )
-    t.add_argument("--sigma", type=float, default=25.0)
-    t.add_argument("--model", default="fpi_gd", choices=["fpi_gd", "unrolled", "fpi_nn"])
-    t.add_argument("--steps", type=int, default=800)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--crop", type=int, default=64)
-    t.add_argument("--lr", type=float, default=5e-3)
-    t.add_argument("--val-images", type=int, default=40)
-    t.add_argument("--val-every", type=int, default=50)
+    t.add_argument("--sigma", type=float, default=25.0, help="noise level on the [0, 255] scale")
+    t.add_argument("--model", default="fpi_gd", choices=["fpi_gd", "unrolled", "fpi_nn"],
+                   help="fpi_gd: FoE energy with the implicit gradient; unrolled: TNRD-style baseline; fpi_nn: a "
+                   "convolutional FPI_NN")
+    t.add_argument("--steps", type=int, default=800, help="optimiser steps")
+    t.add_argument("--batch-size", type=int, default=8, help="crops per step (the global batch under torchrun)")
+    t.add_argument("--crop", type=int, default=64, help="side of the square training crops (pixels)")
+    t.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (cosine schedule down to 5%%)")
+    t.add_argument("--val-images", type=int, default=40, help="last Train400 images held out for validation")
+    t.add_argument("--val-every", type=int, default=50, help="steps between validations (and checkpoints)")
     t.add_argument("--unroll-steps", type=int, default=None, help="unrolled model: steps T")
     t.add_argument("--tol", type=float, default=None,
                    help="fpi_gd / fpi_nn: forward and backward tolerance (default 1e-3)")
@@ -65,10 +71,12 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     t.add_argument("--kernel-size", type=int, default=None,
                    help="fpi_gd / unrolled: odd FoE filter size (default 5); with --init, a larger "
                    "size zero-pads the trained filters")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--budget-minutes", type=float, default=40.0)
-    t.add_argument("--threads", type=int, default=1)
-    t.add_argument("--data-root", default=None)
+    t.add_argument("--seed", type=int, default=0, help="seed of weights, crops and noise")
+    t.add_argument("--budget-minutes", type=float, default=40.0,
+                   help="stop after this much training time (over resumes), even before --steps")
+    t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    t.add_argument("--data-root", default=None,
+                   help="data root holding denoise/Train400 (default: $TORCHFPI_DATA, then the per-user cache)")
     t.add_argument("--limit-images", type=int, default=None, help="first N Train400 images (tests)")
     t.add_argument("--checkpoint", default=None, help="default: runs/denoise/<model>_s<sigma>.pt")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
@@ -80,7 +88,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     t.add_argument("--on-nonfinite", choices=("skip", "stop"), default="skip",
                    help="a NaN/Inf loss or gradient: skip that step, or stop (last good checkpoint kept)")
     t.add_argument("--export", default=None, help="weights file to write (default: next to checkpoint)")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="print only errors")
     t.set_defaults(func=run_train)
 
 
@@ -93,9 +101,11 @@ def run_denoise(args: argparse.Namespace) -> int:
 
     from torchfpi.apps.denoise import MIN_IMAGE_SIDE, denoise_array, load_denoiser
     from torchfpi.cli import _checks
+    from torchfpi.cli._progress import ticking
     from torchfpi.data.images import check_sigma, read_grey_png
     from torchfpi.errors import UsageError
     from torchfpi.io import atomic_write_bytes, remove_stale_temp_files
+    from torchfpi.runtime import resolve_device
 
     sigma = check_sigma(args.sigma)
     _checks.positive_number(args.tol, "--tol")
@@ -109,8 +119,17 @@ def run_denoise(args: argparse.Namespace) -> int:
     if min(noisy.shape) < MIN_IMAGE_SIDE:
         raise UsageError(f"IN: '{args.input}' is {noisy.shape[1]}x{noisy.shape[0]} pixels; the denoisers need "
                          f"at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
+    clean = None
+    if args.clean is not None:
+        clean = read_grey_png(args.clean)
+        if clean.shape != noisy.shape:
+            raise UsageError(f"--clean: '{args.clean}' is {clean.shape[1]}x{clean.shape[0]} pixels but IN is "
+                             f"{noisy.shape[1]}x{noisy.shape[0]}: give the clean version of this image")
+    device = resolve_device(args.device)
     model, meta = load_denoiser(args.model, sigma, args.weights)
-    est, info = denoise_array(model, noisy, sigma, tol=args.tol, max_iter=args.max_iter)
+    model = model.to(device)
+    with ticking(f"denoise {args.model} sigma {sigma:g}", enabled=not args.quiet):
+        est, info = denoise_array(model, noisy, sigma, tol=args.tol, max_iter=args.max_iter)
     arr = np.clip(np.rint(est), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
@@ -120,6 +139,13 @@ def run_denoise(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"{args.input} -> {out}: {args.model} sigma {sigma:g}, "
               f"{info['forward_iterations']:.0f} iterations, residual {info['residual']:.1e}")
+    if clean is not None:
+        from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+        ref = np.clip(np.rint(clean), 0, 255).astype(np.uint8)
+        psnr = peak_signal_noise_ratio(ref, arr, data_range=255)
+        ssim = structural_similarity(ref, arr, data_range=255)
+        print(f"PSNR {psnr:.2f} dB, SSIM {ssim:.4f} against {args.clean}")
     return 0
 
 

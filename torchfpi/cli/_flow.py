@@ -23,13 +23,14 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
                    help="learned variational FPI model (default), its FPI_NN refinement, or Horn-Schunck")
     p.add_argument("--truth", default=None, help="ground-truth .flo file: also print the end-point error")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.add_argument("--device", default="cpu", help="where the model runs: 'cpu', 'cuda[:N]' or 'auto'")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success (no progress either)")
     p.set_defaults(func=run_flow)
 
     t = train.add_parser("flow", help="train the learned variational flow model on synthetic pairs")
     t.add_argument("--model", choices=("fpi_gd", "fpi_nn"), default="fpi_gd",
                    help="fpi_gd: the variational energy model; fpi_nn: its FPI_NN refinement (needs --base)")
-    t.add_argument("--base", default=str(DEFAULT_WEIGHTS), help="fpi_gd weights refined by --model fpi_nn")
+    t.add_argument("--base", default=str(DEFAULT_WEIGHTS), help="fpi_gd weights refined by --model fpi_nn (default: the shipped flow_fpi_gd.pt)")
     t.add_argument("--out", default="runs/flow", help="output folder (checkpoint.pt, best.pt, train.json)")
     t.add_argument("--steps", type=int, default=150, help="optimiser steps")
     t.add_argument("--batch-size", type=int, default=None,
@@ -39,9 +40,9 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     t.add_argument("--max-motion", type=float, default=6.0, help="largest synthetic translation (pixels)")
     t.add_argument("--pairs", type=int, default=None,
                    help="--model fpi_nn: synthetic training pairs whose fpi_gd flows are precomputed (default 320)")
-    t.add_argument("--val-pairs", type=int, default=16)
-    t.add_argument("--val-every", type=int, default=25)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val-pairs", type=int, default=16, help="synthetic validation pairs (fixed seed)")
+    t.add_argument("--val-every", type=int, default=25, help="steps between validations (and checkpoints)")
+    t.add_argument("--seed", type=int, default=0, help="seed of weights and synthetic pairs")
     t.add_argument("--max-iter", type=int, default=40, help="sweeps per fixed-point solve")
     t.add_argument("--data-root", default=None,
                    help="data root holding denoise/Train400, whose images are the textures (default "
@@ -58,7 +59,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
                    help="model and data precision (float64: runs match across process counts)")
     t.add_argument("--on-nonfinite", choices=("skip", "stop"), default="skip",
                    help="a NaN/Inf loss or gradient skips the step (default) or stops training")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="print only errors")
     t.set_defaults(func=run_train)
 
 
@@ -172,10 +173,13 @@ def run_flow(args: argparse.Namespace) -> int:
     import torch
 
     from torchfpi.apps import flow as flow_app
+    from torchfpi.apps.flow.api import load_flow_model
     from torchfpi.cli import _checks
+    from torchfpi.cli._progress import ticking
     from torchfpi.data.flo import write_flo, write_flow_png
     from torchfpi.errors import DataError, UsageError
     from torchfpi.io import remove_stale_temp_files
+    from torchfpi.runtime import resolve_device
 
     if args.threads < 0:
         raise UsageError(f"--threads: expected 0 (default) or a positive integer, got {args.threads}")
@@ -210,23 +214,19 @@ def run_flow(args: argparse.Namespace) -> int:
             raise DataError(f"--truth: '{args.truth}' is {truth.shape[0]}x{truth.shape[1]} (H x W) but the "
                             f"frames are {f1.shape[-2]}x{f1.shape[-1]}: give the ground truth of this pair")
     model: Any = None
-    if args.method == "fpi_nn":
-        from torchfpi.apps.flow.refine import load_refined
-
-        model = load_refined(weights)
-    elif args.method == "fpi_gd":
-        from torchfpi.apps.flow.train import load_weights
-
-        model = load_weights(weights)
+    device = resolve_device(args.device)
+    if args.method != "horn_schunck":
+        model = load_flow_model(args.method, weights, device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    with torch.no_grad():
+    with torch.no_grad(), ticking(f"flow {args.method}", enabled=not args.quiet):
         if model is None:
             from torchfpi.apps.flow.baselines import horn_schunck
 
-            flow, info = horn_schunck(f1, f2)
+            flow, info = horn_schunck(f1.to(device), f2.to(device))
         else:
-            flow, info = model(f1, f2)
+            flow, info = model(f1.to(device), f2.to(device))
+    flow = flow.cpu()
     for target in (out, png):
         if target is not None:
             remove_stale_temp_files(target.parent)

@@ -19,7 +19,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.add_argument("--dim", type=int, default=8, help="state size (default 8)")
     p.add_argument("--radius", type=float, default=0.8, help="spectral norm of W, < 1 (default 0.8)")
     p.add_argument("--tolerance", type=float, default=1e-5, help="max relative error of exact modes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random test problem")
     p.set_defaults(func=run)
 
 

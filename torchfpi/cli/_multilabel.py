@@ -18,18 +18,21 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
         "are chosen on a validation split carved from the training set; the test split is "
         "evaluated once, at the end.",
     )
-    p.add_argument("--dataset", choices=DATASETS, default="bibtex")
-    p.add_argument("--model", choices=MODEL_NAMES, default="fpi_gd")
+    p.add_argument("--dataset", choices=DATASETS, default="bibtex", help="multi-label data set (ARFF, Mulan format)")
+    p.add_argument("--model", choices=MODEL_NAMES, default="fpi_gd",
+                   help="mlp: the unary network alone; spen: the unrolled energy baseline; fpi_gd / fpi_nn: "
+                   "fixed-point layers")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--epochs", type=int, default=40, help="maximum epochs (default 40)")
     p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=128, help="rows per step (the global batch under torchrun)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--f1-weight", type=float, default=0.1,
                    help="weight of the soft example-F1 term of the loss (default 0.1; 0: BCE only)")
     p.add_argument("--pretrain-epochs", type=int, default=0,
                    help="epochs of unary-only training before the structured model (default 0)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training rows held out for validation (epoch and threshold choice)")
     p.add_argument("--hidden", type=int, default=None, help="hidden width of the unary MLP (default 1024)")
     p.add_argument("--energy-hidden", type=int, default=None, help="label-interaction units K (default: recipe)")
     p.add_argument("--unroll-steps", type=int, default=None, help="SPEN's unrolled steps T (default 10)")
@@ -46,7 +49,8 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.add_argument("--test-arff", default=None, help="ARFF file of the test split")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto'")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--checkpoint-dir", default="checkpoints/multilabel")
+    p.add_argument("--checkpoint-dir", default="checkpoints/multilabel",
+                   help="folder of the checkpoint DATASET-MODEL-seedSEED.pt and its .jsonl log")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     p.add_argument("--out", default=None, help="write the result JSON here (a .json file, checked before training)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")

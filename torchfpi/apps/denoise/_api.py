@@ -120,7 +120,9 @@ def denoise_array(
     if len(shape) != 2 or min(shape) < MIN_IMAGE_SIDE:
         raise UsageError(f"image: expected a 2-D grey image of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} "
                          f"pixels, got shape {tuple(shape)}")
-    y = torch.tensor(np.asarray(noisy, dtype=np.float64) / 255.0, dtype=torch.float32)[None, None]
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    y = torch.tensor(np.asarray(noisy, dtype=np.float64) / 255.0, dtype=torch.float32, device=device)[None, None]
     kw: Dict[str, Any] = {}
     if tol is not None and model.kind != "unrolled":
         kw["tol"] = tol
@@ -128,5 +130,5 @@ def denoise_array(
         kw["max_iter"] = max_iter
     out = model(y, **kw)
     info: Any = model.last_info
-    return out[0, 0].double().numpy() * 255.0, {
+    return out[0, 0].double().cpu().numpy() * 255.0, {
         "forward_iterations": float(info.iterations), "residual": float(info.residual)}
