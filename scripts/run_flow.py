@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 from torchfpi.apps import flow as flow_app
+from torchfpi.apps.flow import load_flow_model
 from torchfpi.apps.flow.baselines import dis, farneback, horn_schunck
-from torchfpi.apps.flow.refine import load_refined
-from torchfpi.apps.flow.train import load_weights
 from torchfpi.apps.flow.variational import VariationalFlow
 from torchfpi.data.flo import end_point_error, flow_to_color, valid_mask
 from torchfpi.io import atomic_write_bytes, atomic_write_json, data_root, read_json
@@ -61,8 +60,8 @@ def main(argv=None) -> int:
     results["machine"] = machine_info()
     results["protocol"] = ("Middlebury 'other' training pairs with ground truth (frame10 -> frame11), grey "
                            "frames; EPE averaged over pixels with known truth; no tuning on these pairs")
-    model = load_weights(Path(args.weights)) if "fpi_gd" in methods else None
-    nn_model = load_refined(Path(args.nn_weights)) if "fpi_nn" in methods else None
+    model = load_flow_model("fpi_gd", args.weights) if "fpi_gd" in methods else None
+    nn_model = load_flow_model("fpi_nn", args.nn_weights) if "fpi_nn" in methods else None
     init_model = VariationalFlow(model.config if model is not None else None)
     if model is not None:
         results["fpi_gd_params"] = model.describe()

@@ -302,3 +302,17 @@ def test_results_grid_script_keeps_units_and_refuses_mixed_budgets(tmp_path, cap
     with pytest.raises(SystemExit):
         grid.main([a if a != "1" else "2" for a in args])
     assert "holds runs of budget" in capsys.readouterr().err
+
+
+def test_load_multilabel_model_gives_the_best_validated_model(tmp_path, tiny_bibtex):
+    from torchfpi.apps.multilabel import load_multilabel_model
+
+    ck = tmp_path / "run.pt"
+    cfg = TrainConfig(model="fpi_gd", epochs=2, batch_size=64, model_cfg=SMALL)
+    res = train_multilabel(cfg, tiny_bibtex, checkpoint=ck, log=lambda m: None)
+    model, info = load_multilabel_model(ck)
+    assert not model.training and info["threshold"] == res["threshold"] and info["epoch"] == res["best_epoch"]
+    prob = torch.sigmoid(model(tiny_bibtex.x_test)).detach()
+    f1 = 100 * float(example_f1(prob >= info["threshold"], tiny_bibtex.y_test).mean())
+    assert f1 == pytest.approx(res["test_f1"], abs=1e-6)
+    assert (ck.with_suffix(".jsonl")).read_text().count("\n") == len(res["history"])  # the JSON-lines log

@@ -95,7 +95,8 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from torchfpi.apps import session as distributed_session
-    from torchfpi.apps.flow.train import TrainConfig, load_weights, train
+    from torchfpi.apps.flow import load_flow_model
+    from torchfpi.apps.flow.train import TrainConfig, train
     from torchfpi.apps.flow.variational import FlowConfig
     from torchfpi.cli import _checks
     from torchfpi.errors import UsageError
@@ -128,7 +129,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.model == "fpi_nn" and not base.exists():
         raise FileNotFoundError(2, "No such file or directory", str(base))
     out = _checks.output_dir(args.out, "--out")
-    base_model = load_weights(base) if args.model == "fpi_nn" else None
+    base_model = load_flow_model("fpi_gd", base) if args.model == "fpi_nn" else None
     root = _texture_root(args)
     torch.set_num_threads(args.threads)
     command = args.command_line

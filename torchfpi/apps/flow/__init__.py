@@ -13,10 +13,11 @@ from torchfpi.apps.flow._ops import (
     to_grey_tensor,
     warp,
 )
+from torchfpi.apps.flow.api import load_flow_model
 from torchfpi.apps.flow.baselines import dis, farneback, horn_schunck, horn_schunck_step
 from torchfpi.apps.flow.variational import FlowConfig, VariationalFlow
 
 __all__ = [
     "MIDDLEBURY_GT_SEQUENCES", "check_pair", "load_middlebury", "read_image", "to_grey_tensor", "warp", "dis", "farneback", "horn_schunck",
-    "horn_schunck_step", "FlowConfig", "VariationalFlow",
+    "horn_schunck_step", "FlowConfig", "VariationalFlow", "load_flow_model",
 ]  # fmt: skip

@@ -5,6 +5,7 @@ same unary network. Training (:mod:`.train`) selects epoch and threshold on a va
 carved from the training set and evaluates the test split once. Metrics in :mod:`.metrics`.
 """
 
+from torchfpi.apps.multilabel.api import load_multilabel_model
 from torchfpi.apps.multilabel.metrics import best_threshold, example_f1, mean_example_f1
 from torchfpi.apps.multilabel.models import MODELS, LabelEnergy, ModelConfig, MultiLabelModel
 from torchfpi.apps.multilabel.train import (
@@ -24,6 +25,7 @@ __all__ = [
     "TrainConfig",
     "best_threshold",
     "example_f1",
+    "load_multilabel_model",
     "make_splits",
     "mean_example_f1",
     "predict",

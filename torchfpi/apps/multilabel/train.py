@@ -252,7 +252,8 @@ class MultiLabelTask(Task):
                 "val_forward_iterations": val["forward_iterations"]}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"sampler": self.sampler.state_dict()}
+        dims = {"num_features": self.splits.x_train.shape[1], "num_labels": self.splits.y_train.shape[1]}
+        return {"sampler": self.sampler.state_dict(), "dims": dims}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
