@@ -346,3 +346,34 @@ def test_fpi_nn_refinement_starts_at_base_and_trains(tmp_path):
     back = load_refined(tmp_path / "nn.pt")
     with torch.no_grad():
         assert torch.allclose(back.refine(zgd, f1, f2), moved, atol=1e-5)
+
+
+def _flo_bytes(flow: np.ndarray) -> bytes:
+    """The Middlebury layout written by hand: magic, width, height, (u, v) row by row."""
+    h, w, _ = flow.shape
+    return (np.array([202021.25], "<f4").tobytes() + np.array([w, h], "<i4").tobytes()
+            + np.ascontiguousarray(flow, "<f4").tobytes())
+
+
+def test_flo_io_through_opencv_is_the_middlebury_layout_and_atomic(tmp_path):
+    from torchfpi.data.flo import read_flo, write_flo
+
+    flow = np.random.RandomState(0).randn(5, 7, 2).astype(np.float32)
+    path = tmp_path / "f.flo"
+    path.write_bytes(b"old")
+    write_flo(path, flow)
+    assert path.read_bytes() == _flo_bytes(flow)  # OpenCV writes exactly the format
+    assert [p.name for p in tmp_path.iterdir()] == ["f.flo"]  # no temporary file left
+    np.testing.assert_array_equal(read_flo(path), flow)
+
+
+def test_read_flo_of_rubberwhale_matches_the_raw_layout():
+    from torchfpi.data.flo import read_flo
+    from torchfpi.io import data_root
+
+    path = data_root() / "flow" / "middlebury" / "other-gt-flow" / "RubberWhale" / "flow10.flo"
+    if not path.exists():
+        pytest.skip("no Middlebury ground truth in the data root")
+    raw = path.read_bytes()
+    w, h = np.frombuffer(raw, "<i4", count=2, offset=4)
+    np.testing.assert_array_equal(read_flo(path), np.frombuffer(raw, "<f4", offset=12).reshape(h, w, 2))

@@ -40,43 +40,64 @@ __all__ = [
 def read_flo(path: PathLike) -> np.ndarray:
     """Read a ``.flo`` file into a float32 array ``(H, W, 2)`` holding ``(u, v)``.
 
-    Unknown values (above ``1e9``) are kept as they are; use :func:`valid_mask` to mask them.
+    The values are read by OpenCV (``cv2.readOpticalFlow``); the header is checked here first, so
+    that a damaged file is one clear error and never a huge allocation. Unknown values (above
+    ``1e9``) are kept as they are; use :func:`valid_mask` to mask them.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
         DataError: if the magic number is wrong, the header is truncated, the size is not
             positive, or the file holds fewer or more values than ``H * W * 2``.
+        MissingExtraError: OpenCV (the ``apps`` extra) is not installed.
     """
+    from torchfpi.runtime import require
+
     path = Path(path)
-    data = path.read_bytes()
-    if len(data) < 12:
-        raise DataError(f"'{path}': truncated .flo header ({len(data)} bytes, expected at least 12)")
-    magic = float(np.frombuffer(data, dtype="<f4", count=1)[0])
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+    size = path.stat().st_size
+    if len(head) < 12:
+        raise DataError(f"'{path}': truncated .flo header ({len(head)} bytes, expected at least 12)")
+    magic = float(np.frombuffer(head, dtype="<f4", count=1)[0])
     if magic != FLO_MAGIC:
         raise DataError(f"'{path}': not a .flo file (magic number {magic!r}, expected {FLO_MAGIC})")
-    width, height = (int(x) for x in np.frombuffer(data, dtype="<i4", count=2, offset=4))
+    width, height = (int(x) for x in np.frombuffer(head, dtype="<i4", count=2, offset=4))
     if width <= 0 or height <= 0 or width * height > 1 << 28:
         raise DataError(f"'{path}': implausible flow size {width}x{height} in the header")
     expected = 12 + 8 * width * height
-    if len(data) != expected:
+    if size != expected:
         raise DataError(
-            f"'{path}': size {len(data)} bytes does not match the header "
+            f"'{path}': size {size} bytes does not match the header "
             f"({width}x{height} needs {expected} bytes): truncated or corrupt file"
         )
-    flow = np.frombuffer(data, dtype="<f4", offset=12).reshape(height, width, 2)
-    return flow.astype(np.float32)
+    flow = require("cv2").readOpticalFlow(str(path))
+    if flow is None or flow.shape != (height, width, 2):  # pragma: no cover - the header was checked
+        raise DataError(f"'{path}': OpenCV could not read this .flo file")
+    return np.asarray(flow, dtype=np.float32)
 
 
 def write_flo(path: PathLike, flow: np.ndarray) -> None:
     """Write a flow ``(H, W, 2)`` (or a torch tensor ``(2, H, W)``/``(1, 2, H, W)``) as ``.flo``, atomically.
 
+    OpenCV (``cv2.writeOpticalFlow``) encodes the file in a private temporary folder; its bytes
+    then replace ``path`` in one rename (:func:`torchfpi.io.atomic_write_bytes`), so a reader never
+    sees half a file.
+
     Raises:
         ValueError: if ``flow`` does not have one of those shapes.
+        MissingExtraError: OpenCV (the ``apps`` extra) is not installed.
     """
-    flow = _as_hw2(flow, "flow")
-    h, w, _ = flow.shape
-    header = np.array([FLO_MAGIC], dtype="<f4").tobytes() + np.array([w, h], dtype="<i4").tobytes()
-    atomic_write_bytes(path, header + np.ascontiguousarray(flow, dtype="<f4").tobytes())
+    import tempfile
+
+    from torchfpi.runtime import require
+
+    flow = np.ascontiguousarray(_as_hw2(flow, "flow"), dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix="torchfpi-flo-") as tmp:
+        encoded = Path(tmp) / "flow.flo"
+        if not require("cv2").writeOpticalFlow(str(encoded), flow):  # pragma: no cover
+            raise OSError(f"OpenCV could not encode a .flo file for '{path}'")
+        data = encoded.read_bytes()
+    atomic_write_bytes(path, data)
 
 
 def _as_hw2(flow: object, name: str) -> np.ndarray:
