@@ -162,6 +162,9 @@ def _color_wheel() -> np.ndarray:
 def flow_to_color(flow: object, max_flow: Optional[float] = None) -> np.ndarray:
     """Colour-code a flow with the Middlebury wheel: hue = direction, saturation = magnitude.
 
+    Our own code: neither OpenCV (its main modules, the ones ``opencv-python-headless`` ships)
+    nor scikit-image has the Middlebury colour wheel.
+
     Args:
         flow: ``(H, W, 2)`` numpy or ``(2, H, W)`` torch flow.
         max_flow: magnitude shown fully saturated; default: the largest known magnitude.

@@ -28,7 +28,6 @@ from torchfpi.apps._trainer import ShuffledBatches, StepResult, Task, Trainer, m
 from torchfpi.apps.multilabel.metrics import (
     DEFAULT_THRESHOLDS,
     best_threshold,
-    example_f1,
     mean_example_f1,
 )
 from torchfpi.apps.multilabel.models import MODELS, ModelConfig, MultiLabelModel
@@ -319,7 +318,7 @@ def train_multilabel(
     test_f1, test_iters = None, None
     if ctx.is_main:
         test = predict(model, splits.x_test)
-        test_f1 = 100 * float(example_f1(test["prob"] >= best.get("threshold", 0.5), splits.y_test).mean())
+        test_f1 = 100 * mean_example_f1(test["prob"], splits.y_test, best.get("threshold", 0.5))
         test_iters = test["forward_iterations"]
     trained = [h for h in history if not h["pretraining"]]
     return {
