@@ -231,3 +231,9 @@ def train_val_split(
     perm = np.random.default_rng(seed).permutation(num)
     val = perm[fold * num_val:(fold + 1) * num_val]
     return np.sort(np.concatenate([perm[:fold * num_val], perm[(fold + 1) * num_val:]])), np.sort(val)
+
+
+# torch.utils.data datasets of the three applications (issue 17)
+from torchfpi.data.datasets import DenoisingCrops, MiddleburyPairs, MultiLabelDataset  # noqa: E402
+
+__all__ += ["DenoisingCrops", "MiddleburyPairs", "MultiLabelDataset"]
