@@ -439,14 +439,14 @@ def test_torchrun_two_processes_match_one_process_denoise(tmp_path, model):
 def test_denoise_nan_loss_is_skipped_then_stop_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     import torchfpi.apps.denoise._train as dn_train
 
-    real, calls = dn_train.random_batch, []
+    real, calls = dn_train.DenoiseTask.batch, []
 
-    def poisoned(*args, **kwargs):
-        clean, noisy = real(*args, **kwargs)
+    def poisoned(self, step):
+        clean, noisy = real(self, step)
         calls.append(1)
         return clean, noisy * float("nan") if len(calls) == 2 else noisy
 
-    monkeypatch.setattr(dn_train, "random_batch", poisoned)
+    monkeypatch.setattr(dn_train.DenoiseTask, "batch", poisoned)
     argv = [*_dn_args(tmp_path), "--batch-size", "2", "--steps", "3", "--val-every", "1"]
     assert main([*argv, "--checkpoint", str(tmp_path / "skip" / "ck.pt")]) == 0
     state = _dn_state(tmp_path / "skip" / "ck.pt")

@@ -19,15 +19,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from torchfpi.apps._distributed import DistContext
 from torchfpi.apps._trainer import StepResult, Task, Trainer
 from torchfpi.apps.denoise._models import Denoiser, build_model
+from torchfpi.data.datasets import DenoisingCrops
 from torchfpi.data.images import load_folder
 from torchfpi.errors import DataError, UsageError
 from torchfpi.runtime import seed_everything
@@ -236,8 +238,14 @@ class DenoiseTask(Task):
         self.cfg, self.ctx, self.log = cfg, ctx, log
         dtype = DTYPES[cfg.dtype]
         self.generators = {"data": seed_everything(cfg.seed)}
-        images = _to_tensor(load_folder(train_dir, limit=limit_images), dtype)
-        self.train_imgs, val_imgs = images[: -cfg.val_images], images[-cfg.val_images:]
+        arrays = load_folder(train_dir, limit=limit_images)
+        images = _to_tensor(arrays, dtype)
+        val_imgs = images[-cfg.val_images:]
+        # sample i of the run is a pure function of (seed, i): a resumed run reads on at its step
+        self.crops = DenoisingCrops(arrays[: -cfg.val_images], cfg.crop, cfg.sigma,
+                                    length=cfg.steps * cfg.batch_size, seed=cfg.seed, dtype=dtype)
+        self._loader: Optional[Iterator[Any]] = None
+        self._next_step = -1
         self.val_clean, self.val_noisy = validation_set(val_imgs, cfg.crop, cfg.sigma)
         cfg.model_config = {**DEFAULT_CONFIGS[cfg.model], **cfg.model_config}
         self.model: Denoiser = build_model(cfg.model, cfg.model_config).to(dtype)
@@ -261,9 +269,19 @@ class DenoiseTask(Task):
             self.log(f"calibrated data weight: {self.calibration['data_weight']:.4g} "
                      f"(log offset {self.calibration['chosen_offset']:+.1f})")
 
+    def batch(self, step: int) -> Tuple[Tensor, Tensor]:
+        """The global batch of ``step``: crops ``step * B .. (step + 1) * B - 1`` through a DataLoader."""
+        b = self.cfg.batch_size
+        if self._loader is None or step != self._next_step:
+            order = [list(range(s * b, (s + 1) * b)) for s in range(step, self.cfg.steps)]
+            self._loader = iter(DataLoader(self.crops, batch_sampler=order))
+        self._next_step = step + 1
+        clean, noisy = next(self._loader)
+        return clean, noisy
+
     def train_step(self, net: nn.Module, step: int) -> StepResult:
         cfg, ctx = self.cfg, self.ctx
-        clean, noisy = random_batch(self.train_imgs, cfg.batch_size, cfg.crop, cfg.sigma, self.generators["data"])
+        clean, noisy = self.batch(step)
         share = 1.0
         if ctx.distributed:  # every process drew the same global batch: keep this process's rows
             rows = ctx.shard(cfg.batch_size, epoch=0, seed=0, shuffle=False)
