@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -79,7 +79,7 @@ def format_record(record: Mapping[str, Any], digits: int = 4) -> str:
     return " | ".join(parts)
 
 
-class ShuffledBatches:
+class ShuffledBatches(torch.utils.data.Sampler):
     """Seeded batches of indices ``0..n-1``: a new permutation at each epoch, drawn from ``generator``.
 
     Its state (the current permutation and the position in it) goes into every checkpoint, so a
@@ -110,6 +110,11 @@ class ShuffledBatches:
         idx = self.perm[self.position : self.position + self.batch_size]
         self.position += self.batch_size
         return idx
+
+    def __iter__(self) -> Iterator[List[int]]:
+        """Batches without end, for ``DataLoader(dataset, batch_sampler=self)``."""
+        while True:
+            yield self.next().tolist()
 
     def state_dict(self) -> Dict[str, Any]:
         return {"perm": self.perm, "position": self.position, "epoch": self.epoch}

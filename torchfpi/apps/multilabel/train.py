@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from torchfpi.apps._distributed import DistContext, wrap
 from torchfpi.apps._trainer import ShuffledBatches, StepResult, Task, Trainer, mean_or_none
@@ -31,6 +32,7 @@ from torchfpi.apps.multilabel.metrics import (
     mean_example_f1,
 )
 from torchfpi.apps.multilabel.models import MODELS, ModelConfig, MultiLabelModel
+from torchfpi.data.datasets import MultiLabelDataset
 from torchfpi.errors import UsageError
 from torchfpi.runtime import machine_info, seed_everything
 
@@ -202,6 +204,10 @@ class MultiLabelTask(Task):
         self.optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generators = {"data": gen}
         self.sampler = ShuffledBatches(splits.x_train.shape[0], cfg.batch_size, gen)
+        # the rows come through a DataLoader whose batches are the sampler's (its state is
+        # checkpointed; the loader asks for the next batch only when a step needs it)
+        dataset = MultiLabelDataset((splits.x_train, splits.y_train))
+        self.loader = iter(DataLoader(dataset, batch_sampler=self.sampler))
         self.config = asdict(cfg)
         self.unary_net: Optional[torch.nn.Module] = None
 
@@ -217,17 +223,16 @@ class MultiLabelTask(Task):
             # after loading, like the trainer's), so its gradients are reduced too.
             self.unary_net = wrap(self.model.unary, ctx)
         (self.unary_net if pretraining and self.unary_net is not None else net).train()
-        idx = self.sampler.next()  # the same on every process (shared seed)
-        rows, share = idx, 1.0
+        xb, yb = next(self.loader)  # the same global batch on every process (shared seed)
+        rows, share = torch.arange(len(xb)), 1.0
         if ctx.distributed:  # this process's interleaved share of the global batch
-            rows = idx[ctx.shard(len(idx), epoch=0, seed=cfg.seed, shuffle=False)]
+            rows = rows[ctx.shard(len(rows), epoch=0, seed=cfg.seed, shuffle=False)]
             # DDP averages gradients over the processes: weight the local mean so that the
             # result is the gradient of the mean over the global batch.
-            share = len(rows) * ctx.world_size / len(idx)
+            share = len(rows) * ctx.world_size / len(xb)
             if len(rows) == 0:  # a short last batch: take part with one row of weight 0
-                rows, share = idx[:1], 0.0
-        x = self.splits.x_train[rows].to(self.device, self.dtype)
-        y = self.splits.y_train[rows].to(self.device, self.dtype)
+                rows, share = torch.arange(1), 0.0
+        x, y = xb[rows].to(self.device, self.dtype), yb[rows].to(self.device, self.dtype)
         z = self.unary_net(x)[0] if pretraining and self.unary_net is not None else net(x)
         loss = multilabel_loss(z, y, cfg.f1_weight)
         scaled = loss if share == 1.0 else loss * share
