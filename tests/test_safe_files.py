@@ -63,7 +63,7 @@ def test_memory_measurement_refuses_a_crafted_pickle(evil):
     assert not marker.exists()
 
 
-def test_multilabel_resume_refuses_crafted_best_weights(tmp_path, monkeypatch):
+def test_multilabel_resume_refuses_a_crafted_checkpoint(tmp_path, monkeypatch):
     from torchfpi.apps.multilabel import TrainConfig, make_splits, train_multilabel
     from torchfpi.apps.multilabel.recipes import model_config
     from torchfpi.data import load_embedded_bibtex
@@ -75,8 +75,9 @@ def test_multilabel_resume_refuses_crafted_best_weights(tmp_path, monkeypatch):
     ck = tmp_path / "ck.pt"
     train_multilabel(cfg, splits, checkpoint=ck, log=lambda m: None, max_steps=2)  # epoch 0 only
     marker = tmp_path / "ran.marker"
-    torch.save({"w": _Evil(marker)}, ck.with_suffix(".best.pt"))
-    with pytest.raises(DataError, match="best-weights file: .*refused unread.*delete it and the checkpoint"):
+    # the best weights live in the checkpoint (one file, one format): a crafted one is refused unread
+    torch.save({**torch.load(ck, weights_only=True), "best_state": {"w": _Evil(marker)}}, ck)
+    with pytest.raises(DataError, match="checkpoint .*refused unread.*delete it or train without --resume"):
         train_multilabel(cfg, splits, checkpoint=ck, resume=True, log=lambda m: None)
     assert not marker.exists()
 

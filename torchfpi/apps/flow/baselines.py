@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import torchfpi
 from torchfpi.apps.flow import _ops
-from torchfpi.apps.flow._fp import solve
 
 
 def _grey_uint8(image: np.ndarray) -> np.ndarray:
@@ -101,7 +101,9 @@ def horn_schunck(frame1: torch.Tensor, frame2: torch.Tensor, alpha: float = 8.0,
             ix, iy = 0.5 * (ax + bx) * inside, 0.5 * (ay + by) * inside
             it = (bw - a) * inside
             c = it - ix * flow[:, :1] - iy * flow[:, 1:]
-            sol = solve(horn_schunck_step, flow, ix, iy, c, alpha, tol=tol, max_iter=max_iter)
+            sol = torchfpi.fixed_point(horn_schunck_step, flow, ix, iy, c, alpha, solver="fpi", backward="fpi",
+                                       tol=tol, max_iter=max_iter, backward_tol=1e-3, backward_max_iter=50,
+                                       on_failure="ignore")
             flow = sol.value
             total += int(sol.iterations[0])
             solves += 1

@@ -27,8 +27,8 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
+import torchfpi
 from torchfpi.apps.flow import _ops
-from torchfpi.apps.flow._fp import solve
 
 
 @dataclass
@@ -224,9 +224,12 @@ class VariationalFlow(nn.Module):
                     u0 = flow if track else flow.detach()
                     d = self._data_terms(a, b, u0)
                     wx, wy = self._edge_weights(a)
-                    sol = solve(self.step, u0.detach(), u0, d, wx, wy, red, tol=cfg.tol,
-                                max_iter=cfg.max_iter, backward_tol=cfg.backward_tol,
-                                backward_max_iter=cfg.backward_max_iter)
+                    # plain forward and backward FPI; the iterations are capped on purpose (a
+                    # coarse-to-fine scheme needs no warp converged): reported, not warned about
+                    sol = torchfpi.fixed_point(self.step, u0.detach(), u0, d, wx, wy, red, solver="fpi",
+                                               backward="fpi", tol=cfg.tol, max_iter=cfg.max_iter,
+                                               backward_tol=cfg.backward_tol,
+                                               backward_max_iter=cfg.backward_max_iter, on_failure="ignore")
                     flow = _ops.median_filter(sol.value, cfg.median)
                 per_solve.append(int(sol.iterations[0]))
         info = {"iterations": sum(per_solve), "solves": len(per_solve), "per_solve": per_solve}
