@@ -168,7 +168,7 @@ def test_grad_split_has_the_same_value_and_first_derivatives() -> None:
 
 
 def test_calibrate_data_weight_picks_the_best_offset() -> None:
-    from torchfpi.apps.denoise._train import calibrate_data_weight, evaluate
+    from torchfpi.apps.denoise.train import calibrate_data_weight, evaluate
 
     clean = torch.tensor(np.stack([_smooth_image(24, 24, s) for s in range(3)]) / 255.0,
                          dtype=torch.float32).unsqueeze(1)
@@ -392,7 +392,7 @@ def test_self_ensemble_script_prints_both_scores(data_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_implicit_training_uses_less_memory_than_unrolled() -> None:
-    from torchfpi.apps.denoise._memory import measure_training_memory
+    from torchfpi.apps.denoise.memory import measure_training_memory
 
     imp = measure_training_memory("fpi_gd", 20, batch_size=4, crop=48)
     unr = measure_training_memory("unrolled", 20, batch_size=4, crop=48)

@@ -55,7 +55,7 @@ def test_every_library_loader_refuses_a_crafted_pickle(evil):
 
 
 def test_memory_measurement_refuses_a_crafted_pickle(evil):
-    from torchfpi.apps.denoise._memory import _child
+    from torchfpi.apps.denoise.memory import _child
 
     path, marker = evil
     with pytest.raises(DataError, match="refused unread"):

@@ -133,7 +133,7 @@ def test_records_are_readable_lines():
 
 
 @pytest.mark.parametrize("name", ["torchfpi.apps._trainer", "torchfpi.apps.multilabel.metrics",
-                                  "torchfpi.apps.denoise._train", "torchfpi.apps.flow.api", "torchfpi.cli._progress"])
+                                  "torchfpi.apps.denoise.train", "torchfpi.apps.flow.api", "torchfpi.cli._progress"])
 def test_docstring_examples(name):
     module = importlib.import_module(name)
     assert doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE).failed == 0

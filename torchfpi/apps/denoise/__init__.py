@@ -7,7 +7,7 @@
 - Baselines: :func:`bm3d_denoise`, :func:`tv_denoise`, :func:`choose_tv_weight`.
 """
 
-from torchfpi.apps.denoise._api import (
+from torchfpi.apps.denoise.api import (
     MIN_IMAGE_SIDE,
     available_sigmas,
     denoise_array,
@@ -15,10 +15,10 @@ from torchfpi.apps.denoise._api import (
     save_weights,
     weights_path,
 )
-from torchfpi.apps.denoise._baselines import bm3d_denoise, choose_tv_weight, tv_denoise
-from torchfpi.apps.denoise._energy import FoEEnergy, dct_filters, grow_energy_state
-from torchfpi.apps.denoise._memory import measure_training_memory
-from torchfpi.apps.denoise._models import (
+from torchfpi.apps.denoise.baselines import bm3d_denoise, choose_tv_weight, tv_denoise
+from torchfpi.apps.denoise.energy import FoEEnergy, dct_filters, grow_energy_state
+from torchfpi.apps.denoise.memory import measure_training_memory
+from torchfpi.apps.denoise.models import (
     MODELS,
     ConvUpdate,
     FPIGDDenoiser,
@@ -26,7 +26,7 @@ from torchfpi.apps.denoise._models import (
     UnrolledDenoiser,
     build_model,
 )
-from torchfpi.apps.denoise._train import (
+from torchfpi.apps.denoise.train import (
     DEFAULT_CONFIGS,
     TrainConfig,
     batch_psnr,
@@ -34,7 +34,7 @@ from torchfpi.apps.denoise._train import (
     train,
     validation_set,
 )
-from torchfpi.apps.denoise._train import _to_tensor as to_tensor
+from torchfpi.apps.denoise.train import _to_tensor as to_tensor
 
 __all__ = [
     "DEFAULT_CONFIGS", "MIN_IMAGE_SIDE", "MODELS", "check_training_data", "ConvUpdate", "FPIGDDenoiser", "FPINNDenoiser", "FoEEnergy", "grow_energy_state",

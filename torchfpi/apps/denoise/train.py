@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from torchfpi.apps._distributed import DistContext
 from torchfpi.apps._trainer import StepResult, Task, Trainer
-from torchfpi.apps.denoise._models import Denoiser, build_model
+from torchfpi.apps.denoise.models import Denoiser, build_model
 from torchfpi.data.datasets import DenoisingCrops
 from torchfpi.data.images import load_folder
 from torchfpi.errors import DataError, UsageError

@@ -29,8 +29,8 @@ def _rss_kib() -> int:
 def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
     import torch
 
-    from torchfpi.apps.denoise._energy import FoEEnergy
-    from torchfpi.apps.denoise._models import FPIGDDenoiser, UnrolledDenoiser
+    from torchfpi.apps.denoise.energy import FoEEnergy
+    from torchfpi.apps.denoise.models import FPIGDDenoiser, UnrolledDenoiser
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
         model = UnrolledDenoiser(energy, steps=n)
     b, c = int(spec["batch_size"]), int(spec["crop"])
     if spec.get("images"):  # real crops: the first 16 images of the folder
-        from torchfpi.apps.denoise._train import _to_tensor, random_batch
+        from torchfpi.apps.denoise.train import _to_tensor, random_batch
         from torchfpi.data.images import load_folder
 
         imgs = _to_tensor(load_folder(spec["images"], limit=16))
@@ -92,7 +92,7 @@ def measure_training_memory(
     spec = {"kind": kind, "iterations": iterations, "batch_size": batch_size, "crop": crop,
             "steps": steps, "energy": energy or {}, "weights": weights, "tol": tol,
             "images": images}
-    code = ("import json,sys; from torchfpi.apps.denoise._memory import _child; "
+    code = ("import json,sys; from torchfpi.apps.denoise.memory import _child; "
             "print(json.dumps(_child(json.loads(sys.argv[1]))))")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True,
                          text=True, check=True)

@@ -12,7 +12,7 @@ from torch import nn
 
 from torchfpi.apps._training import describe_exception
 from torchfpi.apps._weights import check_kind, read_weights, sigma_mismatch, weights_meta
-from torchfpi.apps.denoise._models import MODELS, build_model
+from torchfpi.apps.denoise.models import MODELS, build_model
 from torchfpi.errors import DataError, UsageError
 from torchfpi.io import PathLike, atomic_torch_save
 

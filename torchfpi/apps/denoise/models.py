@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import torchfpi
-from torchfpi.apps.denoise._energy import FoEEnergy
+from torchfpi.apps.denoise.energy import FoEEnergy
 
 
 @dataclass
