@@ -15,8 +15,7 @@ from typing import List
 
 import torch
 
-from torchfpi.apps.denoise import batch_psnr, load_denoiser, validation_set
-from torchfpi.apps.denoise import to_tensor as _to_tensor
+from torchfpi.apps.denoise import batch_psnr, load_denoiser, to_tensor, validation_set
 from torchfpi.data.images import load_folder
 from torchfpi.io import data_root
 
@@ -38,7 +37,7 @@ def main(argv: List[str]) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     model, _ = load_denoiser("fpi_gd", args.sigma, args.weights)
-    images = _to_tensor(load_folder(data_root(args.data_root) / "denoise" / "Train400"))
+    images = to_tensor(load_folder(data_root(args.data_root) / "denoise" / "Train400"))
     clean, noisy = validation_set(images[-args.val_images:], args.crop, args.sigma)
     with torch.no_grad():
         outs = [_dihedral(model(_dihedral(noisy, k, f), tol=1e-4, max_iter=300), k, f, inverse=True)

@@ -31,10 +31,10 @@ from torchfpi.apps.denoise.train import (
     TrainConfig,
     batch_psnr,
     check_training_data,
+    to_tensor,
     train,
     validation_set,
 )
-from torchfpi.apps.denoise.train import _to_tensor as to_tensor
 
 __all__ = [
     "DEFAULT_CONFIGS", "MIN_IMAGE_SIDE", "MODELS", "check_training_data", "ConvUpdate", "FPIGDDenoiser", "FPINNDenoiser", "FoEEnergy", "grow_energy_state",

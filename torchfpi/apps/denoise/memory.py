@@ -48,10 +48,10 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
         model = UnrolledDenoiser(energy, steps=n)
     b, c = int(spec["batch_size"]), int(spec["crop"])
     if spec.get("images"):  # real crops: the first 16 images of the folder
-        from torchfpi.apps.denoise.train import _to_tensor, random_batch
+        from torchfpi.apps.denoise.train import random_batch, to_tensor
         from torchfpi.data.images import load_folder
 
-        imgs = _to_tensor(load_folder(spec["images"], limit=16))
+        imgs = to_tensor(load_folder(spec["images"], limit=16))
         clean, noisy = random_batch(imgs, b, c, 25.0, torch.Generator().manual_seed(0))
     else:
         clean = torch.rand(b, 1, c, c)

@@ -74,7 +74,8 @@ class TrainConfig:
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def _to_tensor(images: List[np.ndarray], dtype: torch.dtype = torch.float32) -> List[Tensor]:
+def to_tensor(images: List[np.ndarray], dtype: torch.dtype = torch.float32) -> List[Tensor]:
+    """Images on the [0, 255] scale as tensors on the [0, 1] scale."""
     return [torch.tensor(im / 255.0, dtype=dtype) for im in images]
 
 
@@ -239,7 +240,7 @@ class DenoiseTask(Task):
         dtype = DTYPES[cfg.dtype]
         self.generators = {"data": seed_everything(cfg.seed)}
         arrays = load_folder(train_dir, limit=limit_images)
-        images = _to_tensor(arrays, dtype)
+        images = to_tensor(arrays, dtype)
         val_imgs = images[-cfg.val_images:]
         # sample i of the run is a pure function of (seed, i): a resumed run reads on at its step
         self.crops = DenoisingCrops(arrays[: -cfg.val_images], cfg.crop, cfg.sigma,
