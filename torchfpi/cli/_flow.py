@@ -31,7 +31,7 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     t.add_argument("--model", choices=("fpi_gd", "fpi_nn"), default="fpi_gd",
                    help="fpi_gd: the variational energy model; fpi_nn: its FPI_NN refinement (needs --base)")
     t.add_argument("--base", default=str(DEFAULT_WEIGHTS), help="fpi_gd weights refined by --model fpi_nn (default: the shipped flow_fpi_gd.pt)")
-    t.add_argument("--out", default="runs/flow", help="output folder (checkpoint.pt, best.pt, train.json)")
+    t.add_argument("--out", default="runs/flow", help="output folder (checkpoint.pt, its JSON-lines log checkpoint.jsonl, best.pt, train.json)")
     t.add_argument("--steps", type=int, default=150, help="optimiser steps")
     t.add_argument("--batch-size", type=int, default=None,
                    help="global batch of pairs per step (default 4 for fpi_gd, 8 for fpi_nn)")

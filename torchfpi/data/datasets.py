@@ -11,6 +11,7 @@ Each works with :class:`torch.utils.data.DataLoader` and its default collation.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple, Union
 
@@ -98,11 +99,14 @@ class DenoisingCrops(Dataset):
 
     def __init__(self, images: Union[Sequence[np.ndarray], PathLike], crop: int, sigma: float, length: int,
                  seed: int = 0, augment: bool = True, dtype: torch.dtype = torch.float64) -> None:
-        if isinstance(images, (str, Path)):
+        arrays: Sequence[np.ndarray]
+        if isinstance(images, (str, os.PathLike)):
             from torchfpi.data.images import load_folder
 
-            images = load_folder(images)
-        self.images = [torch.as_tensor(np.asarray(im, dtype=np.float64) / 255.0, dtype=dtype) for im in images]
+            arrays = load_folder(images)
+        else:
+            arrays = images
+        self.images = [torch.as_tensor(np.asarray(im, dtype=np.float64) / 255.0, dtype=dtype) for im in arrays]
         if not self.images:
             raise UsageError("DenoisingCrops: no images")
         smallest = min(min(im.shape) for im in self.images)
