@@ -46,14 +46,13 @@ def test_denoising_crops_do_not_depend_on_order_or_workers():
         ds[12]
 
 
-def test_middlebury_pairs(tmp_path):
-    from torchfpi.io import data_root
-
+def test_middlebury_pairs_missing_names_the_fetch_command(tmp_path):
     with pytest.raises(DataError, match="torchfpi data fetch middlebury"):
         MiddleburyPairs(tmp_path)
-    try:
-        pairs = MiddleburyPairs(data_root())
-    except DataError:
-        pytest.skip("no Middlebury data in the data root")
+
+
+@pytest.mark.data("middlebury")
+def test_middlebury_pairs(data_root):
+    pairs = MiddleburyPairs(data_root)
     f1, f2, flow = next(iter(DataLoader(pairs, batch_size=1)))
     assert f1.shape[:2] == (1, 1) and flow.shape[:2] == (1, 2) and f1.shape[-2:] == flow.shape[-2:]

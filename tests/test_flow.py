@@ -367,13 +367,11 @@ def test_flo_io_through_opencv_is_the_middlebury_layout_and_atomic(tmp_path):
     np.testing.assert_array_equal(read_flo(path), flow)
 
 
-def test_read_flo_of_rubberwhale_matches_the_raw_layout():
+@pytest.mark.data("middlebury")
+def test_read_flo_of_rubberwhale_matches_the_raw_layout(data_root):
     from torchfpi.data.flo import read_flo
-    from torchfpi.io import data_root
 
-    path = data_root() / "flow" / "middlebury" / "other-gt-flow" / "RubberWhale" / "flow10.flo"
-    if not path.exists():
-        pytest.skip("no Middlebury ground truth in the data root")
+    path = data_root / "flow" / "middlebury" / "other-gt-flow" / "RubberWhale" / "flow10.flo"
     raw = path.read_bytes()
     w, h = np.frombuffer(raw, "<i4", count=2, offset=4)
     np.testing.assert_array_equal(read_flo(path), np.frombuffer(raw, "<f4", offset=12).reshape(h, w, 2))

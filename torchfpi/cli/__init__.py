@@ -30,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-_STATES_DEFAULT = re.compile(r"\(default|default:|default \S+ for|defaults? to", re.IGNORECASE)
+_STATES_DEFAULT = re.compile(r"\(default|default:|default \S+ for|defaults? to|default \$", re.IGNORECASE)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -67,6 +67,10 @@ EXAMPLES = {
     "torchfpi flow": "examples:\n  torchfpi flow frame10.png frame11.png --out flow.flo --png flow.png\n"
     "  torchfpi flow frame10.png frame11.png --truth flow10.flo   # prints the end-point error",
     "torchfpi bench": "example:\n  torchfpi bench --out bench-results",
+    "torchfpi data": "examples:\n  torchfpi data list\n  torchfpi data fetch bibtex middlebury",
+    "torchfpi data list": "example:\n  torchfpi data list --root ~/data/torchfpi",
+    "torchfpi data fetch": "example:\n  torchfpi data fetch train400 bsd68",
+    "torchfpi data check": "example:\n  torchfpi data check middlebury",
 }
 
 
