@@ -54,9 +54,15 @@ def test_tuple_structure_mismatch():
         torchfpi.fixed_point(lambda s: s[0], (torch.zeros(2, 1), torch.zeros(2, 2)))
 
 
-@pytest.mark.parametrize("tol", [0, -1e-3, float("nan"), "1e-3", True])
+@pytest.mark.parametrize("tol", [0, -1e-3, float("nan"), float("inf"), -float("inf")])
 def test_non_positive_tol(tol, z0):
     with pytest.raises(ValueError, match="tol: expected a positive number"):
+        torchfpi.fixed_point(ok, z0, tol=tol)
+
+
+@pytest.mark.parametrize("tol", ["1e-3", True, None, torch.tensor(1e-3)])
+def test_tol_of_wrong_type_is_type_error(tol, z0):
+    with pytest.raises(TypeError, match="tol: expected a positive number, got"):
         torchfpi.fixed_point(ok, z0, tol=tol)
 
 
@@ -65,7 +71,7 @@ def test_backward_tol_and_max_iter_checked(z0):
         torchfpi.fixed_point(ok, z0, backward_tol=0.0)
     with pytest.raises(ValueError, match="backward_max_iter"):
         torchfpi.fixed_point(ok, z0, backward_max_iter=0)
-    with pytest.raises(ValueError, match="max_iter: expected an integer >= 1, got 2.5"):
+    with pytest.raises(TypeError, match="max_iter: expected an integer >= 1, got float 2.5"):
         torchfpi.fixed_point(ok, z0, max_iter=2.5)
 
 

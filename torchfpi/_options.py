@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Optional, Tuple, Union
 
@@ -17,25 +19,57 @@ ON_FAILURE = ("warn", "raise", "ignore")
 RESIDUALS = ("relative", "absolute")
 
 
-def _check_tol(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}: expected a positive number, got {value!r}")
-    return float(value)
+def check_positive(name: str, value: object) -> float:
+    """``value`` as a ``float`` if it is a finite real number > 0.
+
+    Any ``numbers.Real`` is accepted (``float``, ``int``, ``numpy.float32``, ...); ``bool``,
+    strings and tensors are a ``TypeError``; NaN, Inf, zero and negatives a ``ValueError``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a positive number, got {type(value).__name__} {value!r}")
+    result = float(value)
+    if not (math.isfinite(result) and result > 0):
+        raise ValueError(f"{name}: expected a positive number (finite, > 0), got {value!r}")
+    return result
 
 
-def _check_max_iter(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    return value
+def check_integer(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` as an ``int`` if it is an integer >= ``minimum``.
+
+    Any ``numbers.Integral`` is accepted (``int``, ``numpy.int64``, ...); ``bool``, floats
+    (even ``5.0``) and strings are a ``TypeError``; a value below ``minimum`` a ``ValueError``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer >= {minimum}, got {type(value).__name__} {value!r}")
+    result = int(value)
+    if result < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return result
+
+
+def _check_tol(name: str, value: object, relative: bool) -> float:
+    tol = check_positive(name, value)
+    if relative and tol >= 1.0:
+        # ||f(z) - z|| / (||f(z)|| + 1e-9) >= 1 means "the step is as large as the iterate":
+        # such a test passes for almost any map, converging or not.
+        raise ValueError(
+            f"{name}: a relative residual tolerance must be < 1 (a step as large as the iterate "
+            f"would pass), got {value!r}; use residual='absolute' for a tolerance in the state's units"
+        )
+    return tol
 
 
 def _check_per_sample(value: object) -> Optional[Tuple[int, ...]]:
     if value is None:
         return None
     items = tuple(value) if isinstance(value, (tuple, list, range)) else None
-    if items is None or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+    if items is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in items):
         raise TypeError(f"per_sample: expected None or a sequence of input indices (ints >= 0), got {value!r}")
-    return items
+    if any(int(i) < 0 for i in items):
+        raise ValueError(f"per_sample: expected input indices >= 0, got {value!r}")
+    if len(set(int(i) for i in items)) != len(items):
+        raise ValueError(f"per_sample: an input index is listed twice, got {value!r}")
+    return tuple(int(i) for i in items)
 
 
 @dataclass(frozen=True)
@@ -46,8 +80,13 @@ class Options:
     values the solve uses are :attr:`solver_object`, :attr:`adjoint`, :attr:`adjoint_tol` and
     :attr:`adjoint_max_iter`. See :func:`torchfpi.fixed_point` for the meaning of each field.
 
+    Validation: ``tol`` and ``backward_tol`` are finite numbers > 0 (below 1 for the relative
+    residual); ``max_iter`` and ``backward_max_iter`` integers >= 1 (``numpy`` integers too);
+    ``bool`` is never taken for a number.
+
     Raises:
-        ValueError: an unknown name or an out-of-range value; TypeError: a wrong type.
+        ValueError: an unknown name or an out-of-range value (NaN, Inf, <= 0, a relative
+            ``tol >= 1``); TypeError: a wrong type (a string, a ``bool``, a float ``max_iter``).
 
     Example:
         >>> import torchfpi
@@ -74,16 +113,19 @@ class Options:
         put = object.__setattr__  # frozen: normalised values are written once, here
         put(self, "solver_object", resolve_solver(self.solver))
         put(self, "adjoint", resolve_adjoint(self.backward))
-        put(self, "tol", _check_tol("tol", self.tol))
-        put(self, "max_iter", _check_max_iter("max_iter", self.max_iter))
+        for name, choices in (("on_failure", ON_FAILURE), ("residual", RESIDUALS)):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TypeError(f"{name}: expected one of {list(choices)}, got {type(value).__name__} {value!r}")
+            if value not in choices:
+                raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+        relative = self.residual == "relative"
+        put(self, "tol", _check_tol("tol", self.tol, relative))
+        put(self, "max_iter", check_integer("max_iter", self.max_iter))
         if self.backward_tol is not None:
-            put(self, "backward_tol", _check_tol("backward_tol", self.backward_tol))
+            put(self, "backward_tol", _check_tol("backward_tol", self.backward_tol, relative))
         if self.backward_max_iter is not None:
-            put(self, "backward_max_iter", _check_max_iter("backward_max_iter", self.backward_max_iter))
-        if self.on_failure not in ON_FAILURE:
-            raise ValueError(f"on_failure: expected one of {list(ON_FAILURE)}, got {self.on_failure!r}")
-        if self.residual not in RESIDUALS:
-            raise ValueError(f"residual: expected one of {list(RESIDUALS)}, got {self.residual!r}")
+            put(self, "backward_max_iter", check_integer("backward_max_iter", self.backward_max_iter))
         if not isinstance(self.compact, bool):
             raise TypeError(f"compact: expected a bool, got {type(self.compact).__name__}")
         if not isinstance(self.batched, bool):

@@ -25,7 +25,7 @@ from torchfpi._problem import (
     forward_ad_active,
     solve_forward_mode,
 )
-from torchfpi._solution import Solution, _Record
+from torchfpi._solution import Solution, _empty_stats, _Record
 from torchfpi._solvers import Solver
 from torchfpi.errors import FixedPointError
 
@@ -73,6 +73,59 @@ def _sample_slots(options: Options, inputs: Sequence[Any], slots: List[int], bat
     return frozenset(slots.index(i) for i in declared)
 
 
+def _version(t: Tensor) -> Optional[int]:
+    """The in-place version counter of ``t``; None for inference tensors, which keep none."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """True if ``a`` is ``b`` or a view into ``b``'s storage (empty tensors never count)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _check_first_call(zin: Tensor, zref: Tensor, version: Optional[int], fz: Optional[Tensor],
+                      tensors: Sequence[Tuple[int, Tensor]], versions: Sequence[Optional[int]]) -> None:
+    """Raise ``ValueError`` if the first call of f wrote into its input or returned a view of it.
+
+    ``zin`` is the private copy of z0 that f received and ``zref`` the caller's values: the
+    version counter (or, for inference tensors, a comparison of values) tells whether f
+    modified ``zin``; the output's storage whether it is ``zin`` itself or a view of it.
+    """
+    changed = (_version(zin) != version) if version is not None else not torch.equal(zin, zref)
+    if changed:
+        raise ValueError(
+            "f: the map modified its input z in place (e.g. z.mul_(...), z += ..., out=z); the "
+            "solver keeps earlier iterates, so an in-place map gives wrong answers. Compute a new "
+            "tensor instead (z * 0.5 rather than z.mul_(0.5))"
+        )
+    if fz is not None and _same_memory(fz, zin):
+        raise ValueError(
+            "f: the map returned its input z or a view of it; the solver needs a new tensor for "
+            "f(z) (return z.clone() if the map really is the identity)"
+        )
+    for (i, t), v in zip(tensors, versions):
+        if v is not None and _version(t) != v:
+            raise ValueError(
+                f"f: the map modified inputs[{i}] in place; a fixed-point map must not change its "
+                "inputs (the caller's tensor is now changed too)"
+            )
+
+
+def _solve_empty(f: Callable[..., Any], z0: State, inputs: Sequence[Any], structure: _Structure) -> Solution[Any]:
+    """An empty batch (B = 0): one call of f validates its output; no iteration runs."""
+    zin = tuple(p.clone() for p in z0) if isinstance(z0, tuple) else z0.clone()  # type: ignore[union-attr]
+    out = f(zin, *inputs)
+    structure.check_output(out, 0)
+    record = _Record()
+    record.stats = _empty_stats(0, structure.device, structure.dtype)
+    return Solution(out, record)
+
+
 def solve_with_options(f: Callable[..., Any], z0: State, inputs: Sequence[Any], options: Options) -> Solution[Any]:
     """:func:`fixed_point` with validated options (what the layers call)."""
     if not callable(f):
@@ -85,6 +138,8 @@ def solve_with_options(f: Callable[..., Any], z0: State, inputs: Sequence[Any], 
 
 def _solve_primal(f: Callable[..., Any], z0: State, inputs: Sequence[Any], options: Options) -> Solution[Any]:
     structure = _Structure(z0, options.batched)
+    if structure.batch == 0:
+        return _solve_empty(f, z0, inputs, structure)
     z0f = structure.pack(z0).detach()
     slots = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
     tensors = [inputs[i] for i in slots]
@@ -93,23 +148,34 @@ def _solve_primal(f: Callable[..., Any], z0: State, inputs: Sequence[Any], optio
     record = _Record()
     problem = Problem(f, structure, list(inputs), slots, sample_slots, options, record)
     grad_on = torch.is_grad_enabled()
+    named = list(zip(slots, tensors))
+    versions = [_version(t) for t in tensors]
     if grad_on and getattr(options.adjoint, "records_forward", False):
-        zf = problem.solve(z0f, None, tensors)  # recorded: autograd unrolls the iterations
+        zin = z0f.clone()  # f never sees the caller's z0, whatever it does to its input
+        version = _version(zin)
+        zf = problem.solve(zin, None, tensors)  # recorded: autograd unrolls the iterations
+        _check_first_call(zin, z0f, version, None, named, versions)
         return Solution(structure.unpack(zf), record)
     # The first call of f validates its output and, with grad on, reveals the tensors f uses
     # through its closure (parameters, captured tensors): they become inputs of the node.
-    # z enters that call as a leaf requiring grad, so that an f which differentiates w.r.t. z
-    # (an energy step) does not create leaves of its own that would look like parameters.
+    # z enters that call as a copy of a leaf requiring grad, so that an f which differentiates
+    # w.r.t. z (an energy step) does not create leaves of its own that would look like
+    # parameters. The copy also keeps the caller's z0 safe from a map that writes into its
+    # input, which this first call detects (version counter, output storage).
     detached = [t.detach() for t in tensors]
-    zc = z0f.detach().requires_grad_(True) if grad_on else z0f
-    fz1 = problem.fn(zc, *detached)
-    params = find_leaves([fz1], exclude=[zc]) if grad_on else []
+    leaf = z0f.detach().requires_grad_(True) if grad_on else z0f
+    zin = leaf.clone()
+    version = _version(zin)
+    fz1 = problem.fn(zin, *detached)
+    _check_first_call(zin, z0f, version, fz1, named, versions)
+    params = find_leaves([fz1], exclude=[leaf]) if grad_on else []
     fz1 = fz1.detach()
+    zstart = zin.detach()
     if grad_on and (bool(params) or any(t.requires_grad for t in tensors)):
-        zf = _FixedPointFunction.apply(problem, z0f, fz1, *tensors, *params)
+        zf = _FixedPointFunction.apply(problem, zstart, fz1, *tensors, *params)
     else:
         with torch.no_grad():
-            zf = problem.solve(z0f, fz1, detached)
+            zf = problem.solve(zstart, fz1, detached)
     return Solution(structure.unpack(zf), record)
 
 
