@@ -171,8 +171,13 @@ def energy_grad(energy: Callable[..., Tensor], z: Tensor, *inputs: Any) -> Tenso
         ``(B, *S)`` gradient of the summed energy (equal to each sample's own gradient when the
         energy treats samples independently).
 
+    Under ``torch.inference_mode()`` it works too: inference mode is left locally (inference
+    tensors among ``z`` and ``inputs`` are copied into ordinary ones) and a plain tensor comes
+    back.
+
     Raises:
-        ValueError: if the energy does not return shape ``(B,)``.
+        ValueError: if the energy does not return shape ``(B,)``, or ``z`` is 0-dim.
+        TypeError: if ``z`` is not a floating-point tensor.
 
     Example:
         >>> import torch, torchfpi
@@ -180,7 +185,34 @@ def energy_grad(energy: Callable[..., Tensor], z: Tensor, *inputs: Any) -> Tenso
         >>> torchfpi.energy_grad(lambda z: 0.5 * (z ** 2).sum(1), z).tolist()
         [[1.0, -2.0]]
     """
-    create = torch.is_grad_enabled()
+    return energy_and_grad(energy, z, inputs)[1]
+
+
+def energy_and_grad(energy: Callable[..., Tensor], z: Tensor, inputs: Sequence[Any]) -> Tuple[Tensor, Tensor]:
+    """``(E(z, *inputs), grad_z E)``: :func:`energy_grad`, also returning the energies.
+
+    Under ``torch.inference_mode()`` autograd cannot record, so inference mode is left locally
+    and inference tensors among ``z`` and ``inputs`` are replaced by ordinary copies; the
+    results are plain tensors. (Tensors the energy captures itself must not be inference
+    tensors: autograd cannot save them.)
+    """
+    if not isinstance(z, Tensor) or not z.is_floating_point():
+        got = f"dtype {z.dtype}" if isinstance(z, Tensor) else type(z).__name__
+        raise TypeError(f"z: energy_grad expects a floating-point tensor of shape (B, *S), got {got}")
+    if z.dim() == 0:
+        raise ValueError("z: energy_grad expects shape (B, *S) with the batch as dim 0, got a 0-dim tensor")
+    if torch.is_inference_mode_enabled() or z.is_inference():
+        with torch.inference_mode(False):
+            zc = z.clone() if z.is_inference() else z.detach()
+            args = [a.clone() if isinstance(a, Tensor) and a.is_inference() else a for a in inputs]
+            e, g = _energy_and_grad(energy, zc, args, create=False)
+        return e.detach(), g.detach()
+    return _energy_and_grad(energy, z, inputs, create=torch.is_grad_enabled())
+
+
+def _energy_and_grad(
+    energy: Callable[..., Tensor], z: Tensor, inputs: Sequence[Any], create: bool
+) -> Tuple[Tensor, Tensor]:
     with torch.enable_grad():
         zz = z if z.requires_grad else z.detach().requires_grad_(True)
         e = energy(zz, *inputs)
@@ -189,7 +221,9 @@ def energy_grad(energy: Callable[..., Tensor], z: Tensor, *inputs: Any) -> Tenso
             raise ValueError(
                 f"energy must return one value per sample, shape ({z.shape[0]},); got {got}"
             )
+        if not e.requires_grad:
+            return e, torch.zeros_like(z)
         (g,) = torch.autograd.grad(e.sum(), zz, create_graph=create, allow_unused=True)
     if g is None:
         g = torch.zeros_like(z)
-    return g
+    return e, g

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchfpi._autograd import energy_grad
+from torchfpi._autograd import energy_and_grad, energy_grad
 from torchfpi._diagnostics import spectral_radius
-from torchfpi._options import Options
+from torchfpi._options import Options, check_positive
 from torchfpi._problem import State
 from torchfpi._solution import Solution
 from torchfpi._solve import FPILayer, solve_with_options
@@ -22,6 +22,21 @@ _ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu, "tanh": torch.tanh, "elu": F.elu, "softplus": F.softplus,
 }
 _OUT = {None: None, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+
+def _check_shape(name: str, t: object, sample: Tuple[Optional[int], ...], owner: str) -> None:
+    """Raise unless ``t`` is a tensor of shape ``(B, *sample)`` (None: any size there).
+
+    A missing batch dimension is the usual slip: a ``(3,)`` input would otherwise be read as a
+    batch of three scalars, so the message says how to add it.
+    """
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: {owner} expects a torch.Tensor, got {type(t).__name__}")
+    want = "(B, " + ", ".join("*" if d is None else str(d) for d in sample) + ")"
+    ok = t.dim() == 1 + len(sample) and all(d is None or t.shape[1 + i] == d for i, d in enumerate(sample))
+    if not ok:
+        hint = f"; for one sample add the batch dimension: {name}.unsqueeze(0)" if t.dim() == len(sample) else ""
+        raise ValueError(f"{name}: {owner} expects shape {want}, got {tuple(t.shape)}{hint}")
 
 
 class _SpectralNorm(nn.Module):
@@ -85,6 +100,7 @@ class MLPUpdate(nn.Module):
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma: expected a number in (0, 1], got {gamma!r}")
         self.state_dim = state_dim
+        self.input_dim = input_dim
         self.inp = nn.Linear(input_dim, hidden)
         self.Wz = nn.Parameter(torch.randn(hidden, state_dim) / math.sqrt(state_dim))
         self.out = nn.Linear(hidden, state_dim)
@@ -96,10 +112,16 @@ class MLPUpdate(nn.Module):
 
     def init_state(self, x: Tensor) -> Tensor:
         """Zero initial state ``(B, state_dim)``."""
+        _check_shape("x", x, (self.input_dim,), type(self).__name__)
         return x.new_zeros(x.shape[0], self.state_dim)
 
     def prepare(self, x: Tensor) -> Tuple[Tensor, ...]:
-        """Per-call constants: the injected input and the (normalised) weights."""
+        """Per-call constants: the injected input and the (normalised) weights.
+
+        Raises:
+            ValueError: ``x`` is not ``(B, input_dim)`` (a 1-D ``x`` is not taken as a batch).
+        """
+        _check_shape("x", x, (self.input_dim,), type(self).__name__)
         refresh = self.training and torch.is_grad_enabled()
         Wz = self.sn_z.normalized(self.Wz, refresh) if self.sn_z is not None else self.Wz
         Wo = self.sn_o.normalized(self.out.weight, refresh) if self.sn_o is not None else self.out.weight
@@ -112,6 +134,7 @@ class MLPUpdate(nn.Module):
         return y if self.out_act is None else self.out_act(y)
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        _check_shape("z", z, (self.state_dim,), type(self).__name__)
         return self.step(z, *self.prepare(x))
 
 
@@ -142,6 +165,7 @@ class ConvUpdate(nn.Module):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         self.channels = channels
+        self.input_channels = input_channels
         self.pad = kernel_size // 2
         self.inp = nn.Conv2d(input_channels, hidden, kernel_size, padding=self.pad)
         self.Wz = nn.Parameter(torch.randn(hidden, channels, kernel_size, kernel_size) / (channels * kernel_size))
@@ -154,9 +178,12 @@ class ConvUpdate(nn.Module):
 
     def init_state(self, x: Tensor) -> Tensor:
         """Zero initial state ``(B, channels, H, W)``."""
+        _check_shape("x", x, (self.input_channels, None, None), type(self).__name__)
         return x.new_zeros(x.shape[0], self.channels, *x.shape[2:])
 
     def prepare(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Per-call constants; ``x`` must be ``(B, input_channels, H, W)`` (else ValueError)."""
+        _check_shape("x", x, (self.input_channels, None, None), type(self).__name__)
         refresh = self.training and torch.is_grad_enabled()
         Wz = self.sn_z.normalized(self.Wz, refresh) if self.sn_z is not None else self.Wz
         Wo = self.sn_o.normalized(self.Wo, refresh) if self.sn_o is not None else self.Wo
@@ -167,6 +194,7 @@ class ConvUpdate(nn.Module):
         return F.conv2d(h, Wo, bo, padding=self.pad)
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        _check_shape("z", z, (self.channels, None, None), type(self).__name__)
         return self.step(z, *self.prepare(x))
 
 
@@ -273,8 +301,9 @@ class FPIGD(FPILayer):
         options: Optional[Options] = None,
         **keywords: Any,
     ) -> None:
-        if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or step_size <= 0:
-            raise ValueError(f"step_size: expected a positive number, got {step_size!r}")
+        step_size = check_positive("step_size", step_size)
+        if not isinstance(learn_step_size, bool):
+            raise TypeError(f"learn_step_size: expected a bool, got {type(learn_step_size).__name__}")
         if not (projection is None or projection == "box" or callable(projection)):
             raise ValueError(f"projection: expected None, 'box' or a callable, got {projection!r}")
         if projection == "box" and not (len(box) == 2 and box[0] < box[1]):
@@ -314,10 +343,7 @@ class FPIGD(FPILayer):
 
     def _gd_step(self, z: Tensor, *inputs: Any) -> Tensor:
         if self._energies is not None and not torch.is_grad_enabled():
-            with torch.enable_grad():
-                zz = z.detach().requires_grad_(True)
-                e = self.energy(zz, *inputs)
-                (g,) = torch.autograd.grad(e.sum(), zz)
+            e, g = energy_and_grad(self.energy, z.detach(), inputs)
             self._energies.append(e.detach())
         else:
             g = energy_grad(self.energy, z, *inputs)
