@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -14,7 +13,7 @@ from torchfpi._autograd import energy_and_grad, energy_grad
 from torchfpi._diagnostics import spectral_radius
 from torchfpi._options import Options, check_positive
 from torchfpi._problem import State
-from torchfpi._solution import Solution
+from torchfpi._solution import Solution, warn_user
 from torchfpi._solve import FPILayer, solve_with_options
 from torchfpi.errors import ConvergenceWarning
 
@@ -383,11 +382,10 @@ class FPIGD(FPILayer):
         radius = spectral_radius(self._gd_step, z.detach(), *inputs, iters=iters)  # type: ignore[union-attr]
         worst = float(radius.max())
         if worst >= 1.0:
-            warnings.warn(
+            warn_user(
                 f"FPIGD: the gradient step is not contractive near z* (spectral radius of "
                 f"I - a*Hessian up to {worst:.3f} >= 1 with step_size={float(self.step_size):.3g}); "
                 "use a smaller step_size (below 2 / largest Hessian eigenvalue)",
                 ConvergenceWarning,
-                stacklevel=2,
             )
         return radius

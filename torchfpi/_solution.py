@@ -4,9 +4,12 @@ traces, and the failure report that ``on_failure`` turns into a warning or an er
 from __future__ import annotations
 
 import enum
+import os
+import sys
+import threading
 import warnings
 from dataclasses import dataclass
-from typing import Generic, Optional, Tuple, TypeVar
+from typing import Any, Generic, Optional, Tuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -200,4 +203,71 @@ def report_failure(stats: SolveStats, on_failure: str, which: str, tol: float, m
     msg = f"{which} fixed-point solve: " + "; ".join(parts)
     if on_failure == "raise":
         raise FixedPointError(msg)
-    warnings.warn(msg, ConvergenceWarning, stacklevel=5)
+    warn_user(msg, ConvergenceWarning)
+
+
+_CORE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_AUTOGRAD_DIR = os.path.join(_TORCH_DIR, "autograd")
+_ENTRIES = frozenset({"backward", "grad", "_engine_run_backward"})
+
+
+def _internal(frame: Any) -> bool:
+    """A frame of the torchfpi core (the package's own modules, not apps/cli) or of torch."""
+    path = os.path.abspath(frame.f_code.co_filename)
+    return os.path.dirname(path) == _CORE_DIR or path.startswith(_TORCH_DIR + os.sep)
+
+
+def _first_outside(frame: Any) -> Any:
+    while frame is not None and _internal(frame):
+        frame = frame.f_back
+    return frame
+
+
+def _user_frame() -> Any:
+    """The user's frame that led here: the first frame outside torchfpi's core and torch.
+
+    In a forward solve and in a backward run on the calling thread (CPU) it is on this
+    thread's stack. A backward run by an autograd worker thread (CUDA and other devices) has
+    only engine frames: then the thread blocked in ``Tensor.backward`` / ``torch.autograd.grad``
+    is found (``sys._current_frames``) and its first user frame is returned. None if neither
+    works (e.g. two threads in backward at once: the first one found is used).
+    """
+    frame = _first_outside(sys._getframe(1))
+    if frame is not None:
+        return frame
+    me = threading.get_ident()
+    for tid, top in sys._current_frames().items():
+        if tid == me:
+            continue
+        f = top
+        while f is not None:
+            code = f.f_code
+            if code.co_name in _ENTRIES and os.path.abspath(code.co_filename).startswith(_AUTOGRAD_DIR + os.sep):
+                found = _first_outside(f)
+                if found is not None:
+                    return found
+            f = f.f_back
+    return None
+
+
+def warn_user(message: str, category: type = ConvergenceWarning) -> None:
+    """``warnings.warn`` attributed to the user's line (see :func:`_user_frame`).
+
+    The warning's filename and line are those of the user's call of ``fixed_point``, of a
+    layer, or of ``.backward()`` / ``torch.autograd.grad`` for a backward solve, however deep
+    in torchfpi and torch it was raised; filters and the ``"default"`` once-per-line registry
+    work as for ``warnings.warn``. Without a user frame (a limit described in
+    :func:`_user_frame`), the warning points at torchfpi's own line.
+    """
+    frame = _user_frame()
+    if frame is None:
+        warnings.warn(message, category, stacklevel=2)
+        return
+    g = frame.f_globals
+    filename, lineno = frame.f_code.co_filename, frame.f_lineno
+    del frame
+    warnings.warn_explicit(
+        message, category, filename, lineno, module=g.get("__name__", filename),
+        registry=g.setdefault("__warningregistry__", {}), module_globals=g,
+    )

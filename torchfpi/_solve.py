@@ -234,17 +234,25 @@ def fixed_point(
     Args:
         f: the map, ``f(z, *inputs) -> z_like``; a function or an ``nn.Module``. It may call
             ``torch.autograd.grad`` (e.g. an energy gradient step), and must be deterministic.
+            It must return a new tensor and leave its arguments alone: a map that writes into
+            ``z`` or an input (``z.mul_(0.5)``, ``z += x``) or returns ``z`` itself or a view of
+            it is refused with a ``ValueError`` on its first call (version counters and storage
+            are compared; under ``torch.inference_mode()`` the values of ``z``). ``f`` never
+            receives the caller's ``z0`` itself, so ``z0`` is never modified.
         z0: initial iterate, ``(B, *S)`` floating tensor or a tuple of such tensors (then ``f``
             takes and returns a tuple). ``z0`` receives no gradient: the fixed point does not
-            depend on it.
+            depend on it. An empty batch (``B = 0``) calls ``f`` once (to check its output) and
+            returns an empty :class:`Solution` (status, iterations ``(0,)``; trace ``(0, 0)``).
         *inputs: further arguments of ``f``; floating tensors among them receive gradients.
         solver: ``"fpi"``, ``"anderson"``, ``"broyden"`` or a solver object (:class:`FPI`,
             :class:`Anderson`, :class:`Broyden`).
         backward: ``"fpi"`` (default, exact), ``"anderson"`` (exact), ``"neumann"``, ``"onestep"``
             (inexact), ``"unroll"``, ``"dense"`` (references), a name given to
             :func:`register_adjoint`, or an adjoint object (:class:`ImplicitAdjoint`, ...).
-        tol: residual tolerance (> 0), relative unless ``residual="absolute"``.
-        max_iter: iteration budget (calls of ``f``) per sample.
+        tol: residual tolerance, a finite number > 0 (and < 1 for the relative residual),
+            relative unless ``residual="absolute"``.
+        max_iter: iteration budget (calls of ``f``) per sample, an integer >= 1 (``int`` or a
+            numpy integer; ``bool`` and floats are a ``TypeError``).
         backward_tol: tolerance of the adjoint solve (and of second-order adjoints); ``None``
             means ``tol``. Ignored by modes without an iterative solve.
         backward_max_iter: budget of the adjoint solve; ``None`` means ``max_iter``.
@@ -266,10 +274,17 @@ def fixed_point(
         A :class:`Solution`: ``value`` (z*, like ``z0``), ``iterations``, ``residual``,
         ``converged``, ``status`` (each ``(B,)``), ``trace`` ``(T, B)``, ``backward`` stats.
 
+    Warns:
+        ConvergenceWarning: with ``on_failure="warn"``, attributed to the caller's line (of
+            ``fixed_point``, of the layer call, or of ``.backward()`` / ``torch.autograd.grad``
+            for the backward solve), not to torchfpi's or torch's internals.
+
     Raises:
-        TypeError: ``z0`` not a floating tensor (or tuple of them); unknown keyword arguments.
-        ValueError: an invalid option, a per-sample input without the batch as dim 0 under
-            ``compact``, or ``f`` returning another shape, dtype or device.
+        TypeError: ``z0`` not a floating tensor (or tuple of them); unknown keyword arguments;
+            an option of the wrong type.
+        ValueError: an invalid option value, a per-sample input without the batch as dim 0
+            under ``compact``, ``f`` returning another shape, dtype or device, or ``f``
+            modifying its arguments in place or returning a view of ``z``.
         FixedPointError: NaN/Inf in ``z0``, the inputs or ``f``'s output (naming the
             iteration), or non-convergence / divergence with ``on_failure="raise"``.
         NotImplementedError: called inside a ``torch.func`` transform (vmap, grad, jvp, ...).
