@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 
 import pytest
 import torch
@@ -209,3 +211,150 @@ def test_layer_without_init_needs_z0():
         layer(torch.zeros(2, 2))
     with pytest.raises(ValueError, match="tol"):
         torchfpi.FPILayer(ok, tol=0)
+
+
+# -- maps that write into their arguments or return a view of z (issue 14) --------------------
+MODES = {"no_grad": torch.no_grad, "grad": torch.enable_grad, "inference": torch.inference_mode}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize(
+    "f, match",
+    [
+        (lambda z, x: z.mul_(0.5).add_(x), "modified its input z in place"),
+        (lambda z, x: (z.mul_(0.5), z + x)[1], "modified its input z in place"),
+        (lambda z, x: z.view(z.shape), "returned its input z or a view of it"),
+        (lambda z, x: z, "returned its input z or a view of it"),
+        (lambda z, x: (x.add_(0.0), 0.5 * z + x)[1], r"modified inputs\[0\] in place"),
+    ],
+)
+def test_inplace_or_view_map_is_refused_and_z0_kept(mode, f, match):
+    with MODES[mode]():
+        z0 = torch.zeros(4, 3)  # an inference tensor in inference mode
+    x = torch.randn(4, 3)  # (an inference tensor keeps no version counter: inputs made so are not checked)
+    x_before = x.clone()
+    with MODES[mode]():
+        with pytest.raises(ValueError, match="f: the map " + match):
+            torchfpi.fixed_point(f, z0, x)
+    assert torch.equal(z0, torch.zeros(4, 3))
+    if "inputs" not in match:
+        assert torch.equal(x, x_before)
+
+
+def test_inplace_map_refused_with_unroll_and_tuple_state():
+    z0 = torch.zeros(2, 3)
+    x = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="in place"):
+        torchfpi.fixed_point(lambda z, x: z.mul_(0.5).add_(x), z0, x, backward="unroll")
+    assert torch.equal(z0, torch.zeros(2, 3))
+    parts = (torch.zeros(2, 3), torch.zeros(2, 1))
+    with torch.no_grad(), pytest.raises(ValueError, match="in place"):  # (with grad, torch refuses it itself)
+        torchfpi.fixed_point(lambda s: (s[0].mul_(0.5), 0.5 * s[1]), parts)
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in parts)
+
+
+# -- empty batch ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("grad", [False, True])
+def test_empty_batch_returns_an_empty_solution_after_one_call(grad):
+    calls = []
+    x = torch.zeros(0, 3, requires_grad=grad)
+
+    def f(z, x):
+        calls.append(1)
+        return 0.5 * z + x
+
+    sol = torchfpi.fixed_point(f, torch.zeros(0, 3), x, max_iter=50)
+    assert len(calls) == 1
+    assert sol.value.shape == (0, 3)
+    assert sol.status.shape == sol.iterations.shape == (0,) and sol.trace.shape == (0, 0)
+    if grad:
+        sol.value.sum().backward()
+        assert x.grad is not None and x.grad.shape == (0, 3)
+
+
+def test_empty_batch_still_checks_the_output_and_tuple_states():
+    with pytest.raises(ValueError, match=r"shape \(0, 4\), expected shape \(0, 3\)"):
+        torchfpi.fixed_point(lambda z: torch.zeros(0, 4), torch.zeros(0, 3))
+    sol = torchfpi.fixed_point(lambda s: (0.5 * s[0], 0.5 * s[1]), (torch.zeros(0, 2), torch.zeros(0, 1, 2)))
+    assert [tuple(p.shape) for p in sol.value] == [(0, 2), (0, 1, 2)]
+
+
+# -- option types -----------------------------------------------------------------------------------
+def test_numpy_integers_and_floats_are_accepted():
+    np = pytest.importorskip("numpy")
+    sol = torchfpi.fixed_point(lambda z: 0.1 * z + 1, torch.ones(2, 3), max_iter=np.int64(50), tol=np.float32(1e-3),
+                               backward_max_iter=np.int32(4))
+    assert bool(sol.converged.all())
+    assert torchfpi.Options(per_sample=(np.int64(1),)).per_sample == (1,)
+    assert torchfpi.Options(max_iter=np.int64(7)).max_iter == 7
+    assert type(torchfpi.Options(max_iter=np.int64(7)).max_iter) is int
+
+
+@pytest.mark.parametrize("tol", [1.0, 1e300])
+def test_relative_tol_of_one_or_more_is_refused(tol, z0):
+    with pytest.raises(ValueError, match="relative residual tolerance must be < 1"):
+        torchfpi.fixed_point(ok, z0, tol=tol)
+    torchfpi.fixed_point(ok, z0, tol=tol, residual="absolute")
+
+
+# -- warnings point at the user's line (issue 14, point 6) -----------------------------------------
+def _convergence_warnings(call):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        call()
+    hits = [x for x in w if issubclass(x.category, torchfpi.ConvergenceWarning)]
+    assert hits
+    return hits
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_warning_points_at_the_callers_line(grad):
+    x = torch.randn(2, 3, requires_grad=grad)
+    hits = _convergence_warnings(lambda: torchfpi.fixed_point(lambda z, x: 0.999 * z + x, torch.zeros(2, 3), x, max_iter=3))
+    assert [h.filename for h in hits] == [__file__]
+
+
+@pytest.mark.parametrize("how", ["backward", "grad", "create_graph"])
+def test_backward_warning_points_at_the_backward_call(how):
+    x = torch.randn(2, 3, requires_grad=True)
+    sol = torchfpi.fixed_point(lambda z, x: 0.9 * z + x, torch.zeros(2, 3), x, tol=1e-10, max_iter=1000,
+                               backward_max_iter=2, backward_tol=1e-12)
+    loss = sol.value.sum()
+    if how == "backward":
+        hits = _convergence_warnings(lambda: loss.backward()); line = inspect.currentframe().f_lineno  # noqa: E702
+    elif how == "grad":
+        hits = _convergence_warnings(lambda: torch.autograd.grad(loss, x)); line = inspect.currentframe().f_lineno  # noqa: E702
+    else:
+        hits = _convergence_warnings(lambda: torch.autograd.grad(loss, x, create_graph=True)); line = inspect.currentframe().f_lineno  # noqa: E702
+    assert all("fixed-point solve" in str(h.message) for h in hits)
+    assert [(h.filename, h.lineno) for h in hits] == [(__file__, line)] * len(hits)
+
+
+def test_backward_warning_from_an_engine_thread_points_at_the_backward_call():
+    # An autograd device thread runs backward with only torch/torchfpi frames on its stack; the
+    # warning then goes to the line of the thread blocked in torch.autograd.grad.
+    import _thread
+    import os
+
+    from torchfpi._solution import warn_user
+
+    ns = {"warn_user": warn_user, "W": torchfpi.ConvergenceWarning}
+    src = "def work(done):\n    try:\n        warn_user('from an engine thread', W)\n    finally:\n        done.release()\n"
+    exec(compile(src, os.path.join(os.path.dirname(torch.__file__), "_engine_stand_in.py"), "exec"), ns)
+
+    class Noisy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, g):
+            done = _thread.allocate_lock()
+            done.acquire()
+            _thread.start_new_thread(ns["work"], (done,))
+            done.acquire()
+            return 2 * g
+
+    x = torch.ones(3, requires_grad=True)
+    hits = _convergence_warnings(lambda: torch.autograd.grad(Noisy.apply(x).sum(), x)); line = inspect.currentframe().f_lineno  # noqa: E702
+    assert [(h.filename, h.lineno) for h in hits] == [(__file__, line)]

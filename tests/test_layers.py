@@ -373,3 +373,71 @@ def test_fpigd_compact_never_slices_energy_parameters(gen, dtype):
     rows = [torchfpi.FPIGD(energy, step_size=0.02, init=torch.zeros_like, tol=1e-10, max_iter=5000)(b[i:i + 1])
             for i in range(n)]
     torch.testing.assert_close(comp, torch.cat(rows), atol=1e-9, rtol=0)
+
+
+# -- input rank, step size and inference mode (issue 14) -----------------------------------------
+@pytest.mark.parametrize(
+    "make, x, shape",
+    [
+        (lambda: torchfpi.FPINN(torchfpi.MLPUpdate(4, 3, hidden=8)), torch.randn(3), r"\(B, 3\), got \(3,\)"),
+        (lambda: torchfpi.FPINN(torchfpi.MLPUpdate(4, 3, hidden=8)), torch.randn(2, 5), r"\(B, 3\), got \(2, 5\)"),
+        (lambda: torchfpi.FPINN(torchfpi.MLPUpdate(4, 3, hidden=8)), torch.randn(2, 1, 3), r"\(B, 3\)"),
+        (lambda: torchfpi.FPINN(torchfpi.ConvUpdate(2, 1, hidden=4)), torch.randn(1, 5, 5), r"\(B, 1, \*, \*\)"),
+        (lambda: torchfpi.FPINN(torchfpi.ConvUpdate(2, 1, hidden=4)), torch.randn(1, 3, 5, 5), r"\(B, 1, \*, \*\)"),
+    ],
+)
+def test_layer_checks_its_input_rank(make, x, shape):
+    layer = make()
+    with pytest.raises(ValueError, match=r"x: (MLP|Conv)Update expects shape " + shape):
+        layer(x)
+
+
+def test_one_sample_without_batch_dim_is_refused_with_a_hint():
+    with pytest.raises(ValueError, match=r"x\.unsqueeze\(0\)"):
+        torchfpi.FPINN(torchfpi.MLPUpdate(4, 3, hidden=8))(torch.randn(3))
+    with pytest.raises(ValueError, match=r"z: MLPUpdate expects shape \(B, 4\)"):
+        torchfpi.MLPUpdate(4, 3, hidden=8)(torch.zeros(4), torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("bad, exc", [(float("nan"), ValueError), (float("inf"), ValueError), (0.0, ValueError),
+                                      (-0.1, ValueError), (True, TypeError), ("0.1", TypeError)])
+def test_fpigd_step_size_must_be_finite_positive(bad, exc):
+    with pytest.raises(exc, match="step_size: expected a positive number"):
+        torchfpi.FPIGD(lambda z: z.sum(1), step_size=bad)
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_fpigd_and_energy_grad_work_under_inference_mode(record):
+    layer = torchfpi.FPIGD(QuadraticEnergy(2, A=2 * torch.eye(2)), step_size=0.3,
+                           init=lambda b: torch.zeros_like(b), tol=1e-8, record_energy=record)
+    with torch.inference_mode():
+        b = torch.tensor([[2.0, 4.0]])
+        z = layer(b)
+        g = torchfpi.energy_grad(lambda z, b: 0.5 * ((z - b) ** 2).sum(1), torch.ones(2, 2), torch.zeros(2, 2))
+    torch.testing.assert_close(z, torch.tensor([[1.0, 2.0]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(g, torch.ones(2, 2))
+    assert (layer.energy_trace is not None) == record
+    with torch.no_grad():
+        torch.testing.assert_close(layer(torch.tensor([[2.0, 4.0]])), z)
+
+
+def _user_warnings(call):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        call()
+    hits = [x for x in w if issubclass(x.category, torchfpi.ConvergenceWarning)]
+    assert hits, "expected a ConvergenceWarning"
+    return hits
+
+
+@pytest.mark.parametrize("which", ["FPILayer", "FPINN", "FPIGD"])
+def test_layer_warning_points_at_the_callers_line(which):
+    x = torch.randn(2, 3, requires_grad=True)
+    if which == "FPILayer":
+        layer = torchfpi.FPILayer(lambda z, x: 0.999 * z + x, init=torch.zeros_like, max_iter=3)
+    elif which == "FPINN":
+        layer = torchfpi.FPINN(torchfpi.MLPUpdate(4, 3, hidden=8, gamma=1.0, spectral_norm=False), max_iter=2, tol=1e-12)
+    else:
+        layer = torchfpi.FPIGD(QuadraticEnergy(3), step_size=0.01, init=torch.zeros_like, max_iter=2)
+    hits = _user_warnings(lambda: layer(x))
+    assert all(h.filename == __file__ for h in hits), [(h.filename, h.lineno) for h in hits]

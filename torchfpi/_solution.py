@@ -269,5 +269,5 @@ def warn_user(message: str, category: type = ConvergenceWarning) -> None:
     del frame
     warnings.warn_explicit(
         message, category, filename, lineno, module=g.get("__name__", filename),
-        registry=g.setdefault("__warningregistry__", {}), module_globals=g,
+        registry=g.setdefault("__warningregistry__", {}),
     )

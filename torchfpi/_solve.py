@@ -164,7 +164,11 @@ def _solve_primal(f: Callable[..., Any], z0: State, inputs: Sequence[Any], optio
     # input, which this first call detects (version counter, output storage).
     detached = [t.detach() for t in tensors]
     leaf = z0f.detach().requires_grad_(True) if grad_on else z0f
-    zin = leaf.clone()
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):  # an ordinary tensor keeps a version counter
+            zin = leaf.clone()
+    else:
+        zin = leaf.clone()
     version = _version(zin)
     fz1 = problem.fn(zin, *detached)
     _check_first_call(zin, z0f, version, fz1, named, versions)
@@ -237,7 +241,8 @@ def fixed_point(
             It must return a new tensor and leave its arguments alone: a map that writes into
             ``z`` or an input (``z.mul_(0.5)``, ``z += x``) or returns ``z`` itself or a view of
             it is refused with a ``ValueError`` on its first call (version counters and storage
-            are compared; under ``torch.inference_mode()`` the values of ``z``). ``f`` never
+            are compared; inputs created under ``torch.inference_mode()`` keep no version
+            counter and are not checked). ``f`` never
             receives the caller's ``z0`` itself, so ``z0`` is never modified.
         z0: initial iterate, ``(B, *S)`` floating tensor or a tuple of such tensors (then ``f``
             takes and returns a tuple). ``z0`` receives no gradient: the fixed point does not
