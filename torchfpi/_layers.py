@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from torchfpi._autograd import energy_and_grad, energy_grad
 from torchfpi._diagnostics import spectral_radius
-from torchfpi._options import Options, check_positive
+from torchfpi._options import Options, check_integer, check_positive
 from torchfpi._problem import State
 from torchfpi._solution import Solution, warn_user
 from torchfpi._solve import FPILayer, solve_with_options
@@ -21,6 +22,13 @@ _ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu, "tanh": torch.tanh, "elu": F.elu, "softplus": F.softplus,
 }
 _OUT = {None: None, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+
+def _check_gamma(gamma: object) -> float:
+    value = check_positive("gamma", gamma)
+    if value > 1:
+        raise ValueError(f"gamma: expected a number in (0, 1], got {gamma!r}")
+    return value
 
 
 def _check_shape(name: str, t: object, sample: Tuple[Optional[int], ...], owner: str) -> None:
@@ -96,8 +104,10 @@ class MLPUpdate(nn.Module):
             raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         if out_activation not in _OUT:
             raise ValueError(f"out_activation: expected None, 'sigmoid' or 'tanh', got {out_activation!r}")
-        if not 0 < gamma <= 1:
-            raise ValueError(f"gamma: expected a number in (0, 1], got {gamma!r}")
+        state_dim, input_dim, hidden = (
+            check_integer(name, v) for name, v in (("state_dim", state_dim), ("input_dim", input_dim), ("hidden", hidden))
+        )
+        gamma = _check_gamma(gamma)
         self.state_dim = state_dim
         self.input_dim = input_dim
         self.inp = nn.Linear(input_dim, hidden)
@@ -132,8 +142,12 @@ class MLPUpdate(nn.Module):
         y = F.linear(h, Wo, bo)
         return y if self.out_act is None else self.out_act(y)
 
-    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+    def check_state(self, z: object) -> None:
+        """Raise ``ValueError`` unless ``z`` is ``(B, state_dim)`` (``TypeError``: not a tensor)."""
         _check_shape("z", z, (self.state_dim,), type(self).__name__)
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        self.check_state(z)
         return self.step(z, *self.prepare(x))
 
 
@@ -159,8 +173,12 @@ class ConvUpdate(nn.Module):
         spectral_norm: bool = True,
     ) -> None:
         super().__init__()
-        if kernel_size % 2 != 1:
+        channels, input_channels, hidden = (
+            check_integer(name, v) for name, v in (("channels", channels), ("input_channels", input_channels), ("hidden", hidden))
+        )
+        if check_integer("kernel_size", kernel_size) % 2 != 1:
             raise ValueError(f"kernel_size: expected an odd integer, got {kernel_size!r}")
+        gamma = _check_gamma(gamma)
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         self.channels = channels
@@ -192,8 +210,12 @@ class ConvUpdate(nn.Module):
         h = self.act(inj + self.gamma * F.conv2d(z, Wz, padding=self.pad))
         return F.conv2d(h, Wo, bo, padding=self.pad)
 
-    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+    def check_state(self, z: object) -> None:
+        """Raise ``ValueError`` unless ``z`` is ``(B, channels, H, W)`` (``TypeError``: not a tensor)."""
         _check_shape("z", z, (self.channels, None, None), type(self).__name__)
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        self.check_state(z)
         return self.step(z, *self.prepare(x))
 
 
@@ -203,7 +225,10 @@ class FPINN(FPILayer):
     ``update`` is any module ``update(z, x) -> z_like``. Updates with ``prepare(x)`` and
     ``step(z, *prepared)`` (as :class:`MLPUpdate`, :class:`ConvUpdate`) have their per-call
     constants (injected input, normalised weights) computed once per solve instead of once per
-    iteration; with ``init_state(x)`` they also provide z0.
+    iteration; with ``init_state(x)`` they also provide z0, and with ``check_state(z)`` a given
+    ``z0`` is checked. The built-in updates check the input's shape: a 1-D ``x`` for an
+    :class:`MLPUpdate` is a ``ValueError`` naming the expected ``(B, input_dim)``, never a
+    batch of scalars.
 
     Args:
         update: the update network. With ``prepare``, its first prepared tensor is the
@@ -238,6 +263,9 @@ class FPINN(FPILayer):
         if not (hasattr(update, "prepare") and hasattr(update, "step")):
             return super().solve(*inputs, z0=z0)
         start = self.initial_state(inputs, z0)
+        check = getattr(update, "check_state", None)
+        if z0 is not None and callable(check):
+            check(z0)
         prepared = update.prepare(*inputs)
         # prepare() returns the per-sample injection first, then shared tensors (weights):
         # only the injection is sliced when compact drops stopped samples.
@@ -305,8 +333,12 @@ class FPIGD(FPILayer):
             raise TypeError(f"learn_step_size: expected a bool, got {type(learn_step_size).__name__}")
         if not (projection is None or projection == "box" or callable(projection)):
             raise ValueError(f"projection: expected None, 'box' or a callable, got {projection!r}")
-        if projection == "box" and not (len(box) == 2 and box[0] < box[1]):
-            raise ValueError(f"box: expected (low, high) with low < high, got {box!r}")
+        if projection == "box":
+            pair = tuple(box) if isinstance(box, (tuple, list)) else ()
+            if len(pair) != 2 or not all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in pair):
+                raise TypeError(f"box: expected a pair of numbers (low, high), got {box!r}")
+            if not pair[0] < pair[1]:
+                raise ValueError(f"box: expected (low, high) with low < high, got {box!r}")
         super().__init__(self._gd_step, init=init, options=options, **keywords)
         del self.f  # the map is the bound method below; keep the module tree clean
         self.energy = energy
