@@ -240,7 +240,7 @@ def _user_frame() -> Any:
     for tid, top in sys._current_frames().items():
         if tid == me:
             continue
-        f = top
+        f: Any = top
         while f is not None:
             code = f.f_code
             if code.co_name in _ENTRIES and os.path.abspath(code.co_filename).startswith(_AUTOGRAD_DIR + os.sep):
