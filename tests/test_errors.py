@@ -286,6 +286,8 @@ def test_numpy_integers_and_floats_are_accepted():
                                backward_max_iter=np.int32(4))
     assert bool(sol.converged.all())
     assert torchfpi.Options(per_sample=(np.int64(1),)).per_sample == (1,)
+    assert type(torchfpi.Anderson(m=np.int64(3)).m) is int and torchfpi.NeumannBackward(terms=np.int64(4)).terms == 4
+    assert torchfpi.FPI(damping=np.float32(0.5)).damping == 0.5
     assert torchfpi.Options(max_iter=np.int64(7)).max_iter == 7
     assert type(torchfpi.Options(max_iter=np.int64(7)).max_iter) is int
 

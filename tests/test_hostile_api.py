@@ -223,7 +223,13 @@ CASES = [
     ("fpi-damping-nan", lambda t: torchfpi.FPI(damping=math.nan), ValueError, r"^damping: "),
     ("anderson-m-zero", lambda t: torchfpi.Anderson(m=0), ValueError, r"^m: expected an integer >= 1"),
     ("anderson-regularization", lambda t: torchfpi.Anderson(regularization=-1), ValueError, r"^regularization: "),
+    ("anderson-regularization-inf", lambda t: torchfpi.Anderson(regularization=math.inf), ValueError, r"^regularization: "),
+    ("anderson-m-float", lambda t: torchfpi.Anderson(m=2.0), ValueError, r"^m: expected an integer >= 1"),
     ("neumann-terms", lambda t: torchfpi.NeumannBackward(terms=0), ValueError, r"^terms: "),
+    ("spectral-radius-0d", lambda t: torchfpi.spectral_radius(half, torch.tensor(1.0)), ValueError, r"^z: expected a tensor of shape \(B, \*S\)"),
+    ("spectral-radius-iters", lambda t: torchfpi.spectral_radius(half, t["z0"], iters=0), ValueError, r"^iters: "),
+    ("check-gradients-fd-eps-zero", lambda t: torchfpi.check_gradients(lin, t["z0"], t["xg"], fd_eps=0), ValueError, r"^fd_eps: "),
+    ("check-gradients-fd-eps-str", lambda t: torchfpi.check_gradients(lin, t["z0"], t["xg"], fd_eps="1e-6"), TypeError, r"^fd_eps: "),
     ("register-adjoint-name", lambda t: torchfpi.register_adjoint("", torchfpi.FPIBackward), ValueError, r"^name: expected a non-empty string"),
     ("register-adjoint-taken", lambda t: torchfpi.register_adjoint("fpi", torchfpi.FPIBackward), ValueError, r"^name: backward mode 'fpi' is already registered"),
 ]

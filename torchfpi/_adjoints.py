@@ -34,6 +34,7 @@ their error grows with the spectral radius of J (see :func:`torchfpi.check_gradi
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import (
     Any,
@@ -233,8 +234,9 @@ class NeumannBackward:
     records_forward: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.terms, int) or isinstance(self.terms, bool) or self.terms < 1:
+        if not isinstance(self.terms, numbers.Integral) or isinstance(self.terms, bool) or self.terms < 1:
             raise ValueError(f"terms: expected an integer >= 1, got {self.terms!r}")
+        object.__setattr__(self, "terms", int(self.terms))  # numpy integers too
 
     def solve(self, system: AdjointSystem) -> Tuple[Tensor, Optional[SolveStats]]:
         g = system.g

@@ -167,7 +167,7 @@ def _empty_stats(batch: int, device: torch.device, dtype: torch.dtype) -> SolveS
 def report_failure(stats: SolveStats, on_failure: str, which: str, tol: float, max_iter: int) -> None:
     """Warn (``on_failure="warn"``) or raise (``"raise"``) if a sample diverged or ran out of
     iterations, naming the count, the knob to turn and the remedy; ``which`` is ``"forward"``
-    or ``"backward"``."""
+    or ``"backward"``. The warning is attributed to the user's line (:func:`warn_user`)."""
     if on_failure == "ignore":
         return
     status = stats.status

@@ -20,6 +20,7 @@ dataclass here and add its name to :data:`SOLVERS` (or pass the object itself as
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, Protocol, Union, runtime_checkable
 
@@ -39,7 +40,7 @@ class Solver(Protocol):
 
 
 def _check_unit_interval(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < value <= 1.0):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not (0.0 < value <= 1.0):
         raise ValueError(f"{name}: expected a number in (0, 1], got {value!r}")
 
 
@@ -145,14 +146,15 @@ class Anderson:
     patience: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.m, int) or isinstance(self.m, bool) or self.m < 1:
+        if not isinstance(self.m, numbers.Integral) or isinstance(self.m, bool) or self.m < 1:
             raise ValueError(f"m: expected an integer >= 1, got {self.m!r}")
-        if not (isinstance(self.regularization, (int, float)) and self.regularization >= 0):
+        object.__setattr__(self, "m", int(self.m))  # numpy integers too
+        if not (isinstance(self.regularization, numbers.Real) and 0 <= self.regularization < math.inf):
             raise ValueError(f"regularization: expected a number >= 0, got {self.regularization!r}")
         _check_unit_interval("damping", self.damping)
-        if not (isinstance(self.restart, (int, float)) and self.restart > 1):
+        if not (isinstance(self.restart, numbers.Real) and self.restart > 1):
             raise ValueError(f"restart: expected a number > 1, got {self.restart!r}")
-        if not (isinstance(self.max_coefficient, (int, float)) and self.max_coefficient > 1):
+        if not (isinstance(self.max_coefficient, numbers.Real) and self.max_coefficient > 1):
             raise ValueError(f"max_coefficient: expected a number > 1, got {self.max_coefficient!r}")
         if not isinstance(self.safeguard, bool):
             raise TypeError(f"safeguard: expected a bool, got {type(self.safeguard).__name__}")
