@@ -248,8 +248,10 @@ def test_inplace_map_refused_with_unroll_and_tuple_state():
         torchfpi.fixed_point(lambda z, x: z.mul_(0.5).add_(x), z0, x, backward="unroll")
     assert torch.equal(z0, torch.zeros(2, 3))
     parts = (torch.zeros(2, 3), torch.zeros(2, 1))
-    with torch.no_grad(), pytest.raises(ValueError, match="in place"):  # (with grad, torch refuses it itself)
+    with torch.no_grad(), pytest.raises(ValueError, match="in place"):
         torchfpi.fixed_point(lambda s: (s[0].mul_(0.5), 0.5 * s[1]), parts)
+    with pytest.raises(ValueError, match="in place"):  # with grad on, torch's own refusal, reworded
+        torchfpi.fixed_point(lambda s, x: (s[0].mul_(0.5), 0.5 * s[1] + x), parts, torch.ones(2, 1, requires_grad=True))
     assert all(torch.equal(p, torch.zeros_like(p)) for p in parts)
 
 

@@ -68,6 +68,11 @@ def bad_nan(z, x):
     return torch.where(z > 0.7, torch.full_like(z, math.nan), 0.5 * z + 0.5)
 
 
+def _no_grad(call: Callable[[], Any]) -> Any:
+    with torch.no_grad():
+        return call()
+
+
 INT = torch.zeros(2, 3, dtype=torch.int64)
 
 CASES = [
@@ -167,6 +172,10 @@ CASES = [
     ("f-inplace-op", fp_f(lambda z, x: z.__iadd__(x)), ValueError, r"^f: the map modified its input z in place"),
     ("f-identity", fp_f(lambda z, x: z), ValueError, r"^f: the map returned its input z or a view of it"),
     ("f-view", fp_f(lambda z, x: z[:, :]), ValueError, r"^f: the map returned its input z or a view of it"),
+    ("f-grad-inplace-tuple", lambda t: torchfpi.fixed_point(lambda s, x: (s[0].mul_(0.5), 0.5 * s[1] + x), (t["z0"], t["x"]), t["xg"]),
+     ValueError, r"^f: the map modified its input z in place \(a part of the tuple state\)"),
+    ("f-nograd-inplace-tuple", lambda t: _no_grad(lambda: torchfpi.fixed_point(lambda s: (s[0].mul_(0.5), 0.5 * s[1]), (t["z0"], t["x"]))),
+     ValueError, r"^f: the map modified its input z in place"),
     ("f-grad-inplace", lambda t: torchfpi.fixed_point(lambda z, x: z.mul_(0.5).add_(x), t["z0"], t["xg"]), ValueError,
      r"^f: the map modified its input z in place"),
     ("f-nan", fp_f(bad_nan), FPE, r"NaN or Inf at iteration 3"),
@@ -212,6 +221,9 @@ CASES = [
     ("fpigd-energy-shape", lambda t: torchfpi.FPIGD(lambda z, x: (z * x).sum(), init=torch.zeros_like)(t["x"]), ValueError,
      r"energy must return one value per sample, shape \(2,\)"),
     ("fpigd-no-init", lambda t: torchfpi.FPIGD(t["quad"])(t["x"]), ValueError, r"^z0: this layer has no init"),
+    ("energy-grad-not-callable", lambda t: torchfpi.energy_grad(3, t["z0"]), TypeError, r"^energy: expected a callable"),
+    ("fpigd-energy-not-callable", lambda t: torchfpi.FPIGD("quadratic"), TypeError, r"^energy: expected a callable"),
+    ("fpinn-update-not-callable", lambda t: torchfpi.FPINN(None), TypeError, r"^update: expected an nn.Module"),
     ("energy-grad-int-z", lambda t: torchfpi.energy_grad(lambda z: z.sum(1), INT), TypeError, r"^z: energy_grad expects a floating-point"),
     ("energy-grad-0d", lambda t: torchfpi.energy_grad(lambda z: z, torch.tensor(1.0)), ValueError, r"^z: energy_grad expects shape \(B, \*S\)"),
     ("energy-grad-scalar-energy", lambda t: torchfpi.energy_grad(lambda z: z.sum(), t["z0"]), ValueError, r"energy must return one value per sample"),

@@ -196,6 +196,8 @@ def energy_and_grad(energy: Callable[..., Tensor], z: Tensor, inputs: Sequence[A
     results are plain tensors. (Tensors the energy captures itself must not be inference
     tensors: autograd cannot save them.)
     """
+    if not callable(energy):
+        raise TypeError(f"energy: expected a callable energy(z, *inputs) -> (B,), got {type(energy).__name__}")
     if not isinstance(z, Tensor) or not z.is_floating_point():
         got = f"dtype {z.dtype}" if isinstance(z, Tensor) else type(z).__name__
         raise TypeError(f"z: energy_grad expects a floating-point tensor of shape (B, *S), got {got}")

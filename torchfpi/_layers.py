@@ -254,6 +254,8 @@ class FPINN(FPILayer):
         options: Optional[Options] = None,
         **keywords: Any,
     ) -> None:
+        if not callable(update):
+            raise TypeError(f"update: expected an nn.Module update(z, x) -> z_like, got {type(update).__name__}")
         if init is None and callable(getattr(update, "init_state", None)):
             init = getattr(update, "init_state")  # noqa: B009 - a method the update may lack
         super().__init__(update, init=init, options=options, **keywords)
@@ -328,6 +330,8 @@ class FPIGD(FPILayer):
         options: Optional[Options] = None,
         **keywords: Any,
     ) -> None:
+        if not callable(energy):
+            raise TypeError(f"energy: expected a callable energy(z, *inputs) -> (B,), got {type(energy).__name__}")
         step_size = check_positive("step_size", step_size)
         if not isinstance(learn_step_size, bool):
             raise TypeError(f"learn_step_size: expected a bool, got {type(learn_step_size).__name__}")

@@ -170,7 +170,17 @@ def _solve_primal(f: Callable[..., Any], z0: State, inputs: Sequence[Any], optio
     else:
         zin = leaf.clone()
     version = _version(zin)
-    fz1 = problem.fn(zin, *detached)
+    try:
+        fz1 = problem.fn(zin, *detached)
+    except RuntimeError as err:
+        # A tuple state reaches f as views of one flat tensor; with grad on, torch itself
+        # refuses to write into them. Say what it means for a fixed-point map.
+        if "is a view and is being modified inplace" not in str(err):
+            raise
+        raise ValueError(
+            "f: the map modified its input z in place (a part of the tuple state); compute new "
+            "tensors instead (z * 0.5 rather than z.mul_(0.5))"
+        ) from err
     _check_first_call(zin, z0f, version, fz1, named, versions)
     params = find_leaves([fz1], exclude=[leaf]) if grad_on else []
     fz1 = fz1.detach()
