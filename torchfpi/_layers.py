@@ -239,6 +239,10 @@ class FPINN(FPILayer):
     Shapes:
         x: ``(B, ...)``; returns z* ``(B, ...)``.
 
+    Raises:
+        TypeError: ``update`` not callable. ValueError: (built-in updates) ``x`` or ``z0`` not
+            of the update's shape, e.g. ``(B, input_dim)`` for :class:`MLPUpdate`.
+
     Example:
         >>> import torch, torchfpi
         >>> layer = torchfpi.FPINN(torchfpi.MLPUpdate(4, 3, hidden=16), tol=1e-5)
@@ -304,6 +308,15 @@ class FPIGD(FPILayer):
 
     Shapes:
         inputs: whatever ``energy`` takes; z: ``(B, *S)``.
+
+    The layer also runs under ``torch.no_grad()`` and ``torch.inference_mode()``: each
+    gradient step leaves inference mode locally (on ordinary copies of inference tensors), as
+    :func:`torchfpi.energy_grad` does.
+
+    Raises:
+        TypeError: ``energy`` not callable, ``step_size`` or ``box`` not numbers.
+        ValueError: ``step_size`` not finite and > 0, an unknown ``projection``, ``box`` not
+            ``low < high``, or an invalid option.
 
     Example:
         >>> import torch, torchfpi
