@@ -68,6 +68,10 @@ def bad_nan(z, x):
     return torch.where(z > 0.7, torch.full_like(z, math.nan), 0.5 * z + 0.5)
 
 
+def _backward(sol: Any) -> None:
+    sol.value.sum().backward()
+
+
 def _no_grad(call: Callable[[], Any]) -> Any:
     with torch.no_grad():
         return call()
@@ -181,6 +185,11 @@ CASES = [
     ("f-nan", fp_f(bad_nan), FPE, r"NaN or Inf at iteration 3"),
     ("f-raise-on-failure", fp_f(lambda z, x: 0.999 * z + x, max_iter=3, on_failure="raise"), FPE, r"did not converge within max_iter=3"),
     ("f-diverges", fp_f(lambda z, x: 2.0 * z + x + 1, max_iter=1000, on_failure="raise"), FPE, r"diverged"),
+    ("backward-dense-too-large", lambda t: _backward(torchfpi.fixed_point(lin, torch.zeros(64, 128), torch.randn(64, 128, requires_grad=True),
+                                                                         backward="dense")), ValueError, r"max_size"),
+    ("backward-raise-on-failure", lambda t: _backward(torchfpi.fixed_point(lambda z, x: 0.9 * z + x, t["z0"], t["xg"], tol=1e-10, max_iter=1000,
+                                                                           backward_max_iter=2, on_failure="raise")),
+     FPE, r"^backward fixed-point solve: .*backward_max_iter=2"),
     # -- layers -----------------------------------------------------------------------------------
     ("layer-f-int", lambda t: torchfpi.FPILayer(3), TypeError, r"^f: expected a callable"),
     ("layer-tol", lambda t: torchfpi.FPILayer(half, tol=0), ValueError, r"^tol: "),
