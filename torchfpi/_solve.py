@@ -252,8 +252,8 @@ def fixed_point(
             ``z`` or an input (``z.mul_(0.5)``, ``z += x``) or returns ``z`` itself or a view of
             it is refused with a ``ValueError`` on its first call (version counters and storage
             are compared; inputs created under ``torch.inference_mode()`` keep no version
-            counter and are not checked). ``f`` never
-            receives the caller's ``z0`` itself, so ``z0`` is never modified.
+            counter and are not checked). ``f`` never receives the caller's ``z0`` itself, so
+            ``z0`` is never modified.
         z0: initial iterate, ``(B, *S)`` floating tensor or a tuple of such tensors (then ``f``
             takes and returns a tuple). ``z0`` receives no gradient: the fixed point does not
             depend on it. An empty batch (``B = 0``) calls ``f`` once (to check its output) and
