@@ -158,31 +158,40 @@ def _solve_primal(f: Callable[..., Any], z0: State, inputs: Sequence[Any], optio
         return Solution(structure.unpack(zf), record)
     # The first call of f validates its output and, with grad on, reveals the tensors f uses
     # through its closure (parameters, captured tensors): they become inputs of the node.
-    # z enters that call as a copy of a leaf requiring grad, so that an f which differentiates
-    # w.r.t. z (an energy step) does not create leaves of its own that would look like
-    # parameters. The copy also keeps the caller's z0 safe from a map that writes into its
-    # input, which this first call detects (version counter, output storage).
+    # z enters that call as a fresh copy of z0, with grad on a leaf requiring grad, so that an
+    # f which differentiates w.r.t. z (an energy step) does not create leaves of its own that
+    # would look like parameters. The copy also keeps the caller's z0 safe from a map that
+    # writes into its input, which this first call detects (version counter, output storage;
+    # with grad on, torch's own refusal).
     detached = [t.detach() for t in tensors]
-    leaf = z0f.detach().requires_grad_(True) if grad_on else z0f
     if torch.is_inference_mode_enabled():
         with torch.inference_mode(False):  # an ordinary tensor keeps a version counter
-            zin = leaf.clone()
+            zin = z0f.clone()
     else:
-        zin = leaf.clone()
+        zin = z0f.clone()
+    if grad_on:
+        # A leaf, not a clone of one: torch.compile'd maps guard on their inputs' .grad,
+        # which warns for a non-leaf. Torch itself refuses in-place writes into it.
+        zin.requires_grad_(True)
     version = _version(zin)
     try:
         fz1 = problem.fn(zin, *detached)
     except RuntimeError as err:
-        # A tuple state reaches f as views of one flat tensor; with grad on, torch itself
-        # refuses to write into them. Say what it means for a fixed-point map.
-        if "is a view and is being modified inplace" not in str(err):
+        # With grad on, torch refuses in-place writes into z (a leaf requiring grad) or into
+        # the views a tuple state is split into. Say what it means for a fixed-point map.
+        text = str(err)
+        if "is a view and is being modified inplace" in text:
+            what = "its input z in place (a part of the tuple state)"
+        elif "leaf Variable that requires grad is being used in an in-place operation" in text:
+            what = "its input z, or another tensor that requires grad, in place"
+        else:
             raise
         raise ValueError(
-            "f: the map modified its input z in place (a part of the tuple state); compute new "
-            "tensors instead (z * 0.5 rather than z.mul_(0.5))"
+            f"f: the map modified {what}; a fixed-point map must compute new tensors "
+            "(z * 0.5 rather than z.mul_(0.5))"
         ) from err
     _check_first_call(zin, z0f, version, fz1, named, versions)
-    params = find_leaves([fz1], exclude=[leaf]) if grad_on else []
+    params = find_leaves([fz1], exclude=[zin]) if grad_on else []
     fz1 = fz1.detach()
     zstart = zin.detach()
     if grad_on and (bool(params) or any(t.requires_grad for t in tensors)):
