@@ -268,7 +268,7 @@ CASES = [
     ("tfl-out-proc", _with(TFL, "--out", "/proc/x/runs"), USAGE, r"--out: cannot write"),
     ("tfl-contradiction", _with(TFL, "--data-root", "@emptydir"), USAGE, r"--procedural and --data-root contradict"),
     ("tfl-empty-root", ["train", "flow", "--data-root", "@emptydir", "--out", "~runs"], RUNTIME,
-     r"no texture images .*torchfpi data fetch train400.*--procedural"),
+     r"no texture images.*torchfpi data fetch train400.*--procedural"),
     ("tfl-missing-root", ["train", "flow", "--data-root", "@nowhere", "--out", "~runs"], RUNTIME,
      r"--data-root: directory"),
     ("tfl-base-missing", _with(TFL, "--model", "fpi_nn", "--base", "@none.pt"), RUNTIME, r"No such file"),

@@ -81,8 +81,9 @@ def _texture_root(args: argparse.Namespace) -> Optional[Path]:
     try:
         list_images(folder)
     except DataError as exc:
-        raise DataError(f"train flow: no texture images ({exc}): fetch them with 'torchfpi data fetch "
-                        "train400', or pass --procedural to train on procedural noise textures") from exc
+        # The reader's message already names the fetch command; add only the alternative.
+        raise DataError(f"train flow: no texture images: {exc}; or pass --procedural to train on "
+                        "procedural noise textures") from exc
     return root
 
 
