@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_arff import ARFF_HEADER, MULAN_XML, arff_rows
 
 import torchfpi
 from torchfpi.cli import main
@@ -21,20 +22,6 @@ from torchfpi.cli import main
 USAGE, RUNTIME = 2, 1
 _SHIPPED_FLOW = Path(__file__).resolve().parents[1] / "torchfpi" / "weights" / "flow_fpi_gd.pt"
 
-_XML = ('<?xml version="1.0" encoding="utf-8"?>\n<labels xmlns="http://mulan.sourceforge.net/labels">\n'
-        '<label name="y0"></label>\n<label name="y1"></label>\n</labels>\n')
-_HEAD = ("@relation t\n@attribute f0 numeric\n@attribute f1 numeric\n@attribute f2 numeric\n"
-         "@attribute y0 {0,1}\n@attribute y1 {0,1}\n@data\n")
-
-
-def _rows(n: int) -> str:
-    rng = np.random.RandomState(0)
-    lines = []
-    for _ in range(n):
-        entries = [f"{j} {rng.rand():.3f}" for j in range(3)]
-        entries += [f"{3 + k} 1" for k in range(2) if rng.rand() < 0.5]
-        lines.append("{" + ",".join(entries) + "}")
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +39,19 @@ def bad(tmp_path_factory):
     (d / "afile").write_text("a file, not a folder")
     (d / "empty").mkdir()
     # ARFF: good train/test pair, then broken variants (all with a MULAN label XML)
-    good = _HEAD + _rows(30)
+    good = ARFF_HEADER + arff_rows(30)
     variants = {
         "m1": good,
         "m2": good,
-        "wrongcount": _HEAD + "0.5,0.1,0.2,1\n" + _rows(5),  # dense row: 4 values for 5 attributes
-        "badindex": _HEAD + "{0 1,9 1}\n" + _rows(5),  # attribute 9 of 5
-        "nonbinary": _HEAD + "{0 1,3 7}\n" + _rows(5),  # label value 7
+        "wrongcount": ARFF_HEADER + "0.5,0.1,0.2,1\n" + arff_rows(5),  # dense row: 4 values for 5 attributes
+        "badindex": ARFF_HEADER + "{0 1,9 1}\n" + arff_rows(5),  # attribute 9 of 5
+        "nonbinary": ARFF_HEADER + "{0 1,3 7}\n" + arff_rows(5),  # label value 7
         "truncated": good[:60],
         "fewer": good.replace("@attribute f2 numeric\n", ""),  # rows reference 5 attributes of 4
     }
     for name, text in variants.items():
         (d / f"{name}.arff").write_text(text)
-        (d / f"{name}.xml").write_text(_XML)
+        (d / f"{name}.xml").write_text(MULAN_XML)
     (d / "binary.arff").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
     (d / "badxml.arff").write_text(good)
     (d / "badxml.xml").write_text("<labels><label")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_arff import ARFF_HEADER, MULAN_XML, arff_rows
 
 from torchfpi.cli import main
 
@@ -25,19 +26,9 @@ USAGE, RUNTIME = 2, 1
 WEIGHTS = Path(__file__).resolve().parents[1] / "torchfpi" / "weights"
 MARKER = "pwned.marker"
 
-_XML = ('<?xml version="1.0" encoding="utf-8"?>\n<labels xmlns="http://mulan.sourceforge.net/labels">\n'
-        '<label name="y0"></label>\n<label name="y1"></label>\n</labels>\n')
-_HEAD = ("@relation t\n@attribute f0 numeric\n@attribute f1 numeric\n@attribute f2 numeric\n"
-         "@attribute y0 {0,1}\n@attribute y1 {0,1}\n@data\n")
 
-
-def _arff(n: int) -> str:
-    rng = np.random.RandomState(0)
-    lines = []
-    for _ in range(n):
-        entries = [f"{j} {rng.rand():.3f}" for j in range(3)] + [f"{3 + k} 1" for k in range(2) if rng.rand() < 0.5]
-        lines.append("{" + ",".join(entries) + "}")
-    return _HEAD + "\n".join(lines) + "\n"
+def _arff_text(n: int) -> str:
+    return ARFF_HEADER + arff_rows(n)
 
 
 class _Evil:
@@ -73,10 +64,10 @@ def inputs(tmp_path_factory):
     torch.save(torch.zeros(3), d / "tensor.pt")
     torch.save({"model": {}, "optimizer": {}, "step": 3, "evil": _Evil(d / MARKER)}, d / "evil.pt")
     torch.save([1, 2, 3], d / "list.pt")
-    (d / "m1.arff").write_text(_arff(30))
-    (d / "m1.xml").write_text(_XML)
-    (d / "m2.arff").write_text(_arff(10))
-    (d / "m2.xml").write_text(_XML)
+    (d / "m1.arff").write_text(_arff_text(30))
+    (d / "m1.xml").write_text(MULAN_XML)
+    (d / "m2.arff").write_text(_arff_text(10))
+    (d / "m2.xml").write_text(MULAN_XML)
     # a tiny Train400 (4 images of 40x48) for train denoise
     t400 = d / "dn" / "denoise" / "Train400"
     t400.mkdir(parents=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -12,26 +11,7 @@ from torch import Tensor
 
 from torchfpi._adjoints import ADJOINTS, exact_modes
 from torchfpi._autograd import _grad
-
-
-def _check_integer(name: str, value: object, minimum: Optional[int] = None) -> int:
-    """``value`` as an ``int`` if it is an integer (numpy integers too, bool not) >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
-    result = int(value)
-    if minimum is not None and result < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return result
-
-
-def _check_positive(name: str, value: object) -> float:
-    """``value`` as a ``float`` if it is a finite real number > 0 (bool not)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a positive number, got {type(value).__name__} {value!r}")
-    result = float(value)
-    if not (math.isfinite(result) and result > 0):
-        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
-    return result
+from torchfpi._options import check_integer, check_positive
 
 
 def _state_parts(z: object, arg: str = "z") -> Tuple[Tensor, ...]:
@@ -224,8 +204,8 @@ def spectral_radius(
     """
     if not callable(f):
         raise TypeError(f"f: expected a callable f(z, *inputs), got {type(f).__name__}")
-    iters = _check_integer("iters", iters, minimum=1)
-    seed = _check_integer("seed", seed)
+    iters = check_integer("iters", iters, minimum=1)
+    seed = check_integer("seed", seed, minimum=None)
     parts = _state_parts(z)
     batch, dtype, device = parts[0].shape[0], parts[0].dtype, parts[0].device
     if batch == 0:
@@ -457,11 +437,11 @@ def check_gradients(
     modes = _gradcheck_modes(modes)
     if reference is not None and not isinstance(reference, str):
         raise TypeError(f"reference: expected a mode name or None, got {type(reference).__name__}")
-    tol = _check_positive("tol", tol)
-    max_iter = _check_integer("max_iter", max_iter, minimum=1)
-    tolerance = _check_positive("tolerance", tolerance)
-    step = None if fd_eps is None else _check_positive("fd_eps", fd_eps)
-    seed = _check_integer("seed", seed)
+    tol = check_positive("tol", tol)
+    max_iter = check_integer("max_iter", max_iter, minimum=1)
+    tolerance = check_positive("tolerance", tolerance)
+    step = None if fd_eps is None else check_positive("fd_eps", fd_eps)
+    seed = check_integer("seed", seed, minimum=None)
     params = list(f.parameters()) if isinstance(f, torch.nn.Module) else []
     targets = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad] + [
         p for p in params if p.requires_grad

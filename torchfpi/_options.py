@@ -33,16 +33,17 @@ def check_positive(name: str, value: object) -> float:
     return result
 
 
-def check_integer(name: str, value: object, minimum: int = 1) -> int:
-    """``value`` as an ``int`` if it is an integer >= ``minimum``.
+def check_integer(name: str, value: object, minimum: Optional[int] = 1) -> int:
+    """``value`` as an ``int`` if it is an integer >= ``minimum`` (any integer if ``None``).
 
     Any ``numbers.Integral`` is accepted (``int``, ``numpy.int64``, ...); ``bool``, floats
     (even ``5.0``) and strings are a ``TypeError``; a value below ``minimum`` a ``ValueError``.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer >= {minimum}, got {type(value).__name__} {value!r}")
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise TypeError(f"{name}: expected an integer{bound}, got {type(value).__name__} {value!r}")
     result = int(value)
-    if result < minimum:
+    if minimum is not None and result < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return result
 
