@@ -21,6 +21,7 @@ MODULES = [
     "torchfpi._solution",
     "torchfpi._solvers",
     "torchfpi._diagnostics",
+    "torchfpi._spectral",
     "torchfpi._layers",
     "torchfpi.energies",
 ]

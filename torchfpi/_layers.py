@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchfpi._autograd import energy_and_grad, energy_grad
-from torchfpi._diagnostics import spectral_radius
 from torchfpi._options import Options, check_integer, check_positive
 from torchfpi._problem import State
 from torchfpi._solution import Solution, warn_user
 from torchfpi._solve import FPILayer, solve_with_options
+from torchfpi._spectral import spectral_radius
 from torchfpi.errors import ConvergenceWarning
 
 _ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
