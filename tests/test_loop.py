@@ -65,6 +65,31 @@ def test_results_do_not_depend_on_the_window(monkeypatch, solver, compact):
     torch.testing.assert_close(ref.trace, one.trace, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("solver", ["fpi", "anderson", "broyden"])
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("residual", ["relative", "absolute"])
+def test_norms_taken_per_window_equal_norms_per_iteration(monkeypatch, solver, compact, residual):
+    # Small states take the window's norms in one stacked call at the host read (DEFER_ELEMENTS);
+    # the results, traces and gradients are bit for bit those of norms taken every iteration.
+    def run():
+        gen = torch.Generator().manual_seed(3)
+        rates = torch.rand(16, 1, generator=gen, dtype=torch.float32) * 0.95
+        c = torch.randn(16, 5, generator=gen, dtype=torch.float32).requires_grad_(True)
+        sol = torchfpi.fixed_point(lambda z, r, c: r * torch.tanh(z) + c, torch.zeros(16, 5), rates, c,
+                                   solver=solver, compact=compact, residual=residual, tol=1e-6, max_iter=400)
+        g = torch.autograd.grad((sol.value * torch.arange(5.0)).sum(), c)[0]
+        return sol, g
+
+    assert 16 * 5 <= _loop.DEFER_ELEMENTS
+    ref, gref = run()
+    monkeypatch.setattr(_loop, "DEFER_ELEMENTS", 0)  # norms every iteration
+    one, gone = run()
+    assert torch.equal(ref.value, one.value) and torch.equal(gref, gone)
+    assert torch.equal(ref.iterations, one.iterations) and torch.equal(ref.status, one.status)
+    torch.testing.assert_close(ref.trace, one.trace, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(ref.backward.trace, one.backward.trace, rtol=0, atol=0, equal_nan=True)
+
+
 def test_samples_do_not_depend_on_the_batch():
     full = _solve()
     gen = torch.Generator().manual_seed(3)

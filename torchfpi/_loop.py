@@ -51,6 +51,9 @@ WINDOW_BYTES = 1 << 20
 """Memory for the images kept between two host reads (the window is at most this many bytes)."""
 
 MAX_WINDOW = 16
+
+DEFER_ELEMENTS = 4096
+"""States with at most this many entries (batch included) take their norms once per window."""
 """Longest window (iterations between two host reads)."""
 
 Call = Callable[[Tensor, Optional[Tensor]], Tensor]
@@ -210,6 +213,10 @@ class _Book:
         self.underflow = math.sqrt(torch.finfo(z0.dtype).tiny) * 1e4
         self.diff: Optional[Tensor] = None  # f(z) - z
         self.window = min(2, self.limit)  # the first window: two iterations give a first contraction rate
+        # A small state (every sample at most DEFER_ELEMENTS entries in all) costs per call, not
+        # per entry: its norms are taken once per window on the stacked images and iterates
+        # (the same per-row reductions, bit for bit), instead of three calls per iteration.
+        self.defer = not self.grad_on and z0.dim() == 2 and z0.numel() <= DEFER_ELEMENTS
         self.k0 = 0  # iterations before the window
 
     # -- every iteration: device work only -----------------------------------------------
@@ -217,6 +224,8 @@ class _Book:
         """Norms of this iteration (kept on the device); the residual if the solver wants it."""
         self.images.append(fz)  # with its graph when the loop is recorded (unroll)
         self.iterates.append(zw)
+        if self.defer and not want_r:
+            return None  # small states: the window's norms in a few calls at check()
         if self.grad_on:
             fz, zw = fz.detach(), zw.detach()
         diff = self.diff
@@ -236,12 +245,27 @@ class _Book:
             self.floor_dev = (REL_EPS * torch.maximum(z0n, n)).clamp_min(torch.finfo(fz.dtype).tiny)
         return a / torch.maximum(n, self.floor_dev) if want_r else None
 
+    def _window_norms(self) -> Tensor:
+        """The deferred norms of the window (see ``defer``) as ``(c w, b)``: a few calls in all."""
+        images = torch.stack(self.images)  # (w, b, N)
+        a = torch.linalg.vector_norm(images - torch.stack(self.iterates), dim=2)
+        if self.absolute:
+            return a
+        n = torch.linalg.vector_norm(images, dim=2)
+        if self.floor_dev is None:
+            z0n = torch.linalg.vector_norm(self.iterates[0], dim=1)
+            self.floor_dev = (REL_EPS * torch.maximum(z0n, n[0])).clamp_min(torch.finfo(images.dtype).tiny)
+        return torch.cat((a, n))
+
     # -- once per window: one host read, the replay ----------------------------------------
     def check(self, k: int) -> Optional[int]:
         """Replay the window ending at iteration ``k``; return the rows stopped (or None)."""
         H = _HOST
-        w, c = len(self.a_list), 1 if self.absolute else 2
-        block = torch.stack(self.a_list + self.n_list)  # (c w, b): a then ||f(z)||
+        w, c = len(self.images), 1 if self.absolute else 2
+        if len(self.a_list) < w:
+            block = self._window_norms()
+        else:
+            block = torch.stack(self.a_list + self.n_list)  # (c w, b): a then ||f(z)||
         b = block.shape[1]
         first = self.floor is None and not self.absolute
         if first:
