@@ -61,13 +61,15 @@ def test_every_method_runs_and_exact_modes_agree():
     ref, _ = reference_gradients(build("mlp", quick=True, dtype=torch.float64))
     errors = {}
     for m in methods():
+        if m.opt_in:
+            continue  # compiled maps: test_compiled_map_method
         run = m.run(inst, 1e-5, 300)
         grads = torch.autograd.grad((run.value * inst.weight).sum(), inst.params, allow_unused=True)
         fwd, bwd = run.counts()
         assert fwd >= 1 and bwd >= 0
         errors[m.name] = gradient_error(grads, ref)
     for m in methods():
-        if m.exact:
+        if m.exact and not m.opt_in:
             assert errors[m.name] < GRAD_TOL, (m.name, errors[m.name])
     assert errors["torchfpi fpi/onestep"] > 10 * errors["torchfpi fpi/fpi"]
 
@@ -152,3 +154,17 @@ def test_deq_sizes_plain_loop_peer_and_speed_verdict(tmp_path):
     verdict = [c for c in res["claims"] if c["number"] == 7][0]
     assert set(verdict["values"]) == {"deq", "deq_small"} and verdict["holds"] in (True, False)
     assert "paired median" in verdict["detail"]
+
+
+def test_compiled_map_method_is_opt_in_and_exact():
+    # The compiled-f rows run only when named (compiling costs seconds); aot_eager keeps it cheap.
+    from torchfpi.bench._harness import select_methods
+    from torchfpi.bench._peers import COMPILED_AOT
+
+    inst = build("deq_small", quick=True, dtype=torch.float64)
+    ref, _ = reference_gradients(inst)
+    assert COMPILED_AOT not in [m.name for m in select_methods(Config.quick_config(), inst, methods())]
+    m = next(m for m in methods() if m.name == COMPILED_AOT)
+    run = m.run(inst, 1e-10, 300)
+    grads = torch.autograd.grad((run.value * inst.weight).sum(), inst.params, allow_unused=True)
+    assert gradient_error(grads, ref) < 1e-8

@@ -282,6 +282,8 @@ def select_methods(cfg: Config, inst: Instance, available: Sequence[Method]) -> 
             continue
         if m.max_state is not None and inst.state_numel > m.max_state:
             continue
+        if m.opt_in and cfg.methods is None:
+            continue
         if m.per_sample_only and inst.name != "mixed" and cfg.methods is None:
             continue  # compaction is measured where it matters (the mixed-rate batch)
         chosen.append(m)
