@@ -341,7 +341,6 @@ class _Book:
     def _all_converged(self, js: Any, r: Any) -> Any:
         """Every sample converged in this window (the common last window): gather the images."""
         H = _HOST
-        b = len(js)
         if bool((js == js[0]).all()):
             self.z_out = self.images[int(js[0])]
         else:
