@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torchfpi
-from torchfpi import Status, _loop
+from torchfpi import Status, _book, _host
 
 
 def test_diverging_sample_returns_its_best_iterate_by_absolute_residual():
@@ -58,7 +58,7 @@ def _solve(**kw):
 @pytest.mark.parametrize("compact", [False, True])
 def test_results_do_not_depend_on_the_window(monkeypatch, solver, compact):
     ref = _solve(solver=solver, compact=compact)
-    monkeypatch.setattr(_loop, "MAX_WINDOW", 1)  # a host read at every iteration
+    monkeypatch.setattr(_book, "MAX_WINDOW", 1)  # a host read at every iteration
     one = _solve(solver=solver, compact=compact)
     assert torch.equal(ref.value, one.value)
     assert torch.equal(ref.iterations, one.iterations) and torch.equal(ref.status, one.status)
@@ -80,9 +80,9 @@ def test_norms_taken_per_window_equal_norms_per_iteration(monkeypatch, solver, c
         g = torch.autograd.grad((sol.value * torch.arange(5.0)).sum(), c)[0]
         return sol, g
 
-    assert 16 * 5 <= _loop.DEFER_ELEMENTS
+    assert 16 * 5 <= _book.DEFER_ELEMENTS
     ref, gref = run()
-    monkeypatch.setattr(_loop, "DEFER_ELEMENTS", 0)  # norms every iteration
+    monkeypatch.setattr(_book, "DEFER_ELEMENTS", 0)  # norms every iteration
     one, gone = run()
     assert torch.equal(ref.value, one.value) and torch.equal(gref, gone)
     assert torch.equal(ref.iterations, one.iterations) and torch.equal(ref.status, one.status)
@@ -104,13 +104,13 @@ def test_samples_do_not_depend_on_the_batch():
 @pytest.mark.parametrize("solver", ["fpi", "anderson"])
 def test_host_reads_once_per_window(monkeypatch, solver):
     calls = []
-    real = _loop._HOST.host
+    real = _host._HOST.host
 
     def counted(t):
         calls.append(t.shape)
         return real(t)
 
-    monkeypatch.setattr(_loop._HOST, "host", counted)
+    monkeypatch.setattr(_host._HOST, "host", counted)
     gen = torch.Generator().manual_seed(0)
     A = 0.97 * torch.linalg.qr(torch.randn(8, 8, generator=gen))[0]  # orthogonal x 0.97: ~450 iterations
     sol = torchfpi.fixed_point(lambda z: z @ A.T + 1, torch.zeros(4, 8), solver=solver, tol=1e-6, max_iter=1000)

@@ -233,11 +233,11 @@ def test_cuda_matches_cpu(gen):
 @pytest.fixture(params=["numpy", "torch"])
 def host_backend(request, monkeypatch):
     """Run the loop's bookkeeping with numpy and with the torch-only fallback."""
-    from torchfpi import _loop
+    from torchfpi import _host
 
-    ops = _loop._HostOps()
+    ops = _host._HostOps()
     ops.np = request.param == "numpy"
-    monkeypatch.setattr(_loop, "_HOST", ops)
+    monkeypatch.setattr(_host, "_HOST", ops)
     return request.param
 
 

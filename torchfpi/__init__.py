@@ -2,7 +2,8 @@
 
 The core, one idea per module: ``_solve`` (``fixed_point``, ``FPILayer``), ``_options`` (the one
 validated ``Options``), ``_problem`` (state structure, map on flat states, autograd node),
-``_loop`` (the per-sample loop), ``_solvers`` (the solver protocol, FPI, Anderson; Broyden in
+``_loop`` (the per-sample loop; its bookkeeping in ``_book``, host arithmetic in ``_host``),
+``_solvers`` (the solver protocol, FPI, Anderson; Broyden in
 ``_broyden``), ``_adjoints`` (every backward mode: the adjoint protocol and registry),
 ``_autograd`` (partial derivatives as graph nodes, ``energy_grad``), ``_solution``
 (``Solution``, ``Status``, the failure report), ``_layers`` (FPI_NN, FPI_GD), ``_spectral``

@@ -1,0 +1,436 @@
+"""Per-sample bookkeeping of the loop: :class:`_Book` replays a window of residual norms.
+
+See :mod:`torchfpi._loop` for the convergence test it implements; the constants below are its
+parameters (tests change them with ``monkeypatch``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from torchfpi import _host
+from torchfpi._host import _gather_rows, _np
+from torchfpi._solution import DIVERGENCE_FACTOR, SolveStats, Status
+from torchfpi.errors import FixedPointError
+
+REL_EPS = 1e-9
+"""Scale-relative floor of the relative residual's denominator (see :func:`relative_residual`)."""
+
+CONTRACTION = 0.999
+"""A converging sample's absolute residual must shrink by this factor at the stopping iteration."""
+
+WINDOW_BYTES = 1 << 20
+"""Memory for the images kept between two host reads (the window is at most this many bytes)."""
+
+MAX_WINDOW = 16
+
+DEFER_ELEMENTS = 4096
+"""States with at most this many entries (batch included) take their norms once per window."""
+"""Longest window (iterations between two host reads)."""
+
+
+def nonfinite_message(what: str, k: int) -> str:
+    where = "z0" if k == 0 else f"iteration {k}"
+    return (
+        f"{what}: the map returned NaN or Inf at {where}; check f for invalid operations "
+        "(log of non-positive values, division by zero) or a step size that is too large"
+    )
+
+
+def _window_limit(z0: Tensor, images_per_step: int) -> int:
+    per_image = max(1, z0.numel() * z0.element_size() * images_per_step)
+    return max(1, min(MAX_WINDOW, WINDOW_BYTES // per_image))
+
+
+class _Book:
+    """Per-sample records of one solve; the working rows are ``idx`` (None: all rows)."""
+
+    def __init__(self, z0: Tensor, tol: float, absolute: bool, compact: bool, what: str, fpi: bool) -> None:
+        H = _host._HOST
+        B = z0.shape[0]
+        self.z0, self.tol, self.absolute, self.compact, self.what = z0, tol, absolute, compact, what
+        self.device = z0.device
+        self.grad_on = torch.is_grad_enabled()  # unrolled differentiation: norms off the graph
+        self.limit = _window_limit(z0, 1 if fpi else 2)  # FPI's iterates are its images
+        self.z_out: Optional[Tensor] = None  # allocated at the first stop
+        self.res_out = H.full(B, math.nan, "f")
+        self.it_out = H.full(B, 0, "i")
+        self.st_out = H.full(B, int(Status.MAX_ITER), "i")
+        self.traces: list = []  # (idx, (w, b) residuals) per window
+        self.idx: Any = None  # host indices of the working rows (None: all rows)
+        self.idx_dev: Optional[Tensor] = None
+        self.best_a = H.full(B, math.inf, "f")  # smallest absolute residual so far
+        self.best_r = H.full(B, math.nan, "f")  # the residual at that iterate
+        self.best_f: Optional[Tensor] = None  # its image
+        self.min_a = H.full(B, math.nan, "f")  # for the divergence limit
+        self.last_a = H.full(B, math.nan, "f")  # a at the previous iteration
+        self.active = H.full(B, True, "b")
+        self.n_active = B
+        self.held: Optional[Tensor] = None  # diverged samples, kept still in the full-batch mode
+        self.floor_dev: Optional[Tensor] = None  # the relative residual's floor, per working row
+        self.floor: Any = None
+        self.a_list: List[Tensor] = []  # the window: ||f(z) - z|| per iteration
+        self.n_list: List[Tensor] = []  # ... ||f(z)|| (relative residual)
+        self.images: List[Tensor] = []  # ... the images f(z)
+        self.iterates: List[Tensor] = []  # ... and the iterates z (for FPI: the previous images)
+        # Norms are computed in the state's dtype; below this a float32 norm may have lost
+        # its squares to underflow, and the window's norms are recomputed in float64.
+        self.underflow = math.sqrt(torch.finfo(z0.dtype).tiny) * 1e4
+        self.diff: Optional[Tensor] = None  # f(z) - z
+        self.window = min(2, self.limit)  # the first window: two iterations give a first contraction rate
+        # A small state (every sample at most DEFER_ELEMENTS entries in all) costs per call, not
+        # per entry: its norms are taken once per window on the stacked images and iterates
+        # (the same per-row reductions, bit for bit), instead of three calls per iteration.
+        self.defer = not self.grad_on and z0.dim() == 2 and z0.numel() <= DEFER_ELEMENTS
+        self.k0 = 0  # iterations before the window
+
+    # -- every iteration: device work only -----------------------------------------------
+    def measure(self, fz: Tensor, zw: Tensor, want_r: bool) -> Optional[Tensor]:
+        """Norms of this iteration (kept on the device); the residual if the solver wants it."""
+        self.images.append(fz)  # with its graph when the loop is recorded (unroll)
+        self.iterates.append(zw)
+        if self.defer and not want_r:
+            return None  # small states: the window's norms in a few calls at check()
+        if self.grad_on:
+            fz, zw = fz.detach(), zw.detach()
+        diff = self.diff
+        if diff is None or diff.shape != fz.shape:
+            diff = self.diff = torch.empty_like(fz)
+        # States are flat (B, N). The difference goes into a reused buffer: a fresh one of a
+        # few hundred KiB costs page faults, more than the subtraction.
+        torch.sub(fz, zw, out=diff)
+        a = torch.linalg.vector_norm(diff, dim=1)
+        self.a_list.append(a)
+        if self.absolute:
+            return a if want_r else None
+        n = torch.linalg.vector_norm(fz, dim=1)
+        self.n_list.append(n)
+        if self.floor_dev is None:
+            z0n = torch.linalg.vector_norm(zw, dim=1)
+            self.floor_dev = (REL_EPS * torch.maximum(z0n, n)).clamp_min(torch.finfo(fz.dtype).tiny)
+        return a / torch.maximum(n, self.floor_dev) if want_r else None
+
+    def _window_norms(self) -> Tensor:
+        """The deferred norms of the window (see ``defer``) as ``(c w, b)``: a few calls in all."""
+        images = torch.stack(self.images)  # (w, b, N)
+        a = torch.linalg.vector_norm(images - torch.stack(self.iterates), dim=2)
+        if self.absolute:
+            return a
+        n = torch.linalg.vector_norm(images, dim=2)
+        if self.floor_dev is None:
+            z0n = torch.linalg.vector_norm(self.iterates[0], dim=1)
+            self.floor_dev = (REL_EPS * torch.maximum(z0n, n[0])).clamp_min(torch.finfo(images.dtype).tiny)
+        return torch.cat((a, n))
+
+    # -- once per window: one host read, the replay ----------------------------------------
+    def check(self, k: int) -> Optional[int]:
+        """Replay the window ending at iteration ``k``; return the rows stopped (or None)."""
+        H = _host._HOST
+        w, c = len(self.images), 1 if self.absolute else 2
+        if len(self.a_list) < w:
+            block = self._window_norms()
+        else:
+            block = torch.stack(self.a_list + self.n_list)  # (c w, b): a then ||f(z)||
+        b = block.shape[1]
+        first = self.floor is None and not self.absolute
+        if first:
+            flat = H.host(torch.cat((block.reshape(-1), self.floor_dev)))  # type: ignore[arg-type]
+            self.floor = flat[w * c * b:]
+            nr = flat[: w * c * b].reshape(c, w, b)
+        else:
+            nr = H.host(block).reshape(c, w, b)
+        nr = nr.transpose(1, 0, 2) if H.np else nr.permute(1, 0, 2)  # (w, c, b)
+        if bool((nr[:, -1] < self.underflow).any()):
+            nr = self._exact_norms(nr, first)
+        a = nr[:, 0]
+        if self.absolute:
+            r, fin = a, H.isfinite(a)
+        else:
+            n = nr[:, 1]
+            fin = H.isfinite(a) & H.isfinite(n)
+            if H.np and not bool(fin.all()):
+                with _np.errstate(invalid="ignore", divide="ignore"):  # inf / inf: handled below
+                    r = a / H.fmax(n, self.floor)
+            else:
+                r = a / H.fmax(n, self.floor)
+        self.traces.append((self.idx, r))
+        self.k0 = k - w
+        if self._quiet(a, r, n if not self.absolute else None):
+            return None
+        # Divergence: a above DIVERGENCE_FACTOR x its smallest value before (NaN counts).
+        runmin = H.cummin0(H.cat0(self.min_a[None], a))
+        lim = runmin[:-1] * DIVERGENCE_FACTOR
+        div = ~(a <= lim)
+        if k - w == 0:  # the first iteration has no limit yet
+            div[0] = ~fin[0]
+        prev = H.cat0(self.last_a[None], a[:-1])
+        shrink = (a == 0) | (a <= prev * CONTRACTION)
+        conv = (r < self.tol) & shrink & fin
+        event = conv | div | ~fin
+        if self.n_active < len(self.active):
+            event &= self.active[None]
+        stopped = None
+        has = event.any(0)
+        last = w - 1
+        if bool(has.any()):
+            jstop = H.argmax0(event)
+            if self.z_out is None and self.n_active == len(self.active) and self.idx is None and bool(has.all()):
+                if bool(H.take0(conv, jstop).all()):
+                    return self._all_converged(jstop, r)
+            jlast = H.where(has, jstop, last)
+        else:
+            jstop, jlast = None, None
+        # Best image by absolute residual among the iterations up to each sample's stop.
+        a_best = H.where(H.isfinite(a), a, math.inf)
+        if jlast is not None:
+            steps = _np.arange(w)[:, None] if H.np else torch.arange(w)[:, None]
+            a_best = H.where(steps <= jlast[None], a_best, math.inf)
+            if bool((~fin).any()):  # an event at a non-finite norm: not a best candidate
+                a_best = H.where(fin, a_best, math.inf)
+        jb = H.argmin0(a_best)
+        cand = H.take0(a_best, jb)
+        better = cand < self.best_a
+        if self.n_active < len(self.active):
+            better &= self.active
+        if jstop is not None:  # a sample that converges needs no best image
+            better &= ~(has & H.take0(conv, jstop))
+        self._update_best(jb, better, cand, H.take0(r, jb), last)
+        if jstop is not None:
+            stopped = self._stop(k, has, jstop, conv, fin, r)
+        self.min_a = runmin[-1]
+        self.last_a = a[-1]
+        self._plan(r, a)
+        self.a_list, self.n_list, self.images, self.iterates = [], [], [], []
+        return stopped
+
+    def _all_converged(self, js: Any, r: Any) -> Any:
+        """Every sample converged in this window (the common last window): gather the images."""
+        H = _host._HOST
+        if bool((js == js[0]).all()):
+            self.z_out = self.images[int(js[0])]
+        else:
+            self.z_out = _gather_rows(self.images, js, self.device)
+        self.it_out[:] = js + (self.k0 + 1)
+        self.res_out[:] = H.take0(r, js)
+        self.st_out[:] = int(Status.CONVERGED)
+        self.active[:] = False
+        self.n_active = 0
+        self.a_list, self.n_list, self.images, self.iterates = [], [], [], []
+        return H.nonzero(~self.active)
+
+    def _best(self) -> Tensor:
+        """The best images of the working rows (z0's rows before any finite residual)."""
+        if self.best_f is not None:
+            return self.best_f
+        return self.z0 if self.idx_dev is None else self.z0.index_select(0, self.idx_dev)
+
+    def _quiet(self, a: Any, r: Any, n: Any) -> bool:
+        """The common window: no active sample met ``tol``, all finite, nothing diverged, and
+        (usually) every sample's newest image is its best. A few array operations in all."""
+        H = _host._HOST
+        hit = r < self.tol
+        if self.n_active < len(self.active):
+            hit &= self.active[None]
+        if bool(hit.any()):
+            return False
+        if not bool(H.isfinite(a.sum() if n is None else a.sum() + n.sum())):
+            return False
+        amin = a.min(0) if H.np else a.amin(0)
+        lowest = H.fmin(self.min_a, amin)
+        # Sufficient for "no divergence": every a within the factor of the smallest of all.
+        if not bool(((a.max(0) if H.np else a.amax(0)) <= lowest * DIVERGENCE_FACTOR).all()):
+            return False
+        newest = a[-1]
+        better = newest < self.best_a
+        if bool((newest <= amin).all()) and bool(better.all()):
+            self.best_a, self.best_r = newest, r[-1]
+            self.best_f = self.images[-1]
+        else:
+            jb = H.argmin0(a)
+            cand = H.take0(a, jb)
+            better = cand < self.best_a
+            if self.n_active < len(self.active):
+                better &= self.active
+            self._update_best(jb, better, cand, H.take0(r, jb), a.shape[0] - 1)
+        self.min_a, self.last_a = lowest, newest
+        self._plan(r, a)
+        self.a_list, self.n_list, self.images, self.iterates = [], [], [], []
+        return True
+
+    def _exact_norms(self, nr: Any, first: bool) -> Any:
+        """Rows whose norms may have underflowed: recompute the window's norms in float64."""
+        H = _host._HOST
+        rows = H.nonzero((nr[:, -1] < self.underflow).any(0))
+        rows_dev = H.torch(rows, self.device)
+        nr = nr.copy() if H.np else nr.clone()
+        for j, (fz, z) in enumerate(zip(self.images, self.iterates)):
+            f64 = fz.detach().index_select(0, rows_dev).to(torch.float64).reshape(len(rows), -1)
+            z64 = z.detach().index_select(0, rows_dev).to(torch.float64).reshape(len(rows), -1)
+            nr[j, 0, rows] = H.host(torch.linalg.vector_norm(f64 - z64, dim=1))
+            if not self.absolute:
+                nr[j, 1, rows] = H.host(torch.linalg.vector_norm(f64, dim=1))
+                if first and j == 0:
+                    s = torch.maximum(torch.linalg.vector_norm(z64, dim=1), torch.linalg.vector_norm(f64, dim=1))
+                    self.floor[rows] = H.fmax(H.host(REL_EPS * s), torch.finfo(torch.float64).tiny)
+        return nr
+
+    def _update_best(self, jb: Any, better: Any, cand: Any, rb: Any, last: int) -> None:
+        H = _host._HOST
+        if not bool(better.any()):
+            return
+        self.best_a = H.where(better, cand, self.best_a)
+        self.best_r = H.where(better, rb, self.best_r)
+        if bool(better.all()) and bool((jb == last).all()):
+            self.best_f = self.images[last]  # the common case: every sample's newest image
+            return
+        best = torch.empty_like(self.images[0]) if self.best_f is None else self.best_f.clone()
+        for j in H.unique(jb[better]):
+            rows = H.torch(H.nonzero(better & (jb == j)), self.device)
+            best.index_copy_(0, rows, self.images[j].index_select(0, rows))
+        self.best_f = best
+
+    def _stop(self, k: int, has: Any, jstop: Any, conv: Any, fin: Any, r: Any) -> Optional[Any]:
+        H = _host._HOST
+        sel = H.nonzero(has)
+        js = jstop[sel]
+        csel = H.take0(conv[:, sel], js)
+        fsel = H.take0(fin[:, sel], js)
+        for j in H.unique(js[~fsel]) if not bool(fsel.all()) else []:
+            rows = H.torch(sel[(js == j) & ~fsel], self.device)
+            bad = self.images[j].index_select(0, rows)
+            if not bool(torch.isfinite(bad).all()):
+                raise FixedPointError(nonfinite_message(self.what, self.k0 + j + 1))
+        gidx = sel if self.idx is None else self.idx[sel]
+        if self.z_out is None and len(sel) == len(self.res_out) and bool(csel.all()) and bool((js == js[0]).all()):
+            # The whole batch converged at one iteration: its image is the result, no copy.
+            j = int(js[0])
+            self.z_out = self.images[j]
+            self.it_out[:] = self.k0 + j + 1
+            self.res_out[:] = r[j]
+            self.st_out[:] = int(Status.CONVERGED)
+            self.active[:] = False
+            self.n_active = 0
+            return sel
+        if self.z_out is None:
+            self.z_out = torch.empty_like(self.z0)
+        for j in H.unique(js):
+            m = js == j
+            rows = sel[m]
+            rows_dev = H.torch(rows, self.device)
+            g_dev = H.torch(gidx[m], self.device)
+            cj = csel[m]
+            img = self.images[j].index_select(0, rows_dev)
+            if not bool(cj.all()):
+                keep = H.torch(cj, self.device).unsqueeze(1)
+                img = torch.where(keep, img, self._best().index_select(0, rows_dev))
+            self.z_out.index_copy_(0, g_dev, img)
+            self.it_out[gidx[m]] = self.k0 + j + 1
+        rs = H.take0(r[:, sel], js)
+        self.res_out[gidx] = H.where(csel, rs, self.best_r[sel])
+        self.st_out[gidx] = H.where(csel, int(Status.CONVERGED), int(Status.DIVERGED))
+        if self.idx is None and not self.compact and not bool(csel.all()):
+            diverged = H.full(len(self.active), False, "b")
+            diverged[sel] = ~csel
+            mask = H.torch(diverged, self.device).unsqueeze(1)
+            self.held = mask if self.held is None else self.held | mask
+        self.active[sel] = False
+        self.n_active = int(self.active.sum())
+        return sel
+
+    def _plan(self, r: Any, a: Any) -> None:
+        """The next window: until the slowest (full batch) or fastest (compact) sample should
+        meet ``tol`` at its contraction rate over this window, within ``[1, limit]``."""
+        w = r.shape[0]
+        if self.n_active == 0 or w < 2:
+            self.window = min(2, self.limit)
+            return
+        lib = _np if _host._HOST.np else torch
+        r0, r1 = r[0], r[-1]
+        if self.n_active < len(self.active):
+            r0, r1 = r0[self.active], r1[self.active]
+        # Per sample: iterations left = log(tol / r1) / log(rate); a rate >= 1 (or NaN) gives
+        # -inf or NaN here, sorted out below by the largest-window fallback.
+        H = _host._HOST
+        lq = lib.log(H.fmax(r1, 1e-300) / H.fmax(r0, 1e-300)) / (w - 1)
+        need = lib.log(self.tol / H.fmax(r1, 1e-300)) / H.fmin(lq, -1e-12)
+        if not bool((lq < -1e-9).all()):
+            need = lib.where(lq < -1e-9, need, math.inf)
+        guess = float(need.min() if self.compact else need.max())
+        if not math.isfinite(guess):
+            self.window = self.limit
+        else:
+            self.window = int(min(self.limit, max(1, math.ceil(guess - 1e-3))))
+
+    # -- after a stop ----------------------------------------------------------------------
+    def advance(self, z_next: Tensor, state: Any) -> Tuple[Tensor, Any]:
+        """Drop the stopped rows (``compact``): the next working iterate and solver state."""
+        H = _host._HOST
+        if not self.compact:
+            return z_next, state
+        keep = H.nonzero(self.active)
+        keep_dev = H.torch(keep, self.device)
+        self.best_a, self.best_r = self.best_a[keep], self.best_r[keep]
+        self.min_a, self.last_a = self.min_a[keep], self.last_a[keep]
+        if self.best_f is not None:
+            self.best_f = self.best_f[keep_dev]
+        if self.floor is not None:
+            self.floor = self.floor[keep]
+            self.floor_dev = self.floor_dev[keep_dev]  # type: ignore[index]
+        self.idx = keep if self.idx is None else self.idx[keep]
+        self.idx_dev = H.torch(self.idx, self.device)
+        self.active = H.full(len(keep), True, "b")
+        self.n_active = len(keep)
+        return z_next[keep_dev], _select(state, keep_dev)
+
+    def result(self, k: int) -> Tuple[Tensor, SolveStats]:
+        """``(z*, stats)``; rows still running hold their best image."""
+        H = _host._HOST
+        B, device = self.z0.shape[0], self.device
+        if self.n_active:
+            sel = H.nonzero(self.active)
+            gidx = sel if self.idx is None else self.idx[sel]
+            best = self._best()
+            if self.z_out is None and self.idx is None:
+                self.z_out = best  # no sample stopped: every row is its best image
+            else:
+                if self.z_out is None:
+                    self.z_out = torch.empty_like(self.z0)
+                self.z_out.index_copy_(0, H.torch(gidx, device), best.index_select(0, H.torch(sel, device)))
+            self.res_out[gidx] = self.best_r[sel]
+            self.it_out[gidx] = k
+        stats = SolveStats(
+            iterations=H.torch(self.it_out, device),
+            residual=H.torch(self.res_out, device, self.z0.dtype),
+            status=H.torch(self.st_out, device),
+            trace=H.torch(self._trace(B), device, self.z0.dtype),
+        )
+        return self.z_out if self.z_out is not None else self.z0, stats
+
+    def _trace(self, B: int) -> Any:
+        H, traces = _host._HOST, self.traces
+        T = sum(tr.shape[0] for _, tr in traces)
+        if H.np and all(tidx is None for tidx, _ in traces):
+            trace = _np.concatenate([tr for _, tr in traces]) if traces else H.full(0, math.nan, "f").reshape(0, B)
+        else:
+            trace = H.full(T * B, math.nan, "f").reshape(T, B)
+            t = 0
+            for tidx, tr in traces:
+                if tidx is None:
+                    trace[t : t + tr.shape[0]] = tr
+                else:
+                    trace[t : t + tr.shape[0], tidx] = tr
+                t += tr.shape[0]
+        if T and not (self.n_active == B and self.idx is None):
+            # NaN after each sample's stop: iteration t + 1 > its iteration count.
+            steps = _np.arange(T) if H.np else torch.arange(T)
+            trace[steps[:, None] >= self.it_out[None, :]] = math.nan
+        # Iterations run after the last stop inside a window are not part of any sample's solve.
+        return trace[: int(self.it_out.max())] if T and B else trace
+
+
+def _select(state: Any, keep: Tensor) -> Any:
+    return {k: (v[keep] if isinstance(v, Tensor) else v) for k, v in state.items()}
