@@ -12,6 +12,8 @@ import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Optional, Tuple, Union
 
+import torch
+
 from torchfpi._adjoints import Adjoint, resolve_adjoint
 from torchfpi._solvers import Solver, resolve_solver
 
@@ -73,6 +75,19 @@ def _check_per_sample(value: object) -> Optional[Tuple[int, ...]]:
     return tuple(int(i) for i in items)
 
 
+def _check_compute_dtype(value: object) -> Optional[torch.dtype]:
+    if value is None:
+        return None
+    if not isinstance(value, torch.dtype):
+        raise TypeError(
+            f"compute_dtype: expected None or a floating torch.dtype (e.g. torch.bfloat16), "
+            f"got {type(value).__name__} {value!r}"
+        )
+    if not value.is_floating_point:
+        raise ValueError(f"compute_dtype: expected a floating torch.dtype (e.g. torch.bfloat16), got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class Options:
     """Every keyword option of :func:`torchfpi.fixed_point`, validated once on construction.
@@ -83,7 +98,8 @@ class Options:
 
     Validation: ``tol`` and ``backward_tol`` are finite numbers > 0 (below 1 for the relative
     residual); ``max_iter`` and ``backward_max_iter`` integers >= 1 (``numpy`` integers too);
-    ``bool`` is never taken for a number.
+    ``bool`` is never taken for a number; ``compute_dtype`` is ``None`` or a floating
+    ``torch.dtype``.
 
     Raises:
         ValueError: an unknown name or an out-of-range value (NaN, Inf, <= 0, a relative
@@ -107,6 +123,7 @@ class Options:
     compact: bool = False
     batched: bool = True
     per_sample: Optional[Tuple[int, ...]] = None
+    compute_dtype: Optional[torch.dtype] = None
     solver_object: Solver = field(init=False, repr=False, compare=False)
     adjoint: Adjoint = field(init=False, repr=False, compare=False)
 
@@ -132,6 +149,7 @@ class Options:
         if not isinstance(self.batched, bool):
             raise TypeError(f"batched: expected a bool, got {type(self.batched).__name__}")
         put(self, "per_sample", _check_per_sample(self.per_sample))
+        put(self, "compute_dtype", _check_compute_dtype(self.compute_dtype))
 
     @property
     def adjoint_tol(self) -> float:

@@ -136,8 +136,24 @@ def solve_with_options(f: Callable[..., Any], z0: State, inputs: Sequence[Any], 
     return _solve_primal(f, z0, inputs, options)
 
 
+def _in_dtype(f: Callable[..., Any], compute: torch.dtype, state: torch.dtype) -> Callable[..., Any]:
+    """``f`` called on the state cast to ``compute``, its floating outputs cast back to ``state``."""
+
+    def cast(x: Any, dtype: torch.dtype) -> Any:
+        if isinstance(x, tuple):
+            return tuple(cast(p, dtype) for p in x)
+        return x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
+
+    def mapped(z: Any, *inputs: Any) -> Any:
+        return cast(f(cast(z, compute), *inputs), state)
+
+    return mapped
+
+
 def _solve_primal(f: Callable[..., Any], z0: State, inputs: Sequence[Any], options: Options) -> Solution[Any]:
     structure = _Structure(z0, options.batched)
+    if options.compute_dtype is not None and options.compute_dtype != structure.dtype:
+        f = _in_dtype(f, options.compute_dtype, structure.dtype)
     if structure.batch == 0:
         return _solve_empty(f, z0, inputs, structure)
     z0f = structure.pack(z0).detach()
@@ -208,6 +224,7 @@ def fixed_point(
     backward: Union[str, Adjoint] = ..., tol: float = ..., max_iter: int = ...,
     backward_tol: Optional[float] = ..., backward_max_iter: Optional[int] = ..., on_failure: str = ...,
     residual: str = ..., compact: bool = ..., batched: bool = ..., per_sample: Optional[Sequence[int]] = ...,
+    compute_dtype: Optional[torch.dtype] = ...,
 ) -> Solution[Tensor]: ...
 
 
@@ -217,6 +234,7 @@ def fixed_point(
     backward: Union[str, Adjoint] = ..., tol: float = ..., max_iter: int = ...,
     backward_tol: Optional[float] = ..., backward_max_iter: Optional[int] = ..., on_failure: str = ...,
     residual: str = ..., compact: bool = ..., batched: bool = ..., per_sample: Optional[Sequence[int]] = ...,
+    compute_dtype: Optional[torch.dtype] = ...,
 ) -> Solution[Tuple[Tensor, ...]]: ...
 
 
@@ -235,6 +253,7 @@ def fixed_point(
     compact: bool = False,
     batched: bool = True,
     per_sample: Optional[Sequence[int]] = None,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> Solution[Any]:
     r"""Solve z* = f(z*, \*inputs) by iteration, differentiably: the forward FPI layer.
 
@@ -293,6 +312,17 @@ def fixed_point(
             are sliced, and each must have the batch as dim 0 (else ``ValueError``); pass shared
             tensors (weights) either through ``f``'s closure / module parameters or as inputs
             left out of ``per_sample``, e.g. ``fixed_point(f, z0, x, W, per_sample=(0,))``.
+        compute_dtype: mixed precision. ``None`` (default): ``f`` sees the state as it is. A
+            floating ``torch.dtype`` (e.g. ``torch.bfloat16``): before each call of ``f`` the
+            state ``z`` (each part of a tuple state) is cast to this dtype, and ``f``'s output
+            is cast back to ``z0``'s dtype; so the iterates, the residuals, the solver's history
+            and the adjoint (whose vector-Jacobian products flow back through both casts) stay
+            in ``z0``'s dtype (e.g. float32) while ``f`` itself computes in low precision. Only
+            ``z`` is cast: ``inputs``, parameters and captured tensors reach ``f`` unchanged, so
+            ``f`` must compute in this dtype itself (a bf16 module, or ``torch.autocast`` inside
+            ``f``), and may return any floating dtype. Expect residuals and gradients no
+            better than the dtype's precision: choose ``tol`` accordingly (about ``1e-2`` for
+            bfloat16, ``1e-3`` for float16).
 
     Returns:
         A :class:`Solution`: ``value`` (z*, like ``z0``), ``iterations``, ``residual``,
@@ -328,6 +358,7 @@ def fixed_point(
         solver=solver, backward=backward, tol=tol, max_iter=max_iter, backward_tol=backward_tol,
         backward_max_iter=backward_max_iter, on_failure=on_failure, residual=residual,
         compact=compact, batched=batched, per_sample=per_sample,  # type: ignore[arg-type]
+        compute_dtype=compute_dtype,
     )
     return solve_with_options(f, z0, inputs, options)
 
@@ -344,7 +375,7 @@ class FPILayer(nn.Module):
         options: an :class:`Options` to start from (default: ``Options()``).
         **keywords: the keyword options of :func:`fixed_point` (``solver``, ``backward``,
             ``tol``, ``max_iter``, ``backward_tol``, ``backward_max_iter``, ``on_failure``,
-            ``residual``, ``compact``, ``batched``, ``per_sample``), validated now; an unknown
+            ``residual``, ``compact``, ``batched``, ``per_sample``, ``compute_dtype``), validated now; an unknown
             keyword is a ``TypeError``. The result is the frozen ``self.options``.
 
     Example:
