@@ -20,7 +20,7 @@ import torchfpi
 class DEQ(nn.Module):
     """f(z, x) = tanh(W z + U x + b), ||W||_2 = 0.5; computes in the dtype z arrives in."""
 
-    def __init__(self, n: int, d: int) -> None:
+    def __init__(self, n: int = 16, d: int = 8) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(0)
         w = torch.randn(n, n, generator=gen)

@@ -10,9 +10,11 @@ problem): bf16 at tol 1e-2, gradient relative errors 4.6e-3..7.3e-3; fp16 at tol
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
-from torch import nn
 
 import torchfpi
 
@@ -20,20 +22,17 @@ import torchfpi
 BOUNDS = {torch.bfloat16: (1e-2, 3e-2), torch.float16: (1e-3, 5e-3)}
 
 
-class DEQ(nn.Module):
-    """f(z, x) = tanh(W z + U x + b), with ||W||_2 = 0.5: a contraction."""
+def _timing_script():
+    """The timing script's module: its DEQ map is the one these tests solve."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "time_mixed_precision.py"
+    spec = importlib.util.spec_from_file_location("time_mixed_precision", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def __init__(self, n: int = 16, d: int = 8) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(0)
-        w = torch.randn(n, n, generator=gen)
-        self.W = nn.Parameter(0.5 * w / torch.linalg.matrix_norm(w, 2))
-        self.U = nn.Parameter(torch.randn(d, n, generator=gen) / d**0.5)
-        self.b = nn.Parameter(0.1 * torch.randn(n, generator=gen))
 
-    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        dt = z.dtype  # computes in the dtype z arrives in (the compute dtype when set)
-        return torch.tanh(z @ self.W.to(dt) + x.to(dt) @ self.U.to(dt) + self.b.to(dt))
+DEQ = _timing_script().DEQ
+"""f(z, x) = tanh(W z + U x + b), with ||W||_2 = 0.5 (a contraction), computing in z's dtype."""
 
 
 def _fp16_cpu_ok() -> bool:
