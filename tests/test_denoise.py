@@ -19,6 +19,7 @@ from torchfpi.apps.denoise import (
     FPINNDenoiser,
     TrainConfig,
     UnrolledDenoiser,
+    add_coarse_banks,
     available_sigmas,
     grow_energy_state,
     load_denoiser,
@@ -123,20 +124,26 @@ def test_png_roundtrip_and_colour(tmp_path: Path) -> None:
 
 # ---- energy and layers ------------------------------------------------------------------------
 
-def test_energy_gradient_is_exact() -> None:
+@pytest.mark.parametrize("coarse", [(), ((2, 4, 3),), ((2, 3, 3), (3, 2, 5))])
+def test_energy_gradient_is_exact(coarse) -> None:
+    """Closed-form gradient = autograd of the energy, with and without coarse banks (odd sizes too)."""
     torch.manual_seed(0)
-    e = FoEEnergy(5, 3, n_mixture=2).double()
-    z = torch.rand(2, 1, 9, 11, dtype=torch.float64, requires_grad=True)
-    y = torch.rand(2, 1, 9, 11, dtype=torch.float64)
+    e = FoEEnergy(5, 3, n_mixture=2, coarse=coarse).double()
+    z = torch.rand(2, 1, 19, 22, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(2, 1, 19, 22, dtype=torch.float64)
     (g,) = torch.autograd.grad(e(z, y).sum(), z)
     torch.testing.assert_close(e.grad(z, y), g, atol=1e-12, rtol=1e-10)
     assert e(z, y).shape == (2,)
 
 
-def test_lipschitz_bound_dominates_hessian() -> None:
+@pytest.mark.parametrize("coarse", [(), ((2, 4, 3), (4, 3, 3))])
+def test_lipschitz_bound_dominates_hessian(coarse) -> None:
     torch.manual_seed(1)
-    e = FoEEnergy(6, 3).double()
-    y = torch.rand(1, 1, 10, 10, dtype=torch.float64)
+    e = FoEEnergy(6, 3, coarse=coarse).double()
+    with torch.no_grad():  # make the coarse banks matter as much as the fine one
+        for bank in e.coarse:
+            bank.log_alpha.fill_(float(e.log_alpha.mean()) + 1.0)
+    y = torch.rand(1, 1, 16, 16, dtype=torch.float64)
     z = y.clone()
     v = torch.randn_like(z)
     for _ in range(15):  # power iteration on the Hessian at z
@@ -148,15 +155,17 @@ def test_lipschitz_bound_dominates_hessian() -> None:
     assert float((hv * v).sum()) <= e.lipschitz_bound(grid=64) * (1 + 1e-6)
 
 
-def test_grad_split_has_the_same_value_and_first_derivatives() -> None:
+@pytest.mark.parametrize("coarse", [(), ((2, 4, 3), (3, 2, 3))])
+def test_grad_split_has_the_same_value_and_first_derivatives(coarse) -> None:
     """grad_split: analytic Hessian-vector products in z, autograd in the parameters and y."""
     torch.manual_seed(3)
-    e = FoEEnergy(5, 3, n_mixture=2).double()
+    e = FoEEnergy(5, 3, n_mixture=2, coarse=coarse).double()
     with torch.no_grad():
-        e.weight.add_(0.2 * torch.randn_like(e.weight))
-    z = torch.rand(2, 1, 9, 10, dtype=torch.float64, requires_grad=True)
-    y = torch.rand(2, 1, 9, 10, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, 1, 9, 10, dtype=torch.float64)
+        for p in e.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    z = torch.rand(2, 1, 13, 14, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(2, 1, 13, 14, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 1, 13, 14, dtype=torch.float64)
     wrt = [z, y, *e.parameters()]
     ref = torch.autograd.grad(e.grad(z, y), wrt, v)
     split = e.grad_split(z, y)
@@ -318,6 +327,75 @@ def test_grow_energy_state_keeps_the_trained_energy_and_adds_filters() -> None:
         grow_energy_state(state, 4, 5)
     with pytest.raises(ValueError, match="kernel_size: expected an odd size >= the trained 3, got 4"):
         grow_energy_state(state, 6, 4)
+
+
+def test_add_coarse_banks_keeps_the_trained_energy() -> None:
+    """New coarse banks start small, existing ones are kept, bad specs are refused by name."""
+    torch.manual_seed(0)
+    fine = FoEEnergy(6, 3)
+    state = {"energy." + k: v for k, v in fine.state_dict().items()}
+    grown = add_coarse_banks(state, [(2, 4, 3)], new_weight=0.01)
+    multi = FoEEnergy(6, 3, coarse=[(2, 4, 3)])
+    multi.load_state_dict({k[7:]: v for k, v in grown.items()})
+    torch.testing.assert_close(multi.coarse[0].log_alpha.exp(),
+                               0.01 * fine.log_alpha.exp().median(dim=0).values.expand(4, -1))
+    z, y = torch.rand(2, 1, 24, 24), torch.rand(2, 1, 24, 24)
+    with torch.no_grad():
+        assert float((multi.grad(z, y) - fine.grad(z, y)).abs().max()) < 0.05 * float(fine.grad(z, y).abs().max())
+    with torch.no_grad():
+        multi.coarse[0].weight.mul_(3.0)
+    kept = add_coarse_banks({"energy." + k: v for k, v in multi.state_dict().items()}, [(2, 4, 3), (4, 2, 3)])
+    torch.testing.assert_close(kept["energy.coarse.0.weight"], multi.coarse[0].weight.detach())
+    assert kept["energy.coarse.1.weight"].shape == (2, 1, 3, 3)
+    for bad, msg in (([(1, 4, 3)], r"coarse\[0\]: expected a pooling factor 2 \.\. 8, got 1"),
+                     ([(2, 4, 4)], r"coarse\[0\]: expected an odd kernel size >= 3, got 4"),
+                     ([(2, 9, 3)], r"coarse\[0\]: expected 1 \.\. 8 filters of size 3, got 9"),
+                     ([(2, 4)], r"coarse\[0\]: expected \(factor, n_filters, kernel_size\) integers")):
+        with pytest.raises(ValueError, match=msg):
+            FoEEnergy(6, 3, coarse=bad)
+
+
+def test_multiscale_fpigd_on_the_smallest_image() -> None:
+    """A coarse bank's padding can exceed the image side: the padding reflects in steps."""
+    from torchfpi.apps.denoise import MIN_IMAGE_SIDE
+
+    e = FoEEnergy(8, 5, coarse=[(4, 4, 5)])
+    assert e.pad == 8 and e.pad >= MIN_IMAGE_SIDE
+    model = FPIGDDenoiser(e, tol=1e-4, max_iter=200)
+    y = torch.rand(1, 1, MIN_IMAGE_SIDE, MIN_IMAGE_SIDE + 3)
+    out = model(y)
+    assert out.shape == y.shape and bool(torch.isfinite(out).all())
+    assert bool(model.last_info.solution.converged.all())
+
+
+def test_cli_coarse_banks_and_contrast_rescale(data_dir: Path, tmp_path: Path, capsys) -> None:
+    """--coarse adds banks to an --init energy; --init-rescale contrast scales its filters."""
+    common = ["--data-root", str(data_dir), "--steps", "1", "--batch-size", "2", "--crop", "24",
+              "--val-images", "2", "--quiet", "--tol", "1e-3", "--filters", "6", "--kernel-size", "3"]
+    assert main(["train", "denoise", *common, "--checkpoint", str(tmp_path / "a.pt")]) == 0
+    base = tmp_path / "denoise_fpi_gd_s25.pt"
+    assert main(["train", "denoise", *common, "--init", str(base), "--coarse", "2:4:3", "--steps", "1",
+                 "--lr", "1e-9", "--checkpoint", str(tmp_path / "b.pt"), "--export", str(tmp_path / "ms.pt")]) == 0
+    ms = torch.load(tmp_path / "ms.pt", weights_only=True)
+    assert ms["config"]["energy"]["coarse"] == [[2, 4, 3]]
+    assert ms["state_dict"]["energy.coarse.0.weight"].shape == (4, 1, 3, 3)
+    model, _ = load_denoiser("fpi_gd", 25, tmp_path / "ms.pt")
+    assert model.energy.coarse_factors == [2]
+    assert main(["train", "denoise", *common, "--sigma", "50", "--init", str(tmp_path / "ms.pt"),
+                 "--coarse", "2:4:3", "--init-rescale", "contrast", "--lr", "1e-9",
+                 "--checkpoint", str(tmp_path / "c.pt"), "--export", str(tmp_path / "s50.pt")]) == 0
+    s50 = torch.load(tmp_path / "s50.pt", weights_only=True)["state_dict"]
+    for key in ("energy.weight", "energy.coarse.0.weight"):  # filters halved (lr 1e-9: one tiny step)
+        torch.testing.assert_close(s50[key], 0.5 * ms["state_dict"][key], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(s50["energy.log_data_weight"],
+                               ms["state_dict"]["energy.log_data_weight"] - 2 * math.log(2.0), atol=1e-6, rtol=0)
+    capsys.readouterr()
+    for bad in ("2:4", "1:4:3", "2:4:4", "2:x:3"):
+        assert main(["train", "denoise", *common, "--coarse", bad, "--checkpoint", str(tmp_path / "d.pt")]) == 2
+        assert "--coarse: expected" in capsys.readouterr().err
+    assert main(["train", "denoise", *common, "--init", str(tmp_path / "ms.pt"), "--coarse", "4:2:3",
+                 "--checkpoint", str(tmp_path / "e.pt")]) == 2
+    assert "--coarse: the --init energy has the coarse banks [[2, 4, 3]]" in capsys.readouterr().err
 
 
 def test_cli_grows_the_filter_bank_of_init_weights(data_dir: Path, tmp_path: Path) -> None:

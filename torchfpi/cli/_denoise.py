@@ -61,9 +61,13 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
                    help="weights file to start from (fine-tuning); for an energy trained at "
                    "another sigma the data weight is rescaled by (sigma_init / sigma)^2; "
                    "--model fpi_gd also starts from the energy of unrolled weights")
+    t.add_argument("--init-rescale", choices=("data-weight", "contrast"), default="data-weight",
+                   help="an --init energy trained at another sigma: 'data-weight' rescales lambda by "
+                   "(sigma_init / sigma)^2 (MAP scaling); 'contrast' also scales the filters by "
+                   "sigma_init / sigma, i.e. the init energy applied to the image scaled to its noise level")
     t.add_argument("--calibrate-data-weight", action="store_true",
                    help="fpi_gd / unrolled: before training, set the data weight to the best of "
-                   "lambda * exp(-1.0 .. 1.0), steps of 0.1, on the validation crops (an unrolled energy's "
+                   "lambda * exp(-2.0 .. 2.0), steps of 0.1, on the validation crops (an unrolled energy's "
                    "exact minimiser needs a larger lambda)")
     t.add_argument("--filters", type=int, default=None,
                    help="fpi_gd / unrolled: number of FoE filters (default 24); with --init, a "
@@ -71,6 +75,10 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     t.add_argument("--kernel-size", type=int, default=None,
                    help="fpi_gd / unrolled: odd FoE filter size (default 5); with --init, a larger "
                    "size zero-pads the trained filters")
+    t.add_argument("--coarse", action="append", default=None, metavar="F:N:K",
+                   help="fpi_gd / unrolled: add a coarse filter bank of N KxK filters on the image "
+                   "average-pooled by F (repeatable, e.g. --coarse 2:24:5 --coarse 4:16:5; default: none); "
+                   "with --init, banks the file lacks start at a tenth of its median penalty weight")
     t.add_argument("--seed", type=int, default=0, help="seed of weights, crops and noise")
     t.add_argument("--budget-minutes", type=float, default=40.0,
                    help="stop after this much training time (over resumes), even before --steps")
@@ -165,6 +173,21 @@ def _filter_bank(args: argparse.Namespace) -> dict:
         if key == "kernel_size" and (value < 3 or value % 2 != 1):
             raise UsageError(f"--kernel-size: expected an odd integer >= 3, got {value}")
         bank[key] = value
+    if args.coarse:
+        if args.model == "fpi_nn":
+            raise UsageError("--coarse: only for --model fpi_gd or unrolled")
+        specs = []
+        for text in args.coarse:
+            parts = str(text).split(":")
+            try:
+                factor, n, k = (int(v) for v in parts)
+            except ValueError:
+                raise UsageError(f"--coarse: expected F:N:K (three integers), got '{text}'") from None
+            if not 2 <= factor <= 8 or n < 1 or k < 3 or k % 2 != 1 or n > k * k - 1:
+                raise UsageError(f"--coarse: expected a factor 2 <= F <= 8, an odd size K >= 3 and 1 <= N <= K*K-1 "
+                                 f"filters, got '{text}'")
+            specs.append([factor, n, k])
+        bank["coarse"] = specs
     return bank
 
 
@@ -201,7 +224,14 @@ def _read_init(args: argparse.Namespace, sigma: float, model_config: dict) -> Op
     file_sigma = blob["meta"].get("sigma") or blob.get("sigma")
     if key in init_state and file_sigma is not None and float(file_sigma) != sigma:
         # MAP scaling: the data weight of an energy goes as 1 / sigma^2.
-        init_state[key] = init_state[key] + 2.0 * math.log(float(file_sigma) / sigma)
+        ratio = float(file_sigma) / sigma
+        init_state[key] = init_state[key] + 2.0 * math.log(ratio)
+        if getattr(args, "init_rescale", "data-weight") == "contrast":
+            # E'(z, y) = E(r z, r y) up to lambda: the energy sees the image at the noise level it was
+            # trained for (filters times r; lambda r^2 is the MAP scaling above)
+            for name in list(init_state):
+                if name.startswith("energy.") and name.endswith("weight") and name != key:
+                    init_state[name] = init_state[name] * ratio
     return init_state
 
 
@@ -258,6 +288,7 @@ def run_train(args: argparse.Namespace) -> int:
     if out.resolve() == ckpt.resolve():
         raise UsageError(f"--export: '{out}' is also the checkpoint: give another file name")
     init_state = _read_init(args, sigma, model_config)
+    coarse = bank.pop("coarse", None)
     if bank:
         from torchfpi.apps.denoise import DEFAULT_CONFIGS, grow_energy_state
 
@@ -276,6 +307,19 @@ def run_train(args: argparse.Namespace) -> int:
             raise UsageError(f"--filters: at most {k * k - 1} filters of size {k}, got {n}")
         if grow and init_state is not None:
             init_state = grow_energy_state(init_state, n, k)
+        model_config["energy"] = energy
+    if coarse:
+        from torchfpi.apps.denoise import DEFAULT_CONFIGS as _CONFIGS
+        from torchfpi.apps.denoise import add_coarse_banks
+
+        energy = {**_CONFIGS[args.model]["energy"], **model_config.get("energy", {})}
+        had = [list(c) for c in energy.get("coarse", [])]
+        if coarse[:len(had)] != had:
+            raise UsageError(f"--coarse: the --init energy has the coarse banks {had}; give them first, "
+                             f"then the new ones (got {coarse})")
+        energy["coarse"] = coarse
+        if init_state is not None and "energy.weight" in init_state:
+            init_state = add_coarse_banks(init_state, coarse)
         model_config["energy"] = energy
     if args.model != "fpi_nn":
         from torchfpi.apps.denoise import DEFAULT_CONFIGS as _DEFAULTS

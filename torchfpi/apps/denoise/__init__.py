@@ -16,7 +16,7 @@ from torchfpi.apps.denoise.api import (
     weights_path,
 )
 from torchfpi.apps.denoise.baselines import bm3d_denoise, choose_tv_weight, tv_denoise
-from torchfpi.apps.denoise.energy import FoEEnergy, dct_filters, grow_energy_state
+from torchfpi.apps.denoise.energy import FoEEnergy, add_coarse_banks, dct_filters, grow_energy_state
 from torchfpi.apps.denoise.memory import measure_training_memory
 from torchfpi.apps.denoise.models import (
     MODELS,
@@ -37,7 +37,7 @@ from torchfpi.apps.denoise.train import (
 )
 
 __all__ = [
-    "DEFAULT_CONFIGS", "MIN_IMAGE_SIDE", "MODELS", "check_training_data", "ConvUpdate", "FPIGDDenoiser", "FPINNDenoiser", "FoEEnergy", "grow_energy_state",
+    "DEFAULT_CONFIGS", "MIN_IMAGE_SIDE", "MODELS", "check_training_data", "ConvUpdate", "FPIGDDenoiser", "FPINNDenoiser", "FoEEnergy", "add_coarse_banks", "grow_energy_state",
     "TrainConfig", "UnrolledDenoiser", "available_sigmas", "bm3d_denoise", "build_model",
     "choose_tv_weight", "dct_filters", "denoise_array", "load_denoiser", "save_weights", "train",
     "tv_denoise", "weights_path", "batch_psnr", "measure_training_memory", "to_tensor",

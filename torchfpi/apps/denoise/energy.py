@@ -14,6 +14,17 @@ mixture of Student-t (Lorentzian) penalties, the classic heavy-tailed image prio
 bilevel line of work (Roth & Black 2005; Chen, Pock et al. 2013). Weights ``\\alpha_{km} > 0``,
 scales ``s_{km} > 0`` and the data weight ``\\lambda > 0`` are stored as logarithms.
 
+Optional *coarse banks* add the same kind of prior on downsampled copies of the image,
+
+.. math::
+
+    \\sum_{c} \\sum_{k} \\sum_{p} \\phi_{ck}\\big((v_{ck} \\star D_c z)_p\\big),
+
+with ``D_c`` the ``f_c x f_c`` average pooling: a filter of size ``k`` at factor ``f`` sees a
+``f k x f k`` window, which the small fine filters cannot (structure at high noise levels). Their
+gradient adds ``D_c^T v_{ck}^T \\star \\phi_{ck}'(\\cdot)`` and their Hessian term
+``D_c^T v_{ck}^T (\\phi_{ck}'' \\cdot v_{ck} D_c)``.
+
 The gradient is
 
 .. math::
@@ -28,7 +39,7 @@ computed with one ``conv2d`` and one ``conv_transpose2d``; autograd differentiat
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -105,65 +116,27 @@ def grow_energy_state(
     return out
 
 
-class _PriorGradZ(torch.autograd.Function):
-    """``B(z) = sum_k w_k^T phi_k'(w_k * z)`` with an analytic Hessian-vector product as its VJP in ``z``.
+def _pool(z: Tensor, factor: int) -> Tensor:
+    """``D z``: ``factor x factor`` average pooling (rows/columns beyond a multiple of ``factor`` dropped)."""
+    return F.avg_pool2d(z, factor)
 
-    The filters and penalty parameters enter as constants (no gradient): the parameter gradient
-    goes through a separate autograd path (see :meth:`FoEEnergy.grad_split`). The backward is
-    ``v -> sum_k w_k^T (phi_k''(w_k * z) (w_k * v))``: one correlation, a product with the cached
-    ``phi''`` and one grouped correlation, about a third of the cost of differentiating the
-    gradient's graph by autograd.
+
+def _unpool(u: Tensor, factor: int, size: Tuple[int, int]) -> Tensor:
+    """``D^T u``: each coarse value spread over its ``factor x factor`` block (divided by ``factor^2``),
+    zero on the dropped rows/columns, so that ``<D z, u> = <z, D^T u>``."""
+    up = F.interpolate(u, scale_factor=float(factor), mode="nearest") / float(factor * factor)
+    return F.pad(up, (0, size[1] - up.shape[-1], 0, size[0] - up.shape[-2]))
+
+
+class _Bank(nn.Module):
+    """One filter bank with its Student-t mixture penalties: ``sum_k sum_p phi_k((w_k * x)_p)``.
+
+    Parameters: ``weight`` ``(K, 1, k, k)`` (made zero-mean by :meth:`filters`), ``log_alpha`` and
+    ``log_scale`` ``(K, M)``.
     """
 
-    @staticmethod
-    def forward(ctx, z: Tensor, energy: FoEEnergy) -> Tensor:  # type: ignore[override]
-        with torch.no_grad():
-            w = energy.filters()
-            r = F.conv2d(z, w)
-            out = energy._adjoint(energy.influence(r), w)
-            ctx.save_for_backward(energy.curvature(r), w)
-        return out
-
-    @staticmethod
-    def backward(ctx, v: Tensor):  # type: ignore[override]
-        curv, w = ctx.saved_tensors
-        q = w.shape[-1] - 1
-        hv = F.conv2d(F.pad(curv * F.conv2d(v, w), (q, q, q, q)), w.flip(2, 3),
-                      groups=w.shape[0]).sum(dim=1, keepdim=True)
-        return hv, None
-
-
-def _total(terms: List[Tensor]) -> Tensor:
-    """``terms[0] + terms[1] + ...`` in order (what ``sum`` computes, typed as a tensor)."""
-    out = terms[0]
-    for t in terms[1:]:
-        out = out + t
-    return out
-
-
-class FoEEnergy(nn.Module):
-    """Fields-of-Experts energy ``E(z, y)`` (see the module docstring for the equation).
-
-    Args:
-        n_filters: number of filters ``K``.
-        kernel_size: filter size ``k`` (odd).
-        n_mixture: Student-t terms per filter ``M``.
-        data_weight: initial ``\\lambda``.
-        penalty_weight: initial ``\\alpha`` of the first mixture term (later terms get a tenth).
-        penalty_scale: initial ``s`` of the first term (later terms are 4x wider each).
-
-    Shapes: ``z``, ``y``: ``(B, 1, H, W)`` with ``H, W >= kernel_size``; energy ``(B,)``.
-    """
-
-    def __init__(
-        self,
-        n_filters: int = 24,
-        kernel_size: int = 5,
-        n_mixture: int = 1,
-        data_weight: float = 1.0,
-        penalty_weight: float = 0.0005,
-        penalty_scale: float = 0.06,
-    ) -> None:
+    def __init__(self, n_filters: int, kernel_size: int, n_mixture: int, penalty_weight: float,
+                 penalty_scale: float) -> None:
         super().__init__()
         if kernel_size % 2 != 1 or kernel_size < 3:
             raise ValueError(f"kernel_size: expected an odd size >= 3, got {kernel_size}")
@@ -176,12 +149,6 @@ class FoEEnergy(nn.Module):
         scale = float(penalty_scale) * 4.0 ** torch.arange(n_mixture, dtype=torch.float32)
         self.log_alpha = nn.Parameter(alpha.log())
         self.log_scale = nn.Parameter(scale.log().expand(n_filters, n_mixture).clone())
-        self.log_data_weight = nn.Parameter(torch.tensor(math.log(data_weight)))
-
-    @property
-    def pad(self) -> int:
-        """Border lost by a valid correlation on each side (``kernel_size // 2``)."""
-        return self.kernel_size // 2
 
     def filters(self) -> Tensor:
         """Zero-mean filters ``(K, 1, k, k)``: a flat image costs nothing."""
@@ -194,13 +161,11 @@ class FoEEnergy(nn.Module):
         scale2 = (2.0 * self.log_scale).exp().t().reshape(shape)
         return alpha, scale2
 
-    def forward(self, z: Tensor, y: Tensor) -> Tensor:
-        """Energy per sample, ``(B,)``."""
-        lam = self.log_data_weight.exp()
-        r2 = F.conv2d(z, self.filters()).square()
+    def penalty(self, x: Tensor) -> Tensor:
+        """``sum_k sum_p phi_k((w_k * x)_p)`` per sample, ``(B,)``."""
+        r2 = F.conv2d(x, self.filters()).square()
         alpha, scale2 = self._penalty_params()
-        prior = sum((alpha[m] * torch.log1p(r2 / scale2[m])).sum(dim=(1, 2, 3)) for m in range(self.n_mixture))
-        return 0.5 * lam * ((z - y) ** 2).sum(dim=(1, 2, 3)) + prior
+        return _total([(alpha[m] * torch.log1p(r2 / scale2[m])).sum(dim=(1, 2, 3)) for m in range(self.n_mixture)])
 
     def influence(self, r: Tensor) -> Tensor:
         """``phi_k'(r)`` for responses ``r`` of shape ``(B, K, H', W')``."""
@@ -221,10 +186,159 @@ class FoEEnergy(nn.Module):
         # conv_transpose2d(u, w) and is several times faster on CPU with oneDNN.
         return F.conv2d(F.pad(u, (q, q, q, q)), w.flip(2, 3), groups=self.n_filters).sum(dim=1, keepdim=True)
 
+    def prior_grad(self, x: Tensor) -> Tensor:
+        """``sum_k w_k^T phi_k'(w_k * x)``, ``(B, 1, H, W)``."""
+        w = self.filters()
+        return self._adjoint(self.influence(F.conv2d(x, w)), w)
+
+    def hessian_term(self, v: Tensor, curv: Tensor, w: Tensor) -> Tensor:
+        """``sum_k w_k^T (phi_k'' (w_k * v))`` with ``phi''`` given (cached at the linearisation point)."""
+        return self._adjoint(curv * F.conv2d(v, w), w)
+
+    @torch.no_grad()
+    def spectral_bound(self, grid: int) -> Tensor:
+        """``max_w sum_k c_k |w_k^(w)|^2`` with ``c_k = max_x phi_k''(x) = sum_m 2 alpha_km / s_km^2``."""
+        w = self.filters()[:, 0]
+        spec = torch.fft.rfft2(w, s=(grid, grid)).abs() ** 2
+        curv = (2.0 * self.log_alpha.exp() / (2.0 * self.log_scale).exp()).sum(dim=1)
+        return (curv.view(-1, 1, 1) * spec).sum(0).max()
+
+
+class _PriorGradZ(torch.autograd.Function):
+    """``B(z) = sum_k w_k^T phi_k'(w_k * z)`` (plus the coarse banks' terms) with an analytic
+    Hessian-vector product as its VJP in ``z``.
+
+    The filters and penalty parameters enter as constants (no gradient): the parameter gradient
+    goes through a separate autograd path (see :meth:`FoEEnergy.grad_split`). The backward is
+    ``v -> sum_k w_k^T (phi_k''(w_k * z) (w_k * v))`` (and ``D^T`` of the same at each coarse
+    bank): one correlation, a product with the cached ``phi''`` and one grouped correlation per
+    bank, about a third of the cost of differentiating the gradient's graph by autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, energy: FoEEnergy) -> Tensor:  # type: ignore[override]
+        with torch.no_grad():
+            saved = []
+            out = None
+            for bank, factor in energy.banks():
+                x = z if factor == 1 else _pool(z, factor)
+                w = bank.filters()
+                r = F.conv2d(x, w)
+                g = bank._adjoint(bank.influence(r), w)
+                g = g if factor == 1 else _unpool(g, factor, (z.shape[-2], z.shape[-1]))
+                out = g if out is None else out + g
+                saved += [bank.curvature(r), w]
+            ctx.save_for_backward(*saved)
+            ctx.energy = energy
+            ctx.size = (z.shape[-2], z.shape[-1])
+        if out is None:  # pragma: no cover - an energy always has its fine bank
+            raise RuntimeError("an FoE energy without a filter bank")
+        return out
+
+    @staticmethod
+    def backward(ctx, v: Tensor):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        hv = None
+        for i, (bank, factor) in enumerate(ctx.energy.banks()):
+            curv, w = saved[2 * i], saved[2 * i + 1]
+            x = v if factor == 1 else _pool(v, factor)
+            h = bank.hessian_term(x, curv, w)
+            h = h if factor == 1 else _unpool(h, factor, ctx.size)
+            hv = h if hv is None else hv + h
+        return hv, None
+
+
+def _total(terms: List[Tensor]) -> Tensor:
+    """``terms[0] + terms[1] + ...`` in order (what ``sum`` computes, typed as a tensor)."""
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
+def _check_coarse(coarse: Sequence[Sequence[int]]) -> List[Tuple[int, int, int]]:
+    """``coarse`` as ``[(factor, n_filters, kernel_size), ...]``, each checked."""
+    out = []
+    for i, spec in enumerate(coarse):
+        if len(spec) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in spec):
+            raise ValueError(f"coarse[{i}]: expected (factor, n_filters, kernel_size) integers, got {spec!r}")
+        factor, n, k = (int(v) for v in spec)
+        if not 2 <= factor <= 8:
+            raise ValueError(f"coarse[{i}]: expected a pooling factor 2 .. 8, got {factor}")
+        if k % 2 != 1 or k < 3:
+            raise ValueError(f"coarse[{i}]: expected an odd kernel size >= 3, got {k}")
+        if not 1 <= n <= k * k - 1:
+            raise ValueError(f"coarse[{i}]: expected 1 .. {k * k - 1} filters of size {k}, got {n}")
+        out.append((factor, n, k))
+    return out
+
+
+class FoEEnergy(_Bank):
+    """Fields-of-Experts energy ``E(z, y)`` (see the module docstring for the equation).
+
+    Args:
+        n_filters: number of filters ``K``.
+        kernel_size: filter size ``k`` (odd).
+        n_mixture: Student-t terms per filter ``M``.
+        data_weight: initial ``\\lambda``.
+        penalty_weight: initial ``\\alpha`` of the first mixture term (later terms get a tenth).
+        penalty_scale: initial ``s`` of the first term (later terms are 4x wider each).
+        coarse: coarse banks, each ``(factor, n_filters, kernel_size)``: filters on the image
+            average-pooled by ``factor`` (empty: the single-scale FoE). They start at a tenth of
+            ``penalty_weight``.
+
+    Shapes: ``z``, ``y``: ``(B, 1, H, W)`` with ``H, W >= kernel_size`` (and, for each coarse bank,
+    ``>= factor * kernel_size``); energy ``(B,)``.
+
+    Example:
+        >>> e = FoEEnergy(8, 3, coarse=[(2, 4, 3)])
+        >>> z = torch.rand(2, 1, 16, 16)
+        >>> e(z, z).shape, e.grad(z, z).shape, e.pad
+        (torch.Size([2]), torch.Size([2, 1, 16, 16]), 2)
+    """
+
+    def __init__(
+        self,
+        n_filters: int = 24,
+        kernel_size: int = 5,
+        n_mixture: int = 1,
+        data_weight: float = 1.0,
+        penalty_weight: float = 0.0005,
+        penalty_scale: float = 0.06,
+        coarse: Sequence[Sequence[int]] = (),
+    ) -> None:
+        super().__init__(n_filters, kernel_size, n_mixture, penalty_weight, penalty_scale)
+        specs = _check_coarse(coarse)
+        self.coarse_factors = [f for f, _, _ in specs]
+        self._coarse_banks = [_Bank(n, k, n_mixture, 0.1 * penalty_weight, penalty_scale) for _, n, k in specs]
+        self.coarse = nn.ModuleList(self._coarse_banks)
+        self.log_data_weight = nn.Parameter(torch.tensor(math.log(data_weight)))
+
+    @property
+    def pad(self) -> int:
+        """Reflection padding the callers add: ``kernel_size // 2``, or more so that each coarse bank's
+        valid correlation covers the image (``factor * (kernel_size // 2)``)."""
+        return max([self.kernel_size // 2] + [f * (b.kernel_size // 2) for b, f in self.banks()])
+
+    def banks(self) -> List[Tuple[_Bank, int]]:
+        """``[(bank, pooling factor), ...]``: this fine bank (factor 1) then the coarse banks."""
+        fine: List[Tuple[_Bank, int]] = [(self, 1)]
+        return fine + list(zip(self._coarse_banks, self.coarse_factors))
+
+    def forward(self, z: Tensor, y: Tensor) -> Tensor:  # type: ignore[override]
+        """Energy per sample, ``(B,)``."""
+        lam = self.log_data_weight.exp()
+        prior = _total([bank.penalty(z if f == 1 else _pool(z, f)) for bank, f in self.banks()])
+        return 0.5 * lam * ((z - y) ** 2).sum(dim=(1, 2, 3)) + prior
+
+    def _prior_grad(self, z: Tensor) -> Tensor:
+        size = (z.shape[-2], z.shape[-1])
+        return _total([bank.prior_grad(z) if f == 1 else _unpool(bank.prior_grad(_pool(z, f)), f, size)
+                       for bank, f in self.banks()])
+
     def grad(self, z: Tensor, y: Tensor) -> Tensor:
         """Exact ``grad_z E(z, y)``, ``(B, 1, H, W)``; differentiable (a node of the graph)."""
-        w = self.filters()
-        return self.log_data_weight.exp() * (z - y) + self._adjoint(self.influence(F.conv2d(z, w)), w)
+        return self.log_data_weight.exp() * (z - y) + self._prior_grad(z)
 
     def grad_split(self, z: Tensor, y: Tensor) -> Tensor:
         """``grad_z E(z, y)`` (same value as :meth:`grad`) with a cheaper graph for implicit layers.
@@ -236,20 +350,59 @@ class FoEEnergy(nn.Module):
         """
         if not torch.is_grad_enabled():
             return self.grad(z, y)
-        zd = z.detach()
-        w = self.filters()
-        param_path = self._adjoint(self.influence(F.conv2d(zd, w)), w)
+        param_path = self._prior_grad(z.detach())
         return (self.log_data_weight.exp() * (z - y) + _PriorGradZ.apply(z, self)
                 + (param_path - param_path.detach()))
 
     @torch.no_grad()
     def lipschitz_bound(self, grid: int = 64) -> float:
-        """Upper bound ``L`` of the Hessian's largest eigenvalue: ``lambda + max_w sum_k c_k |w_k^(w)|^2``.
+        """Upper bound ``L`` of the Hessian's largest eigenvalue:
+        ``lambda + sum_banks max_w sum_k c_k |w_k^(w)|^2 / f^2``.
 
-        ``c_k = max_x phi_k''(x) = sum_m 2 alpha_km / s_km^2``; the sum of ``c_k w_k^T w_k`` is a
-        convolution whose spectrum is evaluated on a ``grid x grid`` frequency grid.
+        ``c_k = max_x phi_k''(x) = sum_m 2 alpha_km / s_km^2``; each bank's ``sum_k c_k w_k^T w_k``
+        is a convolution whose spectrum is evaluated on a ``grid x grid`` frequency grid, and the
+        average pooling ``D`` of factor ``f`` has ``||D||^2 = 1 / f^2``.
         """
-        w = self.filters()[:, 0]
-        spec = torch.fft.rfft2(w, s=(grid, grid)).abs() ** 2
-        curv = (2.0 * self.log_alpha.exp() / (2.0 * self.log_scale).exp()).sum(dim=1)
-        return float(self.log_data_weight.exp() + (curv.view(-1, 1, 1) * spec).sum(0).max())
+        total = self.log_data_weight.exp() + _total([bank.spectral_bound(grid) / float(f * f)
+                                                     for bank, f in self.banks()])
+        return float(total)
+
+
+def add_coarse_banks(
+    state: Dict[str, Tensor], coarse: Sequence[Sequence[int]], new_weight: float = 0.1, prefix: str = "energy."
+) -> Dict[str, Tensor]:
+    """A trained :class:`FoEEnergy` state (under ``prefix``) with coarse banks added.
+
+    Coarse banks already in ``state`` are kept; each missing one gets the lowest DCT atoms of its
+    size scaled to the trained fine filters' median norm, the median trained scale and
+    ``new_weight`` times the median trained weight, so the energy starts close to the trained one
+    and training decides what the new banks become.
+
+    Args:
+        state: a state dict holding ``{prefix}weight`` ``(K, 1, k, k)``, ``{prefix}log_alpha``
+            and ``{prefix}log_scale`` ``(K, M)``; other entries are copied.
+        coarse: the banks of the new energy, each ``(factor, n_filters, kernel_size)``.
+        new_weight: the new banks' penalty weight relative to the median trained one.
+
+    Returns:
+        A new state dict for ``FoEEnergy(K, k, M, coarse=coarse)``.
+
+    Example:
+        >>> small = {"energy." + k: v for k, v in FoEEnergy(4, 3).state_dict().items()}
+        >>> grown = add_coarse_banks(small, [(2, 6, 3)])
+        >>> tuple(grown["energy.coarse.0.weight"].shape), tuple(grown["energy.coarse.0.log_alpha"].shape)
+        ((6, 1, 3, 3), (6, 1))
+    """
+    specs = _check_coarse(coarse)
+    w = state[prefix + "weight"]
+    log_alpha, log_scale = state[prefix + "log_alpha"], state[prefix + "log_scale"]
+    norm = (w - w.mean(dim=(2, 3), keepdim=True)).flatten(1).norm(dim=1).median()
+    out = dict(state)
+    for i, (_, n, k) in enumerate(specs):
+        key = f"{prefix}coarse.{i}."
+        if key + "weight" in state:
+            continue
+        out[key + "weight"] = dct_filters(k, n).to(w) * norm
+        out[key + "log_alpha"] = (log_alpha.median(dim=0).values + math.log(new_weight)).expand(n, -1).clone()
+        out[key + "log_scale"] = log_scale.median(dim=0).values.expand(n, -1).clone()
+    return out

@@ -55,7 +55,13 @@ def solve(f: Callable[..., Tensor], z0: Tensor, y: Tensor, tol: float, max_iter:
 
 
 def _pad(y: Tensor, p: int) -> Tensor:
-    return F.pad(y, (p, p, p, p), mode="reflect") if p > 0 else y
+    """Reflection padding by ``p`` pixels, in steps when ``p`` reaches the image side (a coarse bank's
+    padding can exceed a small image)."""
+    while p > 0:
+        q = min(p, y.shape[-1] - 1, y.shape[-2] - 1)
+        y = F.pad(y, (q, q, q, q), mode="reflect")
+        p -= q
+    return y
 
 
 def _crop(z: Tensor, p: int) -> Tensor:

@@ -142,7 +142,7 @@ def evaluate(model: Denoiser, clean: Tensor, noisy: Tensor, chunk: int = 20) -> 
 
 
 #: Offsets of ``log lambda`` tried by :func:`calibrate_data_weight`.
-CALIBRATION_OFFSETS = tuple(round(0.1 * i, 1) for i in range(-10, 11))
+CALIBRATION_OFFSETS = tuple(round(0.1 * i, 1) for i in range(-20, 21))
 
 
 @torch.no_grad()
