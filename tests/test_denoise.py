@@ -24,7 +24,7 @@ from torchfpi.apps.denoise import (
     grow_energy_state,
     load_denoiser,
     save_weights,
-    train,
+    train_denoiser,
 )
 from torchfpi.cli import main
 from torchfpi.data.images import (
@@ -188,6 +188,26 @@ def test_calibrate_data_weight_picks_the_best_offset() -> None:
     assert rec["chosen_offset"] == (-1.0, 0.0, 1.0)[int(np.argmax(rec["psnr"]))]
     assert float(m.energy.log_data_weight.detach()) == pytest.approx(base + rec["chosen_offset"])
     assert evaluate(m, clean, noisy)["psnr"] == pytest.approx(max(rec["psnr"]), abs=1e-3)
+    assert rec["converged"] == [1.0, 1.0, 1.0]
+    # an offset whose solves stop at the iteration limit is no candidate, however well it scores
+    m.max_iter = 2
+    rec2 = calibrate_data_weight(m, clean, noisy, offsets=(-1.0, 0.0), log=lambda s: None)
+    assert rec2["converged"] == [0.0, 0.0] and rec2["chosen_offset"] in (-1.0, 0.0)  # none converged: best
+    scores = {}
+
+    def fake(model, c, n, chunk=20):
+        off = round(float(model.energy.log_data_weight.detach()) - base, 1)
+        scores[off] = {"psnr": 30.0 if off == 0.0 else 20.0, "iterations": 5.0,
+                       "converged": 0.5 if off == 0.0 else 1.0}
+        return scores[off]
+
+    import torchfpi.apps.denoise.train as train_module
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "evaluate", fake)
+        m.energy.log_data_weight.data.fill_(base)
+        rec3 = calibrate_data_weight(m, clean, noisy, offsets=(-1.0, 0.0, 1.0), log=lambda s: None)
+    assert rec3["chosen_offset"] == -1.0  # 0.0 scores best but converged on half the crops only
 
 
 def test_fpigd_paths_agree_with_library_layer() -> None:
@@ -253,12 +273,12 @@ def test_train_few_steps_and_resume(kind: str, data_dir: Path, tmp_path: Path) -
     else:
         cfg.model_config.update(channels=4)
     ck = tmp_path / "ck.pt"
-    export = train(cfg, data_dir / "denoise" / "Train400", ck, progress=False, log=lambda s: None,
+    export = train_denoiser(cfg, data_dir / "denoise" / "Train400", ck, progress=False, log=lambda s: None,
                    command="first")
     assert export["train"]["steps"] == 2 and ck.exists()
     assert math.isfinite(export["train"]["best"]["psnr"])
     cfg2 = TrainConfig(**{**cfg.__dict__, "steps": 3})
-    export2 = train(cfg2, data_dir / "denoise" / "Train400", ck, resume=True, progress=False,
+    export2 = train_denoiser(cfg2, data_dir / "denoise" / "Train400", ck, resume=True, progress=False,
                     log=lambda s: None, command="second")
     assert export2["train"]["steps"] == 3
     assert export2["train"]["commands"] == ["first", "second"]  # a resumed run keeps every command

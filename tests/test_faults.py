@@ -439,7 +439,7 @@ def test_torchrun_two_processes_match_one_process_denoise(tmp_path, model):
 def test_denoise_nan_loss_is_skipped_then_stop_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     import importlib
 
-    dn_train = importlib.import_module("torchfpi.apps.denoise.train")  # the package exports a function train
+    dn_train = importlib.import_module("torchfpi.apps.denoise.train")
 
     real, calls = dn_train.DenoiseTask.batch, []
 

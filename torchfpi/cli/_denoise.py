@@ -243,7 +243,7 @@ def run_train(args: argparse.Namespace) -> int:
     argument is reported before any data is loaded or any file written.
     """
     from torchfpi.apps import session as distributed_session
-    from torchfpi.apps.denoise import TrainConfig, check_training_data, save_weights, train
+    from torchfpi.apps.denoise import TrainConfig, check_training_data, save_weights, train_denoiser
     from torchfpi.cli import _checks
     from torchfpi.data.images import check_sigma
     from torchfpi.errors import UsageError
@@ -341,7 +341,7 @@ def run_train(args: argparse.Namespace) -> int:
         if args.batch_size < ctx.world_size:
             raise UsageError(f"--batch-size: {args.batch_size} is smaller than the {ctx.world_size} "
                              "processes of this torchrun (each process needs a crop of every batch)")
-        export = train(cfg, train_dir, ckpt, resume=args.resume,
+        export = train_denoiser(cfg, train_dir, ckpt, resume=args.resume,
                        progress=progress, log=(lambda s: None) if args.quiet else print,
                        limit_images=args.limit_images, init_state=init_state, ctx=ctx,
                        on_nonfinite=args.on_nonfinite, command=args.command_line,

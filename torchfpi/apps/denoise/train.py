@@ -131,14 +131,17 @@ def batch_psnr(est: Tensor, clean: Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(model: Denoiser, clean: Tensor, noisy: Tensor, chunk: int = 20) -> Dict[str, float]:
-    """Validation PSNR and mean forward iterations."""
+    """Validation PSNR, mean forward iterations and the fraction of crops whose solve converged."""
     model.eval()
-    ests, its = [], []
+    ests, its, done = [], [], []
     for i in range(0, clean.shape[0], chunk):
         ests.append(model(noisy[i:i + chunk]))
         its.append(model.last_info.iterations)
+        sol = model.last_info.solution
+        done.append(sol.converged.float() if sol is not None else torch.ones(ests[-1].shape[0]))
     model.train()
-    return {"psnr": batch_psnr(torch.cat(ests), clean), "iterations": float(np.mean(its))}
+    return {"psnr": batch_psnr(torch.cat(ests), clean), "iterations": float(np.mean(its)),
+            "converged": float(torch.cat(done).mean())}
 
 
 #: Offsets of ``log lambda`` tried by :func:`calibrate_data_weight`.
@@ -154,7 +157,9 @@ def calibrate_data_weight(
 
     An energy trained by unrolling T gradient steps (TNRD style) is used through an early-stopped
     iterate: its exact minimiser over-smooths, and a larger ``lambda`` compensates. This picks the
-    factor on the (Train400) validation crops before implicit fine-tuning starts.
+    factor on the (Train400) validation crops before implicit fine-tuning starts. Only offsets whose
+    solves converged on at least 95 % of the crops are candidates (an iterate stopped at the
+    iteration limit is not the energy's minimiser); if none did, the best score wins.
 
     Args:
         model: a denoiser with an ``energy`` holding ``log_data_weight`` (changed in place).
@@ -166,14 +171,19 @@ def calibrate_data_weight(
     """
     param = model.energy.log_data_weight
     base = param.detach().clone()
-    scores = []
+    scores, converged = [], []
     for off in offsets:
         param.copy_(base + off)
-        scores.append(evaluate(model, clean, noisy)["psnr"])
-        log(f"calibrate data weight: log offset {off:+.1f} -> validation PSNR {scores[-1]:.3f}")
-    best = int(np.argmax(scores))
+        res = evaluate(model, clean, noisy)
+        scores.append(res["psnr"])
+        converged.append(res["converged"])
+        log(f"calibrate data weight: log offset {off:+.1f} -> validation PSNR {scores[-1]:.3f} "
+            f"({100 * converged[-1]:.0f} % converged)")
+    ok = [s if c >= 0.95 else -math.inf for s, c in zip(scores, converged)]
+    best = int(np.argmax(ok if max(ok) > -math.inf else scores))
     param.copy_(base + offsets[best])
     return {"offsets": list(offsets), "psnr": [round(v, 4) for v in scores],
+            "converged": [round(c, 3) for c in converged],
             "chosen_offset": offsets[best], "data_weight": float(param.exp())}
 
 
@@ -184,7 +194,7 @@ def _validate(model: Denoiser, clean: Tensor, noisy: Tensor, ctx: DistContext) -
         return evaluate(model, clean, noisy)
     rows = ctx.shard(clean.shape[0], epoch=0, seed=0, shuffle=False)
     if len(rows) == 0:
-        return ctx.reduce_mean({"psnr": 0.0, "iterations": 0.0}, weight=0.0)
+        return ctx.reduce_mean({"psnr": 0.0, "iterations": 0.0, "converged": 0.0}, weight=0.0)
     return ctx.reduce_mean(evaluate(model, clean[rows], noisy[rows]), weight=float(len(rows)))
 
 
@@ -319,7 +329,7 @@ class DenoiseTask(Task):
         self.calibration, self.commands = state["calibration"], list(state["commands"])
 
 
-def train(
+def train_denoiser(
     cfg: TrainConfig,
     train_dir: Path,
     checkpoint: Path,
