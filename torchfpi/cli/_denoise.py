@@ -67,8 +67,11 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
                    "sigma_init / sigma, i.e. the init energy applied to the image scaled to its noise level")
     t.add_argument("--calibrate-data-weight", action="store_true",
                    help="fpi_gd / unrolled: before training, set the data weight to the best of "
-                   "lambda * exp(-2.0 .. 2.0), steps of 0.1, on the validation crops (an unrolled energy's "
+                   "lambda * exp(-S .. S), steps of 0.1 (S: --calibration-span), on the validation crops, "
+                   "among the offsets whose solves converged (an unrolled energy's "
                    "exact minimiser needs a larger lambda)")
+    t.add_argument("--calibration-span", type=float, default=2.0, metavar="S",
+                   help="--calibrate-data-weight: log offsets -S .. S in steps of 0.1")
     t.add_argument("--filters", type=int, default=None,
                    help="fpi_gd / unrolled: number of FoE filters (default 24); with --init, a "
                    "larger bank than the file's grows it (trained filters kept, new ones added)")
@@ -260,6 +263,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--checkpoint-every: expected 0 (at each validation) or a positive integer, "
                          f"got {args.checkpoint_every}")
     model_config: dict = {}
+    if not (0.1 <= args.calibration_span <= 5.0):
+        raise UsageError(f"--calibration-span: expected 0.1 .. 5.0, got {args.calibration_span}")
     if args.calibrate_data_weight and args.model == "fpi_nn":
         raise UsageError("--calibrate-data-weight: only for --model fpi_gd or unrolled")
     if args.unroll_steps is not None:
@@ -333,7 +338,8 @@ def run_train(args: argparse.Namespace) -> int:
                       val_every=args.val_every, seed=args.seed,
                       budget_minutes=args.budget_minutes, threads=args.threads,
                       model_config=model_config, dtype=args.dtype,
-                      calibrate_data_weight=args.calibrate_data_weight)
+                      calibrate_data_weight=args.calibrate_data_weight,
+                      calibration_span=args.calibration_span)
     train_dir = data_root(args.data_root) / "denoise" / "Train400"
     check_training_data(cfg, train_dir, args.limit_images)
     progress = not args.quiet and sys.stderr.isatty()

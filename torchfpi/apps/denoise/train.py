@@ -68,6 +68,7 @@ class TrainConfig:
     model_config: Dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"
     calibrate_data_weight: bool = False
+    calibration_span: float = 2.0
 
 
 #: ``--dtype`` choices (float64 for runs that must agree across process counts to rounding).
@@ -146,6 +147,12 @@ def evaluate(model: Denoiser, clean: Tensor, noisy: Tensor, chunk: int = 20) -> 
 
 #: Offsets of ``log lambda`` tried by :func:`calibrate_data_weight`.
 CALIBRATION_OFFSETS = tuple(round(0.1 * i, 1) for i in range(-20, 21))
+
+
+def calibration_offsets(span: float) -> tuple:
+    """``-span .. span`` in steps of 0.1 (``span`` rounded to a tenth)."""
+    n = int(round(10 * span))
+    return tuple(round(0.1 * i, 1) for i in range(-n, n + 1))
 
 
 @torch.no_grad()
@@ -276,7 +283,9 @@ class DenoiseTask(Task):
         if not resumed and self.cfg.calibrate_data_weight:
             if not hasattr(self.model, "energy"):
                 raise UsageError(f"--calibrate-data-weight: only for energy models, not {self.cfg.model}")
-            self.calibration = calibrate_data_weight(self.model, self.val_clean, self.val_noisy, log=self.log)
+            self.calibration = calibrate_data_weight(self.model, self.val_clean, self.val_noisy,
+                                                     offsets=calibration_offsets(self.cfg.calibration_span),
+                                                     log=self.log)
             self.log(f"calibrated data weight: {self.calibration['data_weight']:.4g} "
                      f"(log offset {self.calibration['chosen_offset']:+.1f})")
 
