@@ -74,7 +74,7 @@ def test_gradcheck_and_gradgradcheck_fpinn_with_parameters(dtype):
 
 
 def test_gradcheck_and_gradgradcheck_fpigd_with_parameters(dtype):
-    energy = MultiLabelEnergy(3, interactions=2, mu=1.0).to(dtype)
+    energy = MultiLabelEnergy(3, interactions=2, tau=1.0).to(dtype)
     with torch.no_grad():
         energy.C.weight.normal_(0, 0.3)
         energy.c.normal_(0, 0.3)
