@@ -177,7 +177,8 @@ def test_bounded_energy_contracts_and_validates():
     cfg = ModelConfig(hidden=16, energy_hidden=8, energy_init_scale=50.0, energy_max_norm=5.0, tol=1e-6)
     model = MultiLabelModel("fpi_gd", 20, 6, cfg)
     with torch.no_grad():
-        model.energy.C.weight.mul_(100.0)  # far outside the bound: the forward rescales it
+        # far outside the bound: the forward rescales it
+        model.energy.C.parametrizations.weight.original.mul_(100.0)
     x = (torch.rand(5, 20) < 0.3).float()
     with torch.no_grad():
         for _ in range(50):  # training-mode calls advance the power iteration
@@ -217,6 +218,28 @@ def test_the_models_energy_is_the_public_one_in_both_forms():
     expected = (-(s * y).sum(1) + torch.nn.functional.softplus(box.C(y)) @ box.c
                 + 0.5 * 2.0 * ((y - 0.5) ** 2).sum(1))
     torch.testing.assert_close(box(y, s), expected)
+
+
+@torch.no_grad()
+def test_energy_models_of_torchfpi_0_1_load_with_the_same_function():
+    # 0.1 bounded C with its own power iteration: raw ``energy.C.weight`` and a ``_power_u``; the
+    # bound was C / max(1, u'^T C v) with v = normalize(C^T u), u' = normalize(C v)
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden=16, energy_hidden=8, energy_max_norm=4.0, energy_condition=True)
+    for kind in ("spen", "fpi_gd"):
+        model = MultiLabelModel(kind, 20, 6, cfg).eval()
+        state = {k: v for k, v in model.state_dict().items() if "parametrizations" not in k}
+        W = 3.0 * torch.randn(8, 6)
+        u = torch.nn.functional.normalize(torch.randn(8), dim=0)
+        owners = ("energy.", "layer.energy.") if kind == "fpi_gd" else ("energy.",)
+        state.update({o + "C.weight": W for o in owners}, _power_u=u)
+        model.load_state_dict(state)
+        v = torch.nn.functional.normalize(W.t() @ u, dim=0)
+        u2 = torch.nn.functional.normalize(W @ v, dim=0)
+        W_bound, _ = model._bounded_energy_weights()
+        torch.testing.assert_close(W_bound, W / torch.dot(u2, W @ v).clamp_min(1.0))
+    unbounded = MultiLabelModel("fpi_gd", 20, 6, ModelConfig(hidden=16, energy_hidden=8))
+    unbounded.load_state_dict({**unbounded.state_dict(), "_power_u": torch.ones(8)})  # dropped
 
 
 def test_icnn_energy_trains_a_step(tiny_bibtex):

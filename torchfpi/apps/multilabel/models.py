@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, cast
+from typing import Any, Dict, Optional, cast
 
 import torch
 from torch import nn
@@ -141,7 +141,6 @@ class MultiLabelModel(nn.Module):
     w_b: Any
     u: Any
     energy_u: Any
-    _power_u: torch.Tensor
 
     def __init__(self, kind: str, num_features: int, num_labels: int, cfg: Optional[ModelConfig] = None) -> None:
         super().__init__()
@@ -160,7 +159,10 @@ class MultiLabelModel(nn.Module):
                                            init_scale=cfg.energy_init_scale, space=cfg.energy_space)
             if cfg.energy_condition:
                 self.energy_u = nn.Linear(cfg.hidden, cfg.energy_hidden)
-            self.register_buffer("_power_u", torch.nn.functional.normalize(torch.randn(cfg.energy_hidden), dim=0))
+            if cfg.energy_max_norm > 0:
+                # torch's spectral norm, as FPI_NN's update and the core layers (one implementation)
+                nn.utils.parametrizations.spectral_norm(self.energy.C)
+            self._register_load_state_dict_pre_hook(_legacy_power_u, with_module=True)
         if kind == "fpi_nn":
             sn = nn.utils.parametrizations.spectral_norm
             self.w_a = sn(nn.Linear(num_labels, cfg.update_hidden, bias=False))
@@ -189,15 +191,16 @@ class MultiLabelModel(nn.Module):
         return z - self.cfg.step_size * energy_grad(self.energy, z, s, *energy_inputs)
 
     def _bounded_energy_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``C / max(1, ||C||₂)`` (one power iteration per call) and ``c`` clipped in norm."""
-        W = self.energy.C.weight
-        with torch.no_grad():
-            v = torch.nn.functional.normalize(W.t() @ self._power_u, dim=0)
-            u = torch.nn.functional.normalize(W @ v, dim=0)
-            if self.training:
-                self._power_u.copy_(u)
-        sigma = torch.dot(u, W @ v)
-        W = W / sigma.clamp_min(1.0)
+        """``C / max(1, ||C||₂)`` and ``c`` clipped in norm, computed once per forward.
+
+        ``C.weight`` is torch's spectral normalisation ``C / σ`` (one power iteration per access in
+        training mode); ``σ = ||C||_F / ||C / σ||_F`` recovers the estimate, so the bound leaves
+        a ``C`` of norm below 1 as it is and rescales a larger one to norm 1.
+        """
+        linear = self.energy.C
+        unit = linear.weight
+        sigma = linear.parametrizations.weight.original.norm() / unit.norm()
+        W = unit * sigma.clamp_max(1.0)
         c = self.energy.c
         c = c * (self.cfg.energy_max_norm / c.norm().clamp_min(self.cfg.energy_max_norm))
         return W, c
@@ -243,3 +246,23 @@ class MultiLabelModel(nn.Module):
         self.last_solution = sol
         return cast(torch.Tensor, sol.value)  # a tensor z0 gives a tensor value
 
+
+def _legacy_power_u(model: MultiLabelModel, state: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """Read an energy model's state dict of torchfpi <= 0.1 (its own power iteration's ``_power_u``).
+
+    Its estimate was ``σ = u'ᵀ C v`` with ``v = Cᵀu / ||Cᵀu||`` and ``u' = C v / ||C v||``; torch's
+    spectral norm computes ``σ = _uᵀ C _v`` in eval mode, so ``_u = u'`` and ``_v = v`` give the
+    model the same function.
+    """
+    old_u = state.pop(prefix + "_power_u", None)
+    if old_u is None or model.cfg.energy_max_norm <= 0:
+        return
+    for owner in ("energy.", "layer.energy."):  # FPI_GD's layer holds the energy too
+        W = state.pop(prefix + owner + "C.weight", None)
+        if W is None:
+            continue
+        v = torch.nn.functional.normalize(W.t() @ old_u, dim=0)
+        base = prefix + owner + "C.parametrizations.weight."
+        state[base + "original"] = W
+        state[base + "0._u"] = torch.nn.functional.normalize(W @ v, dim=0)
+        state[base + "0._v"] = v
