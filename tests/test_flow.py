@@ -12,8 +12,8 @@ import torch
 
 from torchfpi.apps.flow import _ops
 from torchfpi.apps.flow.baselines import horn_schunck, horn_schunck_step
+from torchfpi.apps.flow.models import FlowConfig, VariationalFlow
 from torchfpi.apps.flow.synthetic import TextureBank, batch_epe, make_batch
-from torchfpi.apps.flow.variational import FlowConfig, VariationalFlow
 from torchfpi.data.flo import (
     end_point_error,
     flow_to_color,
@@ -230,7 +230,8 @@ def test_synthetic_pairs_are_consistent():
 
 
 def test_train_and_resume(tmp_path):
-    from torchfpi.apps.flow.train import TrainConfig, load_weights, train
+    from torchfpi.apps.flow.api import load_weights
+    from torchfpi.apps.flow.train import TrainConfig, train
 
     cfg = TrainConfig(steps=2, batch_size=1, size=32, val_pairs=1, val_every=1, max_motion=2.0)
     fcfg = FlowConfig(max_iter=5, backward_max_iter=5)
@@ -324,7 +325,8 @@ def test_step_fixed_point_is_stationary_point_of_energy():
 
 
 def test_fpi_nn_refinement_starts_at_base_and_trains(tmp_path):
-    from torchfpi.apps.flow.refine import RefinedFlow, load_refined, save_refined
+    from torchfpi.apps.flow.api import load_refined, save_refined
+    from torchfpi.apps.flow.models import RefinedFlow
 
     gen = torch.Generator().manual_seed(2)
     f1, f2, gt = make_batch(2, 32, 32, gen, TextureBank(None), max_motion=2.0)
