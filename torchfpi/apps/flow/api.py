@@ -9,9 +9,10 @@ their shipped weights; ``torchfpi flow --method``, ``torchfpi train flow --model
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -75,6 +76,24 @@ def load_flow_model(method: str = "fpi_gd", weights: Optional[PathLike] = None,
     return model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
 
 
+def _read(path: PathLike, kind: str) -> Dict[str, Any]:
+    """A flow weights file of model ``kind`` (DataError for another kind, naming its --method)."""
+    blob = read_weights(path, "flow", "torchfpi flow weights")
+    if blob["meta"].get("kind") != kind:
+        raise errors.DataError(f"'{path}' holds {blob['meta'].get('kind')} flow weights, not {kind}: use them "
+                               f"with --method {blob['meta'].get('kind')}")
+    return blob
+
+
+@contextmanager
+def _built(path: PathLike) -> Iterator[None]:
+    """Turn a failure to build the model from the file's contents into a DataError naming it."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise errors.DataError(f"'{path}' is not a torchfpi flow weights file ({describe_exception(exc)})") from exc
+
+
 def load_weights(path: Path, device: Optional[torch.device] = None) -> VariationalFlow:
     """Load a :class:`VariationalFlow` saved by :func:`save_weights`.
 
@@ -85,15 +104,10 @@ def load_weights(path: Path, device: Optional[torch.device] = None) -> Variation
         DataError: not a torchfpi flow weights file, or the weights of the ``fpi_nn`` refinement
             (the message says to use ``--method fpi_nn``).
     """
-    blob = read_weights(path, "flow", "torchfpi flow weights")
-    if blob["meta"].get("kind") != "fpi_gd":
-        raise errors.DataError(f"'{path}' holds {blob['meta'].get('kind')} flow weights, not fpi_gd: use them "
-                               f"with --method {blob['meta'].get('kind')}")
-    try:
+    blob = _read(path, "fpi_gd")
+    with _built(path):
         model = VariationalFlow(FlowConfig(**blob["flow_config"]))
         model.load_state_dict(blob["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise errors.DataError(f"'{path}' is not a torchfpi flow weights file ({describe_exception(exc)})") from exc
     return model.to(device or "cpu")
 
 
@@ -128,17 +142,12 @@ def load_refined(path: Path) -> RefinedFlow:
         FileNotFoundError: no such file.
         DataError: not a torchfpi flow weights file, or ``fpi_gd`` weights (use ``--method fpi_gd``).
     """
-    blob = read_weights(path, "flow", "torchfpi flow weights")
-    if blob["meta"].get("kind") != "fpi_nn":
-        raise errors.DataError(f"'{path}' holds {blob['meta'].get('kind')} flow weights, not fpi_nn: use them "
-                               f"with --method {blob['meta'].get('kind')}")
-    try:
+    blob = _read(path, "fpi_nn")
+    with _built(path):
         base = VariationalFlow(FlowConfig(**blob["flow_config"]))
         base.load_state_dict(blob["base"])
         model = RefinedFlow(base, RefineConfig(**blob["refine_config"]))
         model.update.load_state_dict(blob["update"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise errors.DataError(f"'{path}' is not a torchfpi flow weights file ({describe_exception(exc)})") from exc
     return model
 
 
