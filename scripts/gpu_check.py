@@ -117,7 +117,7 @@ def correctness(device: torch.device, quick: bool) -> List[Dict[str, Any]]:
     def fpigd_layer() -> Dict[str, Any]:
         from torchfpi.energies import MultiLabelEnergy
 
-        layer = torchfpi.FPIGD(MultiLabelEnergy(12, 4), step_size=0.1, projection="box",
+        layer = torchfpi.FPIGD(MultiLabelEnergy(12, 4, space="logit", center=0.5), step_size=0.1, projection="box",
                                init=lambda s: torch.full_like(s, 0.5), tol=1e-5, max_iter=500).to(device)
         s = torch.randn(8, 12, device=device, requires_grad=True)
         y = layer(s)

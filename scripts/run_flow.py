@@ -20,28 +20,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
-from torchfpi.apps import flow as flow_app
 from torchfpi.apps.flow import load_flow_model
-from torchfpi.apps.flow.baselines import dis, farneback, horn_schunck
-from torchfpi.apps.flow.variational import VariationalFlow
+from torchfpi.apps.flow.api import METHODS as MODELS
+from torchfpi.apps.flow.api import SHIPPED_WEIGHTS
+from torchfpi.apps.flow.baselines import dis, farneback
+from torchfpi.apps.flow.models import VariationalFlow
+from torchfpi.data.datasets import MIDDLEBURY_GT_SEQUENCES, MiddleburyPairs
 from torchfpi.data.flo import end_point_error, flow_to_color, valid_mask
 from torchfpi.io import atomic_write_bytes, atomic_write_json, data_root, read_json
 from torchfpi.runtime import machine_info
 
-METHODS = ("fpi_gd", "fpi_nn", "horn_schunck", "farneback", "dis", "fpi_gd_init")
-# fpi_gd_init: the same model at its hand-set initial values before training (an ablation that
-# shows what training on synthetic pairs changed; never used to choose anything)
+# the fixed-point methods (listed once in torchfpi.apps.flow.api, run through load_flow_model),
+# OpenCV's methods on the colour frames, and fpi_gd_init: the same model at its hand-set initial
+# values before training (an ablation that shows what training on synthetic pairs changed; never
+# used to choose anything)
+METHODS = (*MODELS, "farneback", "dis", "fpi_gd_init")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--weights", default=str(Path(__file__).resolve().parents[1] / "torchfpi/weights/flow_fpi_gd.pt"))
-    parser.add_argument("--nn-weights", default=str(Path(__file__).resolve().parents[1] / "torchfpi/weights/flow_fpi_nn.pt"))
+    parser.add_argument("--weights", default=str(SHIPPED_WEIGHTS["fpi_gd"]))
+    parser.add_argument("--nn-weights", default=str(SHIPPED_WEIGHTS["fpi_nn"]))
     parser.add_argument("--out", default="results/flow.json")
     parser.add_argument("--figures", default="results")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--sequences", nargs="+", default=list(MIDDLEBURY_GT_SEQUENCES),
+                        choices=MIDDLEBURY_GT_SEQUENCES, help="which pairs (default all eight)")
     parser.add_argument("--force", action="store_true", help="recompute finished units")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -51,8 +58,7 @@ def main(argv=None) -> int:
     for m in methods:
         if m not in METHODS:
             parser.error(f"--methods: unknown method {m!r}, expected some of {METHODS}")
-    for seq in flow_app.MIDDLEBURY_GT_SEQUENCES:  # every pair is there before any work
-        flow_app.load_middlebury(root, seq)
+    pairs = MiddleburyPairs(root, args.sequences)  # every pair is there before any work
     out = Path(args.out)
     results = {} if args.force else read_json(out, default={})
     results.setdefault("methods", {})
@@ -60,16 +66,18 @@ def main(argv=None) -> int:
     results["machine"] = machine_info()
     results["protocol"] = ("Middlebury 'other' training pairs with ground truth (frame10 -> frame11), grey "
                            "frames; EPE averaged over pixels with known truth; no tuning on these pairs")
-    model = load_flow_model("fpi_gd", args.weights) if "fpi_gd" in methods else None
-    nn_model = load_flow_model("fpi_nn", args.nn_weights) if "fpi_nn" in methods else None
-    init_model = VariationalFlow(model.config if model is not None else None)
+    weights = {"fpi_gd": args.weights, "fpi_nn": args.nn_weights}
+    models = {m: load_flow_model(m, weights.get(m)) for m in MODELS if m in methods}
+    model = models.get("fpi_gd")
+    models["fpi_gd_init"] = VariationalFlow(model.config if model is not None else None)
     if model is not None:
         results["fpi_gd_params"] = model.describe()
         results["fpi_gd_config"] = model.extra_state()
     flows = {}
-    for seq in flow_app.MIDDLEBURY_GT_SEQUENCES:
-        f1, f2, gt = flow_app.load_middlebury(root, seq)
-        g1, g2 = flow_app.to_grey_tensor(f1), flow_app.to_grey_tensor(f2)
+    # grey frames (1, 1, H, W) in [0, 255] and the truth, one pair a batch (their sizes differ);
+    # OpenCV's methods take the same grey frames (they would make them from colour the same way)
+    for seq, (g1, g2, gt_t) in zip(pairs.sequences, DataLoader(pairs, batch_size=1)):
+        f1, f2, gt = g1[0, 0].numpy(), g2[0, 0].numpy(), gt_t[0].permute(1, 2, 0).numpy()
         flows[seq] = {}
         for m in methods:
             entry = results["methods"].setdefault(m, {"per_sequence": {}})
@@ -81,17 +89,8 @@ def main(argv=None) -> int:
             t0 = time.time()
             info = {}
             with torch.no_grad():
-                if m == "fpi_gd":
-                    fl, info = model(g1, g2)
-                    est = fl[0].permute(1, 2, 0).numpy()
-                elif m == "fpi_nn":
-                    fl, info = nn_model(g1, g2)
-                    est = fl[0].permute(1, 2, 0).numpy()
-                elif m == "fpi_gd_init":
-                    fl, info = init_model(g1, g2)
-                    est = fl[0].permute(1, 2, 0).numpy()
-                elif m == "horn_schunck":
-                    fl, info = horn_schunck(g1, g2)
+                if m in models:
+                    fl, info = models[m](g1, g2)
                     est = fl[0].permute(1, 2, 0).numpy()
                 elif m == "farneback":
                     est = farneback(f1, f2)
@@ -111,7 +110,7 @@ def main(argv=None) -> int:
             print(f"{seq:12s} {m:13s} EPE {rec['epe']:.3f}  ({rec['seconds']:.1f} s)", flush=True)
             for e in results["methods"].values():
                 vals = [v["epe"] for v in e["per_sequence"].values()]
-                if len(vals) == len(flow_app.MIDDLEBURY_GT_SEQUENCES):
+                if len(vals) == len(MIDDLEBURY_GT_SEQUENCES):
                     e["mean_epe"] = round(float(np.mean(vals)), 4)
             atomic_write_json(results, out)
         _figure(Path(args.figures) / f"flow_{seq}.png", seq, f1, gt, flows[seq], results["methods"])

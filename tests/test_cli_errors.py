@@ -84,8 +84,8 @@ def _fpi_nn_checkpoints(d) -> None:
     one written with ``--size 64``, one trained on another ``--base`` (the initial fpi_gd values)."""
     import torch
 
-    from torchfpi.apps.flow.train import load_weights
-    from torchfpi.apps.flow.variational import VariationalFlow
+    from torchfpi.apps.flow.api import load_weights
+    from torchfpi.apps.flow.models import VariationalFlow
 
     settings = {"pairs": 2, "val_pairs": 1, "size": 32, "steps": 1, "batch_size": 1, "lr": 1e-3,
                 "jac_weight": 0.1, "seed": 0, "max_motion": 6.0, "dtype": "float32"}

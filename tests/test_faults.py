@@ -207,7 +207,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert main([*argv, "--out", str(one)]) == 0
     a, b = _state(two), _state(one)
     assert a["step"] == b["step"] == 3
-    from torchfpi.apps.flow.variational import VariationalFlow
+    from torchfpi.apps.flow.models import VariationalFlow
 
     start = VariationalFlow().double().state_dict()
     for k in b["model"]:
@@ -546,9 +546,9 @@ def test_fpi_nn_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 
 def _poison_refine_loss(monkeypatch, at_call: int) -> None:
     """Make the ``at_call``-th training EPE of ``fpi_nn`` NaN."""
-    import torchfpi.apps.flow.refine as refine
+    import torchfpi.apps.flow.train as flow_train  # both trainers live there
 
-    _poison_epe(monkeypatch, refine, at_call)
+    _poison_epe(monkeypatch, flow_train, at_call)
 
 
 def test_fpi_nn_nan_loss_is_skipped_and_training_goes_on(tmp_path, monkeypatch):

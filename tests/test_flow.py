@@ -12,8 +12,8 @@ import torch
 
 from torchfpi.apps.flow import _ops
 from torchfpi.apps.flow.baselines import horn_schunck, horn_schunck_step
+from torchfpi.apps.flow.models import FlowConfig, VariationalFlow
 from torchfpi.apps.flow.synthetic import TextureBank, batch_epe, make_batch
-from torchfpi.apps.flow.variational import FlowConfig, VariationalFlow
 from torchfpi.data.flo import (
     end_point_error,
     flow_to_color,
@@ -230,7 +230,8 @@ def test_synthetic_pairs_are_consistent():
 
 
 def test_train_and_resume(tmp_path):
-    from torchfpi.apps.flow.train import TrainConfig, load_weights, train
+    from torchfpi.apps.flow.api import load_weights
+    from torchfpi.apps.flow.train import TrainConfig, train
 
     cfg = TrainConfig(steps=2, batch_size=1, size=32, val_pairs=1, val_every=1, max_motion=2.0)
     fcfg = FlowConfig(max_iter=5, backward_max_iter=5)
@@ -324,7 +325,8 @@ def test_step_fixed_point_is_stationary_point_of_energy():
 
 
 def test_fpi_nn_refinement_starts_at_base_and_trains(tmp_path):
-    from torchfpi.apps.flow.refine import RefinedFlow, load_refined, save_refined
+    from torchfpi.apps.flow.api import load_refined, save_refined
+    from torchfpi.apps.flow.models import RefinedFlow
 
     gen = torch.Generator().manual_seed(2)
     f1, f2, gt = make_batch(2, 32, 32, gen, TextureBank(None), max_motion=2.0)
@@ -375,3 +377,25 @@ def test_read_flo_of_rubberwhale_matches_the_raw_layout(data_root):
     raw = path.read_bytes()
     w, h = np.frombuffer(raw, "<i4", count=2, offset=4)
     np.testing.assert_array_equal(read_flo(path), np.frombuffer(raw, "<f4", offset=12).reshape(h, w, 2))
+
+
+def test_one_list_of_methods_for_the_cli_the_script_and_the_loader():
+    from torchfpi.apps.flow import load_flow_model
+    from torchfpi.apps.flow.api import LEARNED, METHODS
+    from torchfpi.apps.flow.baselines import HornSchunck
+    from torchfpi.cli import build_parser
+
+    parser = build_parser()
+    flow = parser._subparsers._group_actions[0].choices["flow"]  # type: ignore[union-attr]
+    method = next(a for a in flow._actions if a.dest == "method")
+    assert tuple(method.choices) == METHODS and set(LEARNED) < set(METHODS)
+    model = load_flow_model("horn_schunck")
+    assert isinstance(model, HornSchunck) and not model.training
+    f1 = torch.rand(1, 1, 24, 24) * 255
+    flow_a, info_a = model(f1, f1.roll(1, -1))
+    flow_b, info_b = horn_schunck(f1, f1.roll(1, -1))
+    assert torch.equal(flow_a, flow_b) and info_a == info_b
+    with pytest.raises(UsageError, match="weights: not for method 'horn_schunck'"):
+        load_flow_model("horn_schunck", WEIGHTS)
+    with pytest.raises(UsageError, match="method: expected one of"):
+        load_flow_model("farneback")

@@ -74,7 +74,7 @@ def test_gradcheck_and_gradgradcheck_fpinn_with_parameters(dtype):
 
 
 def test_gradcheck_and_gradgradcheck_fpigd_with_parameters(dtype):
-    energy = MultiLabelEnergy(3, interactions=2, mu=1.0).to(dtype)
+    energy = MultiLabelEnergy(3, interactions=2, tau=1.0).to(dtype)
     with torch.no_grad():
         energy.C.weight.normal_(0, 0.3)
         energy.c.normal_(0, 0.3)
@@ -202,7 +202,8 @@ def test_fpinn_conv_update_trains_one_step():
     out = layer(x)
     assert out.shape == (2, 1, 8, 8)
     out.square().mean().backward()
-    assert layer.f.Wz.grad is not None and torch.isfinite(layer.f.Wz.grad).all()
+    raw = layer.f.parametrizations.Wz.original  # the parameter behind the normalised Wz
+    assert raw.grad is not None and torch.isfinite(raw.grad).all()
     assert layer.last_solution.backward.converged.all()
 
 
@@ -334,16 +335,46 @@ def test_fpinn_prepares_its_constants_once_per_solve():
 def test_spectral_norm_refreshes_once_per_training_call_and_never_in_eval():
     upd = torchfpi.MLPUpdate(4, 3, hidden=8)
     layer = torchfpi.FPINN(upd, tol=1e-6, max_iter=50)
-    u0 = upd.sn_z.u.clone()
-    W2 = upd.Wz.detach()
-    v = torch.nn.functional.normalize(W2.T @ u0, dim=0)
-    one_step = torch.nn.functional.normalize(W2 @ v, dim=0)
-    layer(torch.randn(5, 3))  # training mode, grad on: one power step per call, not per iteration
-    torch.testing.assert_close(upd.sn_z.u, one_step)
+    sn = upd.parametrizations.Wz[0]  # torch's spectral norm
+    W2 = upd.parametrizations.Wz.original.detach()
+    u = torch.nn.functional.normalize(W2 @ sn._v, dim=0)
+    v = torch.nn.functional.normalize(W2.T @ u, dim=0)
+    layer(torch.randn(5, 3))  # training mode: one power step per call, not per iteration
+    assert int(layer.last_solution.iterations.max()) > 1
+    torch.testing.assert_close((sn._u, sn._v), (u, v))
     layer.eval()
-    u1 = upd.sn_z.u.clone()
+    u1 = sn._u.clone()
     layer(torch.randn(5, 3))
-    assert torch.equal(upd.sn_z.u, u1)
+    assert torch.equal(sn._u, u1)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@torch.no_grad()
+def test_a_fresh_update_is_normalised_and_old_state_dicts_load(kind):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        make, x, names = (lambda: torchfpi.MLPUpdate(6, 3, hidden=32)), torch.randn(2, 3), ("Wz", "out.weight")
+    else:
+        make, x, names = (lambda: torchfpi.ConvUpdate(2, 1, hidden=4)), torch.randn(2, 1, 5, 5), ("Wz", "Wo")
+    upd = make().eval()
+    _, Wz, Wo, _ = upd.prepare(x)
+    for W in (Wz, Wo):  # 15 power iterations at construction: normalised from the start
+        assert abs(float(torch.linalg.matrix_norm(W.reshape(W.shape[0], -1), ord=2)) - 1.0) < 0.02  # was 2.55
+    # a torchfpi 0.1 state dict: raw weights under their names and one vector sn_*.u each; its
+    # estimate sigma = u^T W normalize(W^T u) must give the same function
+    old = {k: v for k, v in upd.state_dict().items() if "parametrizations" not in k}
+    expected = []
+    for name, vec in zip(names, ("sn_z.u", "sn_o.u")):
+        holder, _, leaf = name.rpartition(".")
+        W = getattr((upd.get_submodule(holder) if holder else upd).parametrizations, leaf).original.clone()
+        W2 = W.reshape(W.shape[0], -1)
+        u = torch.nn.functional.normalize(torch.randn(W2.shape[0]), dim=0)
+        old[name], old[vec] = W, u
+        expected.append(W / torch.dot(u, W2 @ torch.nn.functional.normalize(W2.T @ u, dim=0)))
+    fresh = make().eval()
+    fresh.load_state_dict(old)
+    _, Wz, Wo, _ = fresh.prepare(x)
+    torch.testing.assert_close((Wz, Wo), tuple(expected))
 
 
 def test_mlp_update_out_activation_and_its_validation():

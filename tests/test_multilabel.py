@@ -172,12 +172,13 @@ def test_demo_smoke(tmp_path, capsys):
 
 
 def test_bounded_energy_contracts_and_validates():
-    from torchfpi.apps.multilabel import LabelEnergy
+    from torchfpi.energies import MultiLabelEnergy
 
     cfg = ModelConfig(hidden=16, energy_hidden=8, energy_init_scale=50.0, energy_max_norm=5.0, tol=1e-6)
     model = MultiLabelModel("fpi_gd", 20, 6, cfg)
     with torch.no_grad():
-        model.energy.C.weight.mul_(100.0)  # far outside the bound: the forward rescales it
+        # far outside the bound: the forward rescales it
+        model.energy.C.parametrizations.weight.original.mul_(100.0)
     x = (torch.rand(5, 20) < 0.3).float()
     with torch.no_grad():
         for _ in range(50):  # training-mode calls advance the power iteration
@@ -187,12 +188,58 @@ def test_bounded_energy_contracts_and_validates():
         model(x)
     assert torch.linalg.matrix_norm(W, ord=2) <= 1.0 + 1e-4 and c.norm() <= 5.0 + 1e-5
     assert bool(model.last_solution.converged.all())
-    with pytest.raises(ValueError, match="space must be"):
-        LabelEnergy(4, space="log")
-    with pytest.raises(ValueError, match="tau must be > 0"):
-        LabelEnergy(4, tau=0.0)
+    with pytest.raises(ValueError, match="space: expected 'prob' or 'logit', got 'log'"):
+        MultiLabelEnergy(4, space="log")
+    with pytest.raises(ValueError, match="tau: expected a number > 0, got 0.0"):
+        MultiLabelEnergy(4, tau=0.0)
     with pytest.raises(ValueError, match="energy_kind"):
         MultiLabelModel("fpi_gd", 4, 3, ModelConfig(energy_kind="dense"))
+
+
+def test_the_models_energy_is_the_public_one_in_both_forms():
+    from torchfpi.energies import ICNNEnergy, MultiLabelEnergy
+
+    torch.manual_seed(0)
+    for kind in ("label", "icnn"):
+        model = MultiLabelModel("fpi_gd", 20, 6, ModelConfig(hidden=16, energy_hidden=8, energy_kind=kind))
+        assert type(model.energy) is MultiLabelEnergy
+    # the convex form: -<z, s> + ICNN(z, x), the ICNN's mu being tau
+    energy = MultiLabelEnergy(6, 8, tau=0.5, convex_input=16).double()
+    z, s, x = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
+    assert isinstance(energy.icnn, ICNNEnergy) and energy.icnn.mu == 0.5
+    torch.testing.assert_close(energy(z, s, x), energy.icnn(z, x) - (z * s).sum(1))
+    with pytest.raises(ValueError, match="context: the input-convex energy needs the input x"):
+        energy(z, s)
+    with pytest.raises(ValueError, match="convex_input: the input-convex interaction term"):
+        MultiLabelEnergy(6, convex_input=16, space="logit")
+    # the form on y in [0, 1] (logit space, quadratic centred at 1/2), as torchfpi 0.1's class
+    box = MultiLabelEnergy(6, 4, tau=2.0, space="logit", center=0.5, init_scale=1.0).double()
+    y = torch.rand(3, 6, dtype=torch.float64)
+    expected = (-(s * y).sum(1) + torch.nn.functional.softplus(box.C(y)) @ box.c
+                + 0.5 * 2.0 * ((y - 0.5) ** 2).sum(1))
+    torch.testing.assert_close(box(y, s), expected)
+
+
+@torch.no_grad()
+def test_energy_models_of_torchfpi_0_1_load_with_the_same_function():
+    # 0.1 bounded C with its own power iteration: raw ``energy.C.weight`` and a ``_power_u``; the
+    # bound was C / max(1, u'^T C v) with v = normalize(C^T u), u' = normalize(C v)
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden=16, energy_hidden=8, energy_max_norm=4.0, energy_condition=True)
+    for kind in ("spen", "fpi_gd"):
+        model = MultiLabelModel(kind, 20, 6, cfg).eval()
+        state = {k: v for k, v in model.state_dict().items() if "parametrizations" not in k}
+        W = 3.0 * torch.randn(8, 6)
+        u = torch.nn.functional.normalize(torch.randn(8), dim=0)
+        owners = ("energy.", "layer.energy.") if kind == "fpi_gd" else ("energy.",)
+        state.update({o + "C.weight": W for o in owners}, _power_u=u)
+        model.load_state_dict(state)
+        v = torch.nn.functional.normalize(W.t() @ u, dim=0)
+        u2 = torch.nn.functional.normalize(W @ v, dim=0)
+        W_bound, _ = model._bounded_energy_weights()
+        torch.testing.assert_close(W_bound, W / torch.dot(u2, W @ v).clamp_min(1.0))
+    unbounded = MultiLabelModel("fpi_gd", 20, 6, ModelConfig(hidden=16, energy_hidden=8))
+    unbounded.load_state_dict({**unbounded.state_dict(), "_power_u": torch.ones(8)})  # dropped
 
 
 def test_icnn_energy_trains_a_step(tiny_bibtex):

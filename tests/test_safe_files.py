@@ -42,8 +42,7 @@ def evil(tmp_path):
 def test_every_library_loader_refuses_a_crafted_pickle(evil):
     from torchfpi.apps._training import load_checkpoint
     from torchfpi.apps.denoise import load_denoiser
-    from torchfpi.apps.flow.refine import load_refined
-    from torchfpi.apps.flow.train import load_weights
+    from torchfpi.apps.flow.api import load_refined, load_weights
 
     path, marker = evil
     loaders = [lambda: safe_load(path), lambda: load_checkpoint(path), lambda: load_denoiser("fpi_gd", 25, path),
@@ -135,9 +134,9 @@ def test_shipped_weights_carry_their_metadata(name, app, kind, sigma):
 
 def test_trained_weights_carry_their_metadata(tmp_path):
     from torchfpi.apps.denoise import DEFAULT_CONFIGS, build_model, save_weights
-    from torchfpi.apps.flow.train import load_weights
-    from torchfpi.apps.flow.train import save_weights as save_flow
-    from torchfpi.apps.flow.variational import VariationalFlow
+    from torchfpi.apps.flow.api import load_weights
+    from torchfpi.apps.flow.api import save_weights as save_flow
+    from torchfpi.apps.flow.models import VariationalFlow
 
     cfg = DEFAULT_CONFIGS["unrolled"]
     model = build_model("unrolled", cfg)

@@ -47,30 +47,47 @@ def _check_shape(name: str, t: object, sample: Tuple[Optional[int], ...], owner:
         raise ValueError(f"{name}: {owner} expects shape {want}, got {tuple(t.shape)}{hint}")
 
 
-class _SpectralNorm(nn.Module):
-    """Spectral normalisation W / sigma(W) with a persistent power-iteration vector.
+def _spectral_norm(module: nn.Module, name: str) -> None:
+    """Normalise ``module.<name>`` to spectral norm 1 with torch's parametrisation.
 
-    Unlike a parametrisation that reruns power iteration on every access, the estimate is
-    refreshed only when :meth:`normalized` is called (once per layer call), so the map stays
-    the same function across the iterations of one fixed-point solve.
+    torch's ``spectral_norm`` (the one implementation in torchfpi: these layers, the multi-label
+    and the denoising applications) starts from 15 power iterations, so a fresh layer is
+    normalised (the former own estimate, one half step from a random vector, left a new
+    ``MLPUpdate``'s ``W_z`` at norm 2.55 in eval mode), and advances one iteration per access
+    of the weight in training mode. :meth:`MLPUpdate.prepare` reads each weight once per layer
+    call, so the map stays the same function across the iterations of one solve.
+    """
+    nn.utils.parametrizations.spectral_norm(module, name)
+
+
+def _owner(module: nn.Module) -> str:
+    """The class name for messages (a parametrised module's class is ``Parametrized<Name>``)."""
+    name = type(module).__name__
+    return name[len("Parametrized"):] if name.startswith("Parametrized") else name
+
+
+def _legacy_spectral_keys(weights: Dict[str, str]) -> Callable[..., None]:
+    """A load-state-dict pre-hook reading torchfpi 0.1's own spectral-norm state.
+
+    0.1 stored the raw weight under its plain name and one vector ``sn_*.u``; its eval-mode
+    estimate ``sigma = u^T W v`` with ``v = W^T u / ||W^T u||`` is torch's ``_u^T W _v`` for
+    ``_u = u`` and ``_v = v``, so an old state dict gives the same function. ``weights`` maps
+    the old weight key to the old vector's (``{"Wz": "sn_z.u"}``).
     """
 
-    u: Tensor
+    def hook(module: nn.Module, state: Dict[str, Any], prefix: str, *args: Any) -> None:
+        for old_weight, old_u in weights.items():
+            u = state.pop(prefix + old_u, None)
+            if u is None or prefix + old_weight not in state:
+                continue
+            W = state.pop(prefix + old_weight)
+            holder, _, name = old_weight.rpartition(".")
+            base = prefix + (holder + "." if holder else "") + f"parametrizations.{name}."
+            state[base + "original"] = W
+            state[base + "0._u"] = u
+            state[base + "0._v"] = F.normalize(W.reshape(W.shape[0], -1).T @ u, dim=0)
 
-    def __init__(self, weight_shape: Tuple[int, int]) -> None:
-        super().__init__()
-        self.register_buffer("u", F.normalize(torch.randn(weight_shape[0]), dim=0))
-
-    def normalized(self, W: Tensor, refresh: bool) -> Tensor:
-        W2 = W.reshape(W.shape[0], -1)
-        if refresh:
-            with torch.no_grad():
-                v = F.normalize(W2.T @ self.u, dim=0)
-                self.u.copy_(F.normalize(W2 @ v, dim=0))
-        with torch.no_grad():
-            v = F.normalize(W2.T @ self.u, dim=0)
-        sigma = torch.dot(self.u, W2 @ v)
-        return W / sigma.clamp_min(1e-12)
+    return hook
 
 
 class MLPUpdate(nn.Module):
@@ -117,12 +134,15 @@ class MLPUpdate(nn.Module):
         self.gamma = gamma
         self.act: Callable[[Tensor], Tensor] = _ACTIVATIONS[activation]
         self.out_act: Optional[Callable[[Tensor], Tensor]] = _OUT[out_activation]
-        self.sn_z = _SpectralNorm((hidden, state_dim)) if spectral_norm else None
-        self.sn_o = _SpectralNorm((state_dim, hidden)) if spectral_norm else None
+        if spectral_norm:
+            _spectral_norm(self, "Wz")
+            _spectral_norm(self.out, "weight")
+            self._register_load_state_dict_pre_hook(
+                _legacy_spectral_keys({"Wz": "sn_z.u", "out.weight": "sn_o.u"}), with_module=True)
 
     def init_state(self, x: Tensor) -> Tensor:
         """Zero initial state ``(B, state_dim)``."""
-        _check_shape("x", x, (self.input_dim,), type(self).__name__)
+        _check_shape("x", x, (self.input_dim,), _owner(self))
         return x.new_zeros(x.shape[0], self.state_dim)
 
     def prepare(self, x: Tensor) -> Tuple[Tensor, ...]:
@@ -131,11 +151,9 @@ class MLPUpdate(nn.Module):
         Raises:
             ValueError: ``x`` is not ``(B, input_dim)`` (a 1-D ``x`` is not taken as a batch).
         """
-        _check_shape("x", x, (self.input_dim,), type(self).__name__)
-        refresh = self.training and torch.is_grad_enabled()
-        Wz = self.sn_z.normalized(self.Wz, refresh) if self.sn_z is not None else self.Wz
-        Wo = self.sn_o.normalized(self.out.weight, refresh) if self.sn_o is not None else self.out.weight
-        return self.inp(x), Wz, Wo, self.out.bias
+        _check_shape("x", x, (self.input_dim,), _owner(self))
+        # one read of each (normalised) weight per call: one power iteration in training mode
+        return self.inp(x), self.Wz, self.out.weight, self.out.bias
 
     def step(self, z: Tensor, inj: Tensor, Wz: Tensor, Wo: Tensor, bo: Tensor) -> Tensor:
         """One update from prepared constants (the fixed-point map)."""
@@ -145,7 +163,7 @@ class MLPUpdate(nn.Module):
 
     def check_state(self, z: object) -> None:
         """Raise ``ValueError`` unless ``z`` is ``(B, state_dim)`` (``TypeError``: not a tensor)."""
-        _check_shape("z", z, (self.state_dim,), type(self).__name__)
+        _check_shape("z", z, (self.state_dim,), _owner(self))
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
         self.check_state(z)
@@ -191,21 +209,22 @@ class ConvUpdate(nn.Module):
         self.bo = nn.Parameter(torch.zeros(channels))
         self.gamma = gamma
         self.act: Callable[[Tensor], Tensor] = _ACTIVATIONS[activation]
-        self.sn_z = _SpectralNorm((hidden, channels)) if spectral_norm else None
-        self.sn_o = _SpectralNorm((channels, hidden)) if spectral_norm else None
+        if spectral_norm:
+            _spectral_norm(self, "Wz")
+            _spectral_norm(self, "Wo")
+            self._register_load_state_dict_pre_hook(
+                _legacy_spectral_keys({"Wz": "sn_z.u", "Wo": "sn_o.u"}), with_module=True)
 
     def init_state(self, x: Tensor) -> Tensor:
         """Zero initial state ``(B, channels, H, W)``."""
-        _check_shape("x", x, (self.input_channels, None, None), type(self).__name__)
+        _check_shape("x", x, (self.input_channels, None, None), _owner(self))
         return x.new_zeros(x.shape[0], self.channels, *x.shape[2:])
 
     def prepare(self, x: Tensor) -> Tuple[Tensor, ...]:
         """Per-call constants; ``x`` must be ``(B, input_channels, H, W)`` (else ValueError)."""
-        _check_shape("x", x, (self.input_channels, None, None), type(self).__name__)
-        refresh = self.training and torch.is_grad_enabled()
-        Wz = self.sn_z.normalized(self.Wz, refresh) if self.sn_z is not None else self.Wz
-        Wo = self.sn_o.normalized(self.Wo, refresh) if self.sn_o is not None else self.Wo
-        return self.inp(x), Wz, Wo, self.bo
+        _check_shape("x", x, (self.input_channels, None, None), _owner(self))
+        # one read of each (normalised) weight per call: one power iteration in training mode
+        return self.inp(x), self.Wz, self.Wo, self.bo
 
     def step(self, z: Tensor, inj: Tensor, Wz: Tensor, Wo: Tensor, bo: Tensor) -> Tensor:
         h = self.act(inj + self.gamma * F.conv2d(z, Wz, padding=self.pad))
@@ -213,7 +232,7 @@ class ConvUpdate(nn.Module):
 
     def check_state(self, z: object) -> None:
         """Raise ``ValueError`` unless ``z`` is ``(B, channels, H, W)`` (``TypeError``: not a tensor)."""
-        _check_shape("z", z, (self.channels, None, None), type(self).__name__)
+        _check_shape("z", z, (self.channels, None, None), _owner(self))
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
         self.check_state(z)

@@ -3,8 +3,8 @@ r"""Energy building blocks for :class:`torchfpi.FPIGD`: ``energy(z, *inputs) -> 
 * :class:`QuadraticEnergy`: E(z, b) = 1/2 z^T A z - b^T z, minimiser A^{-1} b (closed form).
 * :class:`ICNNEnergy`: an input-convex network, convex in z for every input x, plus
   (mu/2)||z||^2 so the minimiser is unique.
-* :class:`MultiLabelEnergy`: the multi-label energy family (local label scores plus a learned
-  label-interaction term on the relaxation y in [0, 1]^L).
+* :class:`MultiLabelEnergy`: the multi-label energy of the application (local label scores plus
+  a learned label-interaction term on the relaxed labels sigmoid(z), or an input-convex one).
 """
 
 from __future__ import annotations
@@ -99,31 +99,107 @@ class ICNNEnergy(nn.Module):
 
 
 class MultiLabelEnergy(nn.Module):
-    r"""Multi-label energy on a relaxation y in [0, 1]^L of the label vector:
+    r"""Multi-label energy on label logits z in R^L (the multi-label application's energy):
 
-    E(y, s) = - <s, y> + c^T softplus(C y) + (mu/2) ||y - 1/2||^2
+    E(z; s) = tau/2 ||z - center||^2 - <z, s> + sum_k c_k softplus(C_k . phi(z) + b_k + bias_k)
 
-    where ``s`` are per-label scores computed from the input by any network (local term),
-    ``c^T softplus(C y)`` with learned ``C`` (``(K, L)``) and ``c`` (``(K,)``) scores label
-    configurations jointly (interaction term, as SPEN's global energy), and the small quadratic
-    keeps the gradient step contractive. Use it with ``FPIGD(..., projection="box")``.
+    ``s`` are per-label scores computed from the input by any network (the local term); the
+    last term, with learned ``C`` (``(K, L)``, bias ``b``) and ``c`` (``(K,)``), scores label
+    configurations jointly (SPEN's global label-interaction energy) on the relaxed labels
+    ``phi(z) = sigmoid(z)`` (``space="prob"``) or on ``z`` itself (``space="logit"``). Without it
+    the minimiser is ``center + s / tau``; the quadratic keeps the gradient step contractive.
+
+    With ``convex_input=D`` the interaction term is instead an input-convex network of
+    ``(z, x)`` (:class:`ICNNEnergy`, ``K`` hidden units, its ``mu`` = ``tau``): E is then convex in
+    z for every input and ``tau``-strongly convex, so its minimiser is unique.
+
+    Contraction of the step ``z - grad E`` (tau = 1, step 1, ``"prob"`` space, center 0): its
+    Jacobian is the Hessian of the interaction term, whose norm is at most
+    ``max|sigmoid''| ||c|| + ||C||^2 ||c||_inf / 64 <= 0.097 ||c|| + ||c|| / 64`` when ``||C||_2 <= 1``,
+    so ``||c|| < 8.9`` makes it a contraction (the application bounds ``C`` and ``c`` so).
 
     Args:
-        num_labels: L. interactions: K, the number of learned label patterns.
-        mu: weight of the quadratic term (>= 0).
+        num_labels: L.
+        interactions: K, the number of label-interaction units (hidden units of the ICNN).
+        tau: weight of the quadratic term (> 0).
+        init_scale: the initial ``c`` is ``init_scale * N(0, 1) / sqrt(K)`` (0: starts as the
+            local term alone).
+        space: ``"prob"`` (the interaction term acts on sigmoid(z)) or ``"logit"`` (on z).
+        center: centre of the quadratic term (``0.5`` with ``space="logit"`` and
+            ``FPIGD(..., projection="box")`` makes an energy on y in [0, 1]^L).
+        convex_input: D, the size of the input x of an input-convex interaction term (None:
+            the softplus interaction term above).
 
     Shapes:
-        y: ``(B, L)``, s: ``(B, L)``, output ``(B,)``.
+        z: ``(B, L)``, s: ``(B, L)``, output ``(B,)``. ``forward(z, s, context, weight, c)``:
+        ``context`` is ``(B, K)``, added to the interaction units' pre-activations (an
+        input-dependent bias; optional), or with ``convex_input`` the ICNN's input ``(B, D)``
+        (required); ``weight`` ``(K, L)`` and ``c`` ``(K,)`` replace ``C``'s weight and ``c`` when
+        given (e.g. norm-bounded copies computed once per solve).
+
+    Example:
+        >>> import torch, torchfpi
+        >>> from torchfpi.energies import MultiLabelEnergy
+        >>> energy = MultiLabelEnergy(5, interactions=4, init_scale=1.0)
+        >>> layer = torchfpi.FPIGD(energy, step_size=1.0, init=lambda s: s.detach().clone())
+        >>> z = layer(torch.randn(3, 5))  # logits; torch.sigmoid(z) are the label probabilities
+        >>> z.shape, energy(z, torch.zeros(3, 5)).shape
+        (torch.Size([3, 5]), torch.Size([3]))
     """
 
-    def __init__(self, num_labels: int, interactions: int = 16, mu: float = 1.0) -> None:
+    def __init__(
+        self,
+        num_labels: int,
+        interactions: int = 16,
+        tau: float = 1.0,
+        *,
+        init_scale: float = 0.0,
+        space: str = "prob",
+        center: float = 0.0,
+        convex_input: Optional[int] = None,
+    ) -> None:
         super().__init__()
+        if not tau > 0:
+            raise ValueError(f"tau: expected a number > 0, got {tau!r}")
+        if space not in ("prob", "logit"):
+            raise ValueError(f"space: expected 'prob' or 'logit', got {space!r}")
+        if convex_input is not None and (space != "prob" or center != 0.0):
+            raise ValueError("convex_input: the input-convex interaction term acts on z itself with the "
+                             f"quadratic centred at 0; got space={space!r}, center={center!r}")
+        self.tau = tau
+        self.space = space
+        self.center = center
+        self.convex = convex_input is not None
+        if convex_input is not None:
+            self.icnn = ICNNEnergy(num_labels, convex_input, hidden=(interactions,), mu=tau)
+            return
         self.C = nn.Linear(num_labels, interactions)
-        nn.init.normal_(self.C.weight, std=0.01)
-        self.c = nn.Parameter(torch.zeros(interactions))
-        self.mu = mu
+        self.c = nn.Parameter(init_scale * torch.randn(interactions) / interactions**0.5)
+        nn.init.normal_(self.C.weight, std=0.1)
+        nn.init.zeros_(self.C.bias)
 
-    def forward(self, y: Tensor, s: Tensor) -> Tensor:
-        local = -(s * y).sum(1)
-        interaction = F.softplus(self.C(y)) @ self.c
-        return local + interaction + 0.5 * self.mu * ((y - 0.5) ** 2).sum(1)
+    def forward(
+        self,
+        z: Tensor,
+        s: Tensor,
+        context: Optional[Tensor] = None,
+        weight: Optional[Tensor] = None,
+        c: Optional[Tensor] = None,
+    ) -> Tensor:
+        if self.convex:
+            if context is None:
+                raise ValueError("context: the input-convex energy needs the input x, shape (B, convex_input)")
+            return self.icnn(z, context) - (z * s).sum(1)
+        y = torch.sigmoid(z) if self.space == "prob" else z
+        weight = self.C.weight if weight is None else weight
+        c = self.c if c is None else c
+        pre = F.linear(y, weight, self.C.bias)
+        if context is not None:
+            pre = pre + context
+        interaction = F.softplus(pre) @ c
+        if self.center == 0.0:
+            quadratic = (z * z).sum(1)
+        else:
+            d = z - self.center
+            quadratic = (d * d).sum(1)
+        return 0.5 * self.tau * quadratic - (z * s).sum(1) + interaction

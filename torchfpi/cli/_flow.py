@@ -7,8 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "flow_fpi_gd.pt"
-DEFAULT_NN_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "flow_fpi_nn.pt"
+from torchfpi.apps.flow.api import LEARNED, METHODS, SHIPPED_WEIGHTS
 
 
 def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAction) -> None:
@@ -18,8 +17,9 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.add_argument("frame2", help="second frame (image file, same size)")
     p.add_argument("--out", default=None, help="write the flow as a Middlebury .flo file")
     p.add_argument("--png", default=None, help="write a colour-wheel visualisation PNG")
-    p.add_argument("--weights", default=None, help=f"weights file (default: the shipped {DEFAULT_WEIGHTS.name})")
-    p.add_argument("--method", choices=("fpi_gd", "fpi_nn", "horn_schunck"), default="fpi_gd",
+    p.add_argument("--weights", default=None, help="weights file (default: the shipped weights of --method, e.g. "
+                   f"{SHIPPED_WEIGHTS['fpi_gd'].name})")
+    p.add_argument("--method", choices=METHODS, default="fpi_gd",
                    help="learned variational FPI model (default), its FPI_NN refinement, or Horn-Schunck")
     p.add_argument("--truth", default=None, help="ground-truth .flo file: also print the end-point error")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -28,9 +28,9 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
     p.set_defaults(func=run_flow)
 
     t = train.add_parser("flow", help="train the learned variational flow model on synthetic pairs")
-    t.add_argument("--model", choices=("fpi_gd", "fpi_nn"), default="fpi_gd",
+    t.add_argument("--model", choices=LEARNED, default="fpi_gd",
                    help="fpi_gd: the variational energy model; fpi_nn: its FPI_NN refinement (needs --base)")
-    t.add_argument("--base", default=str(DEFAULT_WEIGHTS), help="fpi_gd weights refined by --model fpi_nn (default: the shipped flow_fpi_gd.pt)")
+    t.add_argument("--base", default=str(SHIPPED_WEIGHTS["fpi_gd"]), help="fpi_gd weights refined by --model fpi_nn (default: the shipped flow_fpi_gd.pt)")
     t.add_argument("--out", default="runs/flow", help="output folder (checkpoint.pt, its JSON-lines log checkpoint.jsonl, best.pt, train.json)")
     t.add_argument("--steps", type=int, default=150, help="optimiser steps")
     t.add_argument("--batch-size", type=int, default=None,
@@ -97,8 +97,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     from torchfpi.apps import session as distributed_session
     from torchfpi.apps.flow import load_flow_model
+    from torchfpi.apps.flow.models import FlowConfig
     from torchfpi.apps.flow.train import TrainConfig, train
-    from torchfpi.apps.flow.variational import FlowConfig
     from torchfpi.cli import _checks
     from torchfpi.errors import UsageError
 
@@ -160,7 +160,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _train_refine(args: argparse.Namespace, base: Any, root: Optional[Path], command: str, ctx: Any) -> dict:
     """``--model fpi_nn``: train the FPI_NN refinement of the ``--base`` model; returns the summary."""
-    from torchfpi.apps.flow.refine import train_refine
+    from torchfpi.apps.flow.train import train_refine
 
     return train_refine(Path(args.out), base, pairs=args.pairs, steps=args.steps, size=args.size,
                         batch_size=args.batch_size, val_pairs=args.val_pairs, val_every=args.val_every,
@@ -196,13 +196,10 @@ def run_flow(args: argparse.Namespace) -> int:
     png = _checks.output_file(args.png, "--png", (".png",)) if args.png is not None else None
     if out is not None and png is not None and out.resolve() == png.resolve():
         raise UsageError("--out and --png name the same file")
-    if args.method == "fpi_nn":
-        weights = Path(args.weights) if args.weights else DEFAULT_NN_WEIGHTS
-    elif args.method == "fpi_gd":
-        weights = Path(args.weights) if args.weights else DEFAULT_WEIGHTS
-    elif args.weights is not None:
-        raise UsageError("--weights: not for --method horn_schunck (it has no learned weights)")
-    if args.method != "horn_schunck" and not weights.exists():
+    if args.method not in LEARNED and args.weights is not None:
+        raise UsageError(f"--weights: not for --method {args.method} (it has no learned weights)")
+    weights = Path(args.weights) if args.weights else SHIPPED_WEIGHTS.get(args.method)
+    if weights is not None and not weights.exists():
         raise FileNotFoundError(2, "No such file or directory", str(weights))
     f1 = flow_app.to_grey_tensor(flow_app.read_image(args.frame1))
     f2 = flow_app.to_grey_tensor(flow_app.read_image(args.frame2))
@@ -215,19 +212,12 @@ def run_flow(args: argparse.Namespace) -> int:
         if truth.shape[:2] != tuple(f1.shape[-2:]):
             raise DataError(f"--truth: '{args.truth}' is {truth.shape[0]}x{truth.shape[1]} (H x W) but the "
                             f"frames are {f1.shape[-2]}x{f1.shape[-1]}: give the ground truth of this pair")
-    model: Any = None
     device = resolve_device(args.device)
-    if args.method != "horn_schunck":
-        model = load_flow_model(args.method, weights, device)
+    model = load_flow_model(args.method, weights, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     with torch.no_grad(), ticking(f"flow {args.method}", enabled=not args.quiet):
-        if model is None:
-            from torchfpi.apps.flow.baselines import horn_schunck
-
-            flow, info = horn_schunck(f1.to(device), f2.to(device))
-        else:
-            flow, info = model(f1.to(device), f2.to(device))
+        flow, info = model(f1.to(device), f2.to(device))
     flow = flow.cpu()
     for target in (out, png):
         if target is not None:

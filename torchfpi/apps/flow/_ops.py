@@ -16,13 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from torchfpi.data.datasets import MIDDLEBURY_GT_SEQUENCES  # noqa: F401  # re-exported; lives with MiddleburyPairs
 from torchfpi.errors import DataError, UsageError
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-MIDDLEBURY_GT_SEQUENCES = (
-    "Dimetrodon", "Grove2", "Grove3", "Hydrangea", "RubberWhale", "Urban2", "Urban3", "Venus",
-)  # fmt: skip
 
 
 def pixel_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -108,3 +108,14 @@ def horn_schunck(frame1: torch.Tensor, frame2: torch.Tensor, alpha: float = 8.0,
             total += int(sol.iterations[0])
             solves += 1
     return flow, {"iterations": total, "solves": solves}
+
+
+class HornSchunck(torch.nn.Module):
+    """:func:`horn_schunck` (default settings) as a model: ``flow, info = model(frame1, frame2)``.
+
+    It has no learned weights; :func:`torchfpi.apps.flow.load_flow_model` returns it for
+    ``"horn_schunck"``, so the CLI and the scripts run every method the same way.
+    """
+
+    def forward(self, frame1: torch.Tensor, frame2: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, int]]:
+        return horn_schunck(frame1, frame2)

@@ -7,7 +7,7 @@ carved from the training set and evaluates the test split once. Metrics in :mod:
 
 from torchfpi.apps.multilabel.api import load_multilabel_model
 from torchfpi.apps.multilabel.metrics import best_threshold, example_f1, mean_example_f1
-from torchfpi.apps.multilabel.models import MODELS, LabelEnergy, ModelConfig, MultiLabelModel
+from torchfpi.apps.multilabel.models import MODELS, ModelConfig, MultiLabelModel
 from torchfpi.apps.multilabel.train import (
     Splits,
     TrainConfig,
@@ -18,7 +18,6 @@ from torchfpi.apps.multilabel.train import (
 
 __all__ = [
     "MODELS",
-    "LabelEnergy",
     "ModelConfig",
     "MultiLabelModel",
     "Splits",

@@ -13,7 +13,8 @@ logits ``z`` are inferred from ``s``:
   ``z* = s + W_b tanh(W_a σ(z*) + U h + b)``, spectrally normalised so that it contracts,
   via :class:`torchfpi.FPINN`.
 
-The label energy (:class:`LabelEnergy`) lives on logits ``z ∈ R^L`` with ``y = σ(z)``:
+The label energy is the public :class:`torchfpi.energies.MultiLabelEnergy`, on logits ``z ∈ R^L``
+with ``y = σ(z)``:
 
     E(z; x) = τ/2 ||z||² - <z, s(x)> + Σ_k c_k softplus(C_k · σ(z) + b_k + (U h(x))_k)
 
@@ -22,7 +23,7 @@ label-interaction energy on the relaxed labels ``σ(z) ∈ (0, 1)``, optionally 
 input-dependent bias ``U h(x)`` (``energy_condition``). Working on logits keeps every label
 differentiable (a box projection on ``y`` would zero the gradient of saturated labels) and lets
 the loss be the usual one on logits. ``energy_kind="icnn"`` swaps the interaction term for an
-input-convex network (:class:`ICNNLabelEnergy`).
+input-convex network (``MultiLabelEnergy(..., convex_input=H)``).
 
 Example:
     >>> import torch
@@ -36,12 +37,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, cast
+from typing import Any, Dict, Optional, cast
 
 import torch
 from torch import nn
 
 from torchfpi import energy_grad
+from torchfpi.energies import MultiLabelEnergy
 
 MODELS = ("mlp", "spen", "fpi_nn", "fpi_gd")
 
@@ -57,12 +59,13 @@ class ModelConfig:
         energy_condition: add ``U h(x)`` to the interaction units' bias (x-dependent energy).
         energy_init_scale: scale of the random initial weights ``c`` of the interaction units.
         energy_space: ``"prob"``: the interaction term acts on ``σ(z)``; ``"logit"``: on ``z``.
-        energy_kind: ``"label"`` (:class:`LabelEnergy`) or ``"icnn"`` (:class:`ICNNLabelEnergy`,
-            convex in z, so its minimiser is unique).
+        energy_kind: ``"label"`` (the softplus interaction term of
+            :class:`torchfpi.energies.MultiLabelEnergy`) or ``"icnn"`` (its input-convex
+            interaction term, convex in z, so its minimiser is unique).
         energy_max_norm: if > 0, rescale ``C`` to spectral norm <= 1 and ``c`` to Euclidean norm
             <= this value in every forward. With ``"prob"`` space, τ = 1 and step 1 the gradient
             step then contracts by construction when the value is below about 5 (see
-            :class:`LabelEnergy`).
+            :class:`torchfpi.energies.MultiLabelEnergy`).
         update_hidden: width of FPI_NN's update network.
         update_max_gain: upper bound (< 4) of FPI_NN's learned output gain; the update's Lipschitz
             constant in z is at most a quarter of it.
@@ -123,74 +126,6 @@ class UnaryMLP(nn.Module):
         return self.out(h), h
 
 
-class LabelEnergy(nn.Module):
-    """``E(z; s) = τ/2 ||z||² - <z, s> + Σ_k c_k softplus(C_k · σ(z) + b_k)``, one value per sample.
-
-    Args:
-        num_labels: L.
-        hidden: K, the number of label-interaction units.
-        tau: τ > 0, the weight of the quadratic term (it keeps the gradient step contractive).
-
-    Shapes: ``z`` and ``s`` are ``(B, L)``; the result is ``(B,)``.
-
-    Contraction of the step ``z - ∇E`` (τ = 1, step 1, ``"prob"`` space): its Jacobian is the
-    Hessian of the interaction term, whose norm is at most ``max|σ''| ||c|| + ||C||² ||c||∞ / 64
-    <= 0.097 ||c|| + ||c|| / 64`` when ``||C||₂ <= 1``, so ``||c|| < 8.9`` makes it a contraction.
-    """
-
-    def __init__(
-        self, num_labels: int, hidden: int = 16, tau: float = 1.0, init_scale: float = 0.0, space: str = "prob"
-    ) -> None:
-        super().__init__()
-        if tau <= 0:
-            raise ValueError(f"LabelEnergy: tau must be > 0, got {tau}")
-        if space not in ("prob", "logit"):
-            raise ValueError(f"LabelEnergy: space must be 'prob' or 'logit', got {space!r}")
-        self.tau = tau
-        self.space = space
-        self.C = nn.Linear(num_labels, hidden)
-        self.c = nn.Parameter(init_scale * torch.randn(hidden) / hidden**0.5)
-        nn.init.normal_(self.C.weight, std=0.1)
-        nn.init.zeros_(self.C.bias)
-
-    def forward(
-        self,
-        z: torch.Tensor,
-        s: torch.Tensor,
-        bias: Optional[torch.Tensor] = None,
-        weight: Optional[torch.Tensor] = None,
-        c: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """``E(z; s)``; ``weight`` (K, L) and ``c`` (K,) replace ``C`` and ``c`` when given."""
-        y = torch.sigmoid(z) if self.space == "prob" else z
-        weight = self.C.weight if weight is None else weight
-        c = self.c if c is None else c
-        pre = torch.nn.functional.linear(y, weight, self.C.bias)
-        if bias is not None:
-            pre = pre + bias
-        global_term = torch.nn.functional.softplus(pre) @ c
-        return 0.5 * self.tau * (z * z).sum(1) - (z * s).sum(1) + global_term
-
-
-class ICNNLabelEnergy(nn.Module):
-    """``E(z; s, h) = -<z, s> + ICNN(z, h)``, with :class:`torchfpi.energies.ICNNEnergy` (μ = τ).
-
-    Convex in z for every input and τ-strongly convex, so the minimiser is unique; the gradient
-    step with step size α contracts while α (τ + λ_max(∇²ICNN)) < 2.
-
-    Shapes: ``z``, ``s``: ``(B, L)``; ``h``: ``(B, H)``; result ``(B,)``.
-    """
-
-    def __init__(self, num_labels: int, input_dim: int, hidden: int = 64, tau: float = 1.0) -> None:
-        super().__init__()
-        from torchfpi.energies import ICNNEnergy
-
-        self.icnn = ICNNEnergy(num_labels, input_dim, hidden=(hidden,), mu=tau)
-
-    def forward(self, z: torch.Tensor, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return self.icnn(z, h) - (z * s).sum(1)
-
-
 class MultiLabelModel(nn.Module):
     """One of ``mlp``, ``spen``, ``fpi_nn``, ``fpi_gd`` (see the module docstring).
 
@@ -206,7 +141,6 @@ class MultiLabelModel(nn.Module):
     w_b: Any
     u: Any
     energy_u: Any
-    _power_u: torch.Tensor
 
     def __init__(self, kind: str, num_features: int, num_labels: int, cfg: Optional[ModelConfig] = None) -> None:
         super().__init__()
@@ -219,14 +153,16 @@ class MultiLabelModel(nn.Module):
         if cfg.energy_kind not in ("label", "icnn"):
             raise ValueError(f"energy_kind: expected 'label' or 'icnn', got {cfg.energy_kind!r}")
         if kind in ("spen", "fpi_gd") and cfg.energy_kind == "icnn":
-            self.energy = ICNNLabelEnergy(num_labels, cfg.hidden, cfg.energy_hidden, cfg.tau)
+            self.energy = MultiLabelEnergy(num_labels, cfg.energy_hidden, cfg.tau, convex_input=cfg.hidden)
         elif kind in ("spen", "fpi_gd"):
-            self.energy = LabelEnergy(
-                num_labels, cfg.energy_hidden, cfg.tau, cfg.energy_init_scale, cfg.energy_space
-            )
+            self.energy = MultiLabelEnergy(num_labels, cfg.energy_hidden, cfg.tau,
+                                           init_scale=cfg.energy_init_scale, space=cfg.energy_space)
             if cfg.energy_condition:
                 self.energy_u = nn.Linear(cfg.hidden, cfg.energy_hidden)
-            self.register_buffer("_power_u", torch.nn.functional.normalize(torch.randn(cfg.energy_hidden), dim=0))
+            if cfg.energy_max_norm > 0:
+                # torch's spectral norm, as FPI_NN's update and the core layers (one implementation)
+                nn.utils.parametrizations.spectral_norm(self.energy.C)
+            self._register_load_state_dict_pre_hook(_legacy_power_u, with_module=True)
         if kind == "fpi_nn":
             sn = nn.utils.parametrizations.spectral_norm
             self.w_a = sn(nn.Linear(num_labels, cfg.update_hidden, bias=False))
@@ -255,15 +191,16 @@ class MultiLabelModel(nn.Module):
         return z - self.cfg.step_size * energy_grad(self.energy, z, s, *energy_inputs)
 
     def _bounded_energy_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``C / max(1, ||C||₂)`` (one power iteration per call) and ``c`` clipped in norm."""
-        W = self.energy.C.weight
-        with torch.no_grad():
-            v = torch.nn.functional.normalize(W.t() @ self._power_u, dim=0)
-            u = torch.nn.functional.normalize(W @ v, dim=0)
-            if self.training:
-                self._power_u.copy_(u)
-        sigma = torch.dot(u, W @ v)
-        W = W / sigma.clamp_min(1.0)
+        """``C / max(1, ||C||₂)`` and ``c`` clipped in norm, computed once per forward.
+
+        ``C.weight`` is torch's spectral normalisation ``C / σ`` (one power iteration per access in
+        training mode); ``σ = ||C||_F / ||C / σ||_F`` recovers the estimate, so the bound leaves
+        a ``C`` of norm below 1 as it is and rescales a larger one to norm 1.
+        """
+        linear = self.energy.C
+        unit = linear.weight
+        sigma = linear.parametrizations.weight.original.norm() / unit.norm()
+        W = unit * sigma.clamp_max(1.0)
         c = self.energy.c
         c = c * (self.cfg.energy_max_norm / c.norm().clamp_min(self.cfg.energy_max_norm))
         return W, c
@@ -308,3 +245,24 @@ class MultiLabelModel(nn.Module):
             sol = self.layer.solve(s, self.u(h), z0=s.detach())
         self.last_solution = sol
         return cast(torch.Tensor, sol.value)  # a tensor z0 gives a tensor value
+
+
+def _legacy_power_u(model: MultiLabelModel, state: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """Read an energy model's state dict of torchfpi <= 0.1 (its own power iteration's ``_power_u``).
+
+    Its estimate was ``σ = u'ᵀ C v`` with ``v = Cᵀu / ||Cᵀu||`` and ``u' = C v / ||C v||``; torch's
+    spectral norm computes ``σ = _uᵀ C _v`` in eval mode, so ``_u = u'`` and ``_v = v`` give the
+    model the same function.
+    """
+    old_u = state.pop(prefix + "_power_u", None)
+    if old_u is None or model.cfg.energy_max_norm <= 0:
+        return
+    for owner in ("energy.", "layer.energy."):  # FPI_GD's layer holds the energy too
+        W = state.pop(prefix + owner + "C.weight", None)
+        if W is None:
+            continue
+        v = torch.nn.functional.normalize(W.t() @ old_u, dim=0)
+        base = prefix + owner + "C.parametrizations.weight."
+        state[base + "original"] = W
+        state[base + "0._u"] = torch.nn.functional.normalize(W @ v, dim=0)
+        state[base + "0._v"] = v

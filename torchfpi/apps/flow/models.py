@@ -1,4 +1,6 @@
-"""A learned variational flow model whose output, per warp, is a fixed point of a descent map.
+"""The learned flow models: ``fpi_gd`` (:class:`VariationalFlow`) and ``fpi_nn`` (:class:`RefinedFlow`).
+
+**fpi_gd.** A learned variational flow model whose output, per warp, is a fixed point of a descent map.
 
 Per pyramid level and warp (linearisation point ``u0``), the flow ``z = (u, v)`` minimises the
 learned energy (Classic-C / Brox style, every weight learned)
@@ -16,13 +18,25 @@ with ``du = u - u0``. The fixed-point map is one red-black block-SOR sweep on th
 ``E`` preconditioned by the per-pixel 2x2 block of the lagged Hessian, so its fixed points are
 exactly the stationary points ``grad E(z*) = 0``. Its output is differentiated by the implicit
 (backward-FPI) gradient. Between warps the flow is median filtered (5x5, as in Classic-C).
+
+**fpi_nn.** an FPI_NN refinement of the variational flow, in the spirit of recurrent refinement.
+
+Given the variational flow ``z_gd`` (the ``fpi_gd`` model) and the frames, the refined flow is
+the fixed point of a small convolutional update (``torchfpi.FPINN``):
+
+    z* = f(z*, x),   f(z, x) = z_gd + h_theta(z - z_gd, I2(. + z) - I1, I1)
+
+``h_theta`` sees the brightness residual of the current flow, so its fixed point is a flow that
+the network judges consistent with the frames. Its last layer starts at zero (``z* = z_gd`` before
+training) and the forward solve is damped; training uses the implicit gradient plus a small
+Jacobian penalty (Hutchinson) that keeps ``f`` contractive.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -238,3 +252,71 @@ class VariationalFlow(nn.Module):
     def extra_state(self) -> Dict[str, Any]:
         """Config as a dict (saved beside the weights)."""
         return asdict(self.config)
+
+
+class RefineUpdate(nn.Module):
+    """``f(z, x) = z_gd + h(z - z_gd, residual, image)``; ``x = [z_gd, I1, I2]`` ``(B, 4, H, W)``, frames / 255."""
+
+    def __init__(self, hidden: int = 24) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(6, hidden, 3, padding=1), nn.GELU(),
+            nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2), nn.GELU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.GELU(),
+            nn.Conv2d(hidden, 2, 3, padding=1),
+        )  # fmt: skip
+        last = self.net[-1]
+        if isinstance(last, nn.Conv2d):  # h starts at zero: z* = z_gd before training
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)  # type: ignore[arg-type]  # bias=True: a tensor
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        zgd, i1, i2 = x[:, :2], x[:, 2:3], x[:, 3:4]
+        i2w, inside = _ops.warp(i2, z)
+        res = (i2w - i1) * inside
+        gx, gy = _ops.gradient(i1)
+        feats = torch.cat([z - zgd, 10 * res, i1 - 0.5, 4 * gx, 4 * gy], dim=1)
+        return zgd + self.net(feats)
+
+
+@dataclass
+class RefineConfig:
+    """Solver settings of the refinement (not learned)."""
+
+    hidden: int = 24
+    damping: float = 0.5
+    max_iter: int = 30
+    tol: float = 1e-4
+
+
+class RefinedFlow(nn.Module):
+    """``fpi_nn``: the variational flow (frozen) refined by an FPI_NN layer (see module doc)."""
+
+    def __init__(self, base: VariationalFlow, config: Optional[RefineConfig] = None) -> None:
+        super().__init__()
+        self.config = config or RefineConfig()
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.update = RefineUpdate(self.config.hidden)
+        self.last_iterations = 0
+        self.layer = torchfpi.FPINN(self.update, solver=torchfpi.FPI(damping=self.config.damping),
+                                    tol=self.config.tol, max_iter=self.config.max_iter,
+                                    backward_tol=self.config.tol, backward_max_iter=self.config.max_iter,
+                                    on_failure="ignore")
+
+    def refine(self, zgd: torch.Tensor, frame1: torch.Tensor, frame2: torch.Tensor) -> torch.Tensor:
+        """Refined flow ``(B, 2, H, W)`` from the variational flow ``zgd`` and frames in [0, 255]."""
+        x = torch.cat([zgd.detach(), frame1 / 255.0, frame2 / 255.0], dim=1)
+        sol = self.layer.solve(x, z0=zgd.detach())
+        self.last_iterations = int(sol.iterations[0])
+        return cast(torch.Tensor, sol.value)  # a tensor z0 gives a tensor value
+
+    def forward(self, frame1: torch.Tensor, frame2: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """Flow from ``frame1`` to ``frame2`` (grey ``(B, 1, H, W)``, [0, 255]) and solve info."""
+        with torch.no_grad():
+            zgd, info = self.base(frame1, frame2)
+        flow = self.refine(zgd, frame1, frame2)
+        info = dict(info)
+        info["refine_iterations"] = self.last_iterations
+        return flow, info
