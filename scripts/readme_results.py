@@ -47,7 +47,9 @@ def multilabel() -> str:
 
 def denoise() -> str:
     d = _load("results/denoise.json")
-    names = {"noisy": "noisy input", "tv": "TV", "bm3d": "BM3D", "fpi_gd": "FPI_GD (FoE energy, implicit)",
+    names = {"noisy": "noisy input", "tv": "TV", "bm3d": "BM3D",
+             "fpi_gd": "FPI_GD (multi-scale FoE energy, implicit)",
+             "fpi_gd_foe": "FPI_GD (single-scale FoE energy, earlier weights)",
              "unrolled": "same energy, 10 unrolled steps", "fpi_nn": "FPI_NN (conv DEQ)"}
     sigmas = sorted((k for k in d if k.startswith("sigma")), key=lambda k: float(k[5:]))
     rows = ["| method | " + " | ".join(f"sigma {s[5:]}" for s in sigmas) + " |", "|---|" + "---|" * len(sigmas)]

@@ -13,6 +13,12 @@ resumes where it stopped. Noise: ``add_noise(clean, sigma, noise_seed(seed, sigm
 Example (the command that produced the committed results)::
 
     python scripts/run_denoise.py --sigmas 25 15 50 --methods noisy tv bm3d fpi_gd unrolled fpi_nn
+
+``--store-as KEY`` keeps one model method's unit under another key, e.g. earlier weights as a
+row of their own::
+
+    git show ad6156f:torchfpi/weights/denoise_fpi_gd_s25.pt > runs/foe/denoise_fpi_gd_s25.pt
+    python scripts/run_denoise.py --sigmas 25 --methods fpi_gd --weights-dir runs/foe --store-as fpi_gd_foe
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ from torchfpi.runtime import machine_info
 
 METHODS = ("noisy", "tv", "bm3d", "fpi_gd", "unrolled", "fpi_nn")
 MODEL_METHODS = ("fpi_gd", "unrolled", "fpi_nn")
+#: Row labels of the table (``--store-as`` keys included).
+NAMES = {"noisy": "noisy input", "tv": "TV (scikit-image)", "bm3d": "BM3D (PyPI bm3d)",
+         "fpi_gd": "FPI_GD, multi-scale FoE energy (ours)",
+         "fpi_gd_foe": "FPI_GD, single-scale FoE energy (ours, earlier weights)",
+         "unrolled": "same energy, 10 unrolled steps", "fpi_nn": "FPI_NN, conv DEQ (ours)"}
 
 
 def _denoiser(method: str, sigma: float, args: argparse.Namespace, unit: Dict[str, Any]):
@@ -96,8 +107,13 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--memory-iterations", type=int, nargs="+", default=[10, 30])
     parser.add_argument("--figure", default=None, help="write a noisy/BM3D/ours/clean figure here")
     parser.add_argument("--figure-sigma", type=float, default=25)
-    parser.add_argument("--figure-image", type=int, default=1, help="BSD68 index for the figure")
+    parser.add_argument("--figure-image", type=int, nargs="+", default=[1],
+                        help="BSD68 indices for the figure (one row each)")
+    parser.add_argument("--store-as", default=None, metavar="KEY",
+                        help="store the unit of the one model method under KEY (e.g. fpi_gd_foe)")
     args = parser.parse_args(argv)
+    if args.store_as is not None and (len(args.methods) != 1 or args.methods[0] not in MODEL_METHODS):
+        parser.error("--store-as: expected exactly one model method in --methods")
     torch.set_num_threads(args.threads)
     args.root = data_root(args.data_root)
     files = list_images(Path(args.root) / "denoise" / "BSD68")
@@ -116,13 +132,14 @@ def main(argv: List[str]) -> int:
         skey = f"sigma{sigma:g}"
         block = results.setdefault(skey, {})
         for method in args.methods:
-            unit = block.get(method, {})
-            if f"{method}@{sigma:g}" in args.redo:
+            store = args.store_as or method
+            unit = block.get(store, {})
+            if f"{store}@{sigma:g}" in args.redo:
                 unit = {}
             if unit.get("complete") and unit.get("images") == len(files):
-                print(f"{skey}.{method}: done, psnr {unit['psnr']:.3f} (skipped)", flush=True)
+                print(f"{skey}.{store}: done, psnr {unit['psnr']:.3f} (skipped)", flush=True)
                 continue
-            block[method] = unit
+            block[store] = unit
             fn = _denoiser(method, sigma, args, unit)
             per = unit.setdefault("per_image", {})
             for i, path in enumerate(files):
@@ -145,7 +162,7 @@ def main(argv: List[str]) -> int:
             unit["images"] = len(files)
             unit["complete"] = True
             atomic_write_json(results, out)
-            print(f"{skey}.{method}: psnr {unit['psnr']:.3f} ssim {unit['ssim']:.4f} "
+            print(f"{skey}.{store}: psnr {unit['psnr']:.3f} ssim {unit['ssim']:.4f} "
                   f"({unit['seconds_per_image']:.2f} s/image)", flush=True)
     print(markdown_table(results), flush=True)
     if args.memory:
@@ -160,12 +177,9 @@ def main(argv: List[str]) -> int:
 def markdown_table(results: Dict[str, Any]) -> str:
     """Mean PSNR / SSIM per method and sigma as a markdown table (incomplete units marked)."""
     sigmas = sorted((k for k in results if k.startswith("sigma")), key=lambda k: float(k[5:]))
-    names = {"noisy": "noisy input", "tv": "TV (scikit-image)", "bm3d": "BM3D (PyPI bm3d)",
-             "fpi_gd": "FPI_GD, FoE energy (ours)", "unrolled": "same energy, 10 unrolled steps",
-             "fpi_nn": "FPI_NN, conv DEQ (ours)"}
     head = "| method | " + " | ".join(f"sigma {k[5:]} PSNR / SSIM" for k in sigmas) + " |"
     rows = [head, "|---" * (len(sigmas) + 1) + "|"]
-    for m in METHODS:
+    for m in NAMES:
         cells = []
         for k in sigmas:
             u = results[k].get(m)
@@ -177,7 +191,7 @@ def markdown_table(results: Dict[str, Any]) -> str:
                 vals = list(u["per_image"].values())
                 cells.append(f"({np.mean([v['psnr'] for v in vals]):.2f} on {len(vals)} images)")
         if any(c != "-" for c in cells):
-            rows.append(f"| {names[m]} | " + " | ".join(cells) + " |")
+            rows.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -219,7 +233,7 @@ def _memory(results: Dict[str, Any], args: argparse.Namespace, out: Path) -> Non
 
 
 def _figure(results: Dict[str, Any], args: argparse.Namespace, files: List[Path]) -> None:
-    """Crops of noisy / BM3D / FPI_GD / clean on one BSD68 image, PSNR of the whole image."""
+    """Crops of noisy / BM3D / FPI_GD / clean, one row per BSD68 image, PSNR of the whole image."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,28 +242,28 @@ def _figure(results: Dict[str, Any], args: argparse.Namespace, files: List[Path]
     from torchfpi.apps.denoise import bm3d_denoise, denoise_array, load_denoiser
 
     sigma = args.figure_sigma
-    i = args.figure_image
-    clean = read_grey_png(files[i])
-    noisy = add_noise(clean, sigma, noise_seed(args.seed, sigma, i))
     model, _ = load_denoiser("fpi_gd", sigma, weights=args.weights_dir)
-    ours, _ = denoise_array(model, noisy, sigma, tol=args.tol, max_iter=args.max_iter)
-    panels = [("noisy", noisy), ("BM3D", bm3d_denoise(noisy, sigma)), ("FPI_GD (ours)", ours),
-              ("clean", clean)]
-    h, w = clean.shape
-    r0, c0 = (h - 160) // 2, (w - 160) // 2
-    fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
-    for ax, (name, img) in zip(axes, panels):
-        crop = np.clip(img, 0, 255)[r0:r0 + 160, c0:c0 + 160]
-        ax.imshow(crop, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        title = name if name == "clean" else f"{name}: {psnr(img, clean):.2f} dB"
-        ax.set_title(title, fontsize=10)
-        ax.axis("off")
-    fig.suptitle(f"BSD68 {files[i].name}, sigma {sigma:g} (PSNR of the whole image)", fontsize=10)
+    rows = args.figure_image
+    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3.3 * len(rows)), squeeze=False)
+    for row, i in zip(axes, rows):
+        clean = read_grey_png(files[i])
+        noisy = add_noise(clean, sigma, noise_seed(args.seed, sigma, i))
+        ours, _ = denoise_array(model, noisy, sigma, tol=args.tol, max_iter=args.max_iter)
+        panels = [("noisy", noisy), ("BM3D", bm3d_denoise(noisy, sigma)), ("FPI_GD", ours), ("clean", clean)]
+        h, w = clean.shape
+        r0, c0 = (h - 160) // 2, (w - 160) // 2
+        for ax, (name, img) in zip(row, panels):
+            crop = np.clip(img, 0, 255)[r0:r0 + 160, c0:c0 + 160]
+            ax.imshow(crop, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            title = files[i].name if name == "clean" else f"{name}: {psnr(img, clean):.2f} dB"
+            ax.set_title(title, fontsize=10)
+            ax.axis("off")
+    fig.suptitle(f"BSD68, sigma {sigma:g}: centre crops (PSNR of the whole image)", fontsize=10)
     fig.tight_layout()
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write_bytes(args.figure, buf.getvalue())
     print(f"figure -> {args.figure}", flush=True)

@@ -479,6 +479,16 @@ def test_results_script_skips_finished_units(data_dir: Path, tmp_path: Path) -> 
     assert "command" in res and "machine" in res
     second = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "(skipped)" in second.stdout
+    # a model row stored under its own key, and a figure with one row per image
+    fig = tmp_path / "fig.png"
+    third = subprocess.run([*cmd[:7], "fpi_gd", "--out", str(out), "--store-as", "fpi_gd_foe",
+                            "--figure", str(fig), "--figure-image", "0", "1"], capture_output=True, text=True)
+    assert third.returncode == 0, third.stderr
+    res = json.loads(out.read_text())
+    assert res["sigma25"]["fpi_gd_foe"]["complete"] and "fpi_gd" not in res["sigma25"]
+    assert "single-scale FoE" in third.stdout and fig.stat().st_size > 0
+    bad = subprocess.run([*cmd[:7], "noisy", "--out", str(out), "--store-as", "x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--store-as: expected exactly one model method" in bad.stderr
 
 
 def test_self_ensemble_script_prints_both_scores(data_dir: Path) -> None:
