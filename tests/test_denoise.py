@@ -126,9 +126,13 @@ def test_png_roundtrip_and_colour(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("coarse", [(), ((2, 4, 3),), ((2, 3, 3), (3, 2, 5))])
 def test_energy_gradient_is_exact(coarse) -> None:
-    """Closed-form gradient = autograd of the energy, with and without coarse banks (odd sizes too)."""
+    """Closed-form gradient = autograd of the energy, with and without coarse banks (odd sizes too)
+    and an adaptive data weight."""
     torch.manual_seed(0)
-    e = FoEEnergy(5, 3, n_mixture=2, coarse=coarse).double()
+    e = FoEEnergy(5, 3, n_mixture=2, coarse=coarse, adaptive_channels=3 if coarse else 0).double()
+    with torch.no_grad():
+        for p in e.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     z = torch.rand(2, 1, 19, 22, dtype=torch.float64, requires_grad=True)
     y = torch.rand(2, 1, 19, 22, dtype=torch.float64)
     (g,) = torch.autograd.grad(e(z, y).sum(), z)
@@ -139,10 +143,12 @@ def test_energy_gradient_is_exact(coarse) -> None:
 @pytest.mark.parametrize("coarse", [(), ((2, 4, 3), (4, 3, 3))])
 def test_lipschitz_bound_dominates_hessian(coarse) -> None:
     torch.manual_seed(1)
-    e = FoEEnergy(6, 3, coarse=coarse).double()
+    e = FoEEnergy(6, 3, coarse=coarse, adaptive_channels=3 if coarse else 0).double()
     with torch.no_grad():  # make the coarse banks matter as much as the fine one
         for bank in e.coarse:
             bank.log_alpha.fill_(float(e.log_alpha.mean()) + 1.0)
+        if e.data_net is not None:  # an adaptive weight at its largest: lambda exp(span)
+            e.data_net[-1].bias.fill_(10.0)
     y = torch.rand(1, 1, 16, 16, dtype=torch.float64)
     z = y.clone()
     v = torch.randn_like(z)
@@ -159,7 +165,7 @@ def test_lipschitz_bound_dominates_hessian(coarse) -> None:
 def test_grad_split_has_the_same_value_and_first_derivatives(coarse) -> None:
     """grad_split: analytic Hessian-vector products in z, autograd in the parameters and y."""
     torch.manual_seed(3)
-    e = FoEEnergy(5, 3, n_mixture=2, coarse=coarse).double()
+    e = FoEEnergy(5, 3, n_mixture=2, coarse=coarse, adaptive_channels=3 if coarse else 0).double()
     with torch.no_grad():
         for p in e.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -226,20 +232,27 @@ def test_fpigd_paths_agree_with_library_layer() -> None:
 
 
 @pytest.mark.slow
-def test_implicit_gradient_matches_unrolled_to_convergence() -> None:
+@pytest.mark.parametrize("extra", [{}, {"coarse": [(2, 3, 3)], "adaptive_channels": 4}])
+def test_implicit_gradient_matches_unrolled_to_convergence(extra) -> None:
+    """Every parameter's implicit gradient (coarse banks and the adaptive data weight's CNN
+    included) equals back-propagation through gradient descent run to convergence."""
     torch.manual_seed(2)
-    e = FoEEnergy(4, 3, n_mixture=1, penalty_weight=5e-4, penalty_scale=0.06).double()
+    e = FoEEnergy(4, 3, n_mixture=1, penalty_weight=5e-4, penalty_scale=0.06, **extra).double()
+    with torch.no_grad():  # a non-zero adaptive map, so its CNN gets a gradient
+        for p in e.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     y = torch.rand(1, 1, 10, 10, dtype=torch.float64)
-    implicit = FPIGDDenoiser(e, tol=1e-10, max_iter=200)
+    implicit = FPIGDDenoiser(e, tol=1e-11, max_iter=300)
     e.zero_grad()
     implicit(y).sum().backward()
-    g_imp = e.weight.grad.clone()
-    unrolled = UnrolledDenoiser(e, steps=60)
+    g_imp = [p.grad.clone() for p in e.parameters()]
+    unrolled = UnrolledDenoiser(e, steps=200)
     with torch.no_grad():
         unrolled.log_step.fill_(math.log(implicit.step_size()))
     e.zero_grad()
     unrolled(y).sum().backward()
-    torch.testing.assert_close(g_imp, e.weight.grad, atol=1e-6, rtol=1e-5)
+    for (name, p), g in zip(e.named_parameters(), g_imp):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_fpinn_denoiser_shapes_and_gradient() -> None:
@@ -409,7 +422,21 @@ def test_cli_coarse_banks_and_contrast_rescale(data_dir: Path, tmp_path: Path, c
         torch.testing.assert_close(s50[key], 0.5 * ms["state_dict"][key], atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(s50["energy.log_data_weight"],
                                ms["state_dict"]["energy.log_data_weight"] - 2 * math.log(2.0), atol=1e-6, rtol=0)
+    # an adaptive data weight added to a trained energy starts as the same energy
+    assert main(["train", "denoise", *common, "--init", str(tmp_path / "ms.pt"), "--coarse", "2:4:3",
+                 "--adaptive-data", "4", "--lr", "1e-9", "--checkpoint", str(tmp_path / "f.pt"),
+                 "--export", str(tmp_path / "ad.pt")]) == 0
+    ad = torch.load(tmp_path / "ad.pt", weights_only=True)
+    assert ad["config"]["energy"]["adaptive_channels"] == 4
+    assert ad["state_dict"]["energy.data_net.4.weight"].abs().max() < 1e-6
+    model_ad, _ = load_denoiser("fpi_gd", 25, tmp_path / "ad.pt")
+    y = torch.rand(1, 1, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(model_ad(y, tol=1e-7, max_iter=3000), model(y, tol=1e-7, max_iter=3000),
+                                   atol=1e-4, rtol=0)
     capsys.readouterr()
+    assert main(["train", "denoise", *common, "--adaptive-data", "0", "--checkpoint", str(tmp_path / "g.pt")]) == 2
+    assert "--adaptive-data: expected 1 .. 256 channels, got 0" in capsys.readouterr().err
     for bad in ("2:4", "1:4:3", "2:4:4", "2:x:3"):
         assert main(["train", "denoise", *common, "--coarse", bad, "--checkpoint", str(tmp_path / "d.pt")]) == 2
         assert "--coarse: expected" in capsys.readouterr().err

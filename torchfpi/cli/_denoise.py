@@ -82,6 +82,10 @@ def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAc
                    help="fpi_gd / unrolled: add a coarse filter bank of N KxK filters on the image "
                    "average-pooled by F (repeatable, e.g. --coarse 2:24:5 --coarse 4:16:5; default: none); "
                    "with --init, banks the file lacks start at a tenth of its median penalty weight")
+    t.add_argument("--adaptive-data", type=int, default=None, metavar="C",
+                   help="fpi_gd / unrolled: a data weight that varies over the image, lambda exp(0.5 tanh(h(y))) "
+                   "with h a 3-layer C-channel CNN of the noisy image (default: off, one scalar lambda); "
+                   "added to an --init energy it starts as the same energy")
     t.add_argument("--seed", type=int, default=0, help="seed of weights, crops and noise")
     t.add_argument("--budget-minutes", type=float, default=40.0,
                    help="stop after this much training time (over resumes), even before --steps")
@@ -176,6 +180,12 @@ def _filter_bank(args: argparse.Namespace) -> dict:
         if key == "kernel_size" and (value < 3 or value % 2 != 1):
             raise UsageError(f"--kernel-size: expected an odd integer >= 3, got {value}")
         bank[key] = value
+    if args.adaptive_data is not None:
+        if args.model == "fpi_nn":
+            raise UsageError("--adaptive-data: only for --model fpi_gd or unrolled")
+        if not 1 <= args.adaptive_data <= 256:
+            raise UsageError(f"--adaptive-data: expected 1 .. 256 channels, got {args.adaptive_data}")
+        bank["adaptive_channels"] = args.adaptive_data
     if args.coarse:
         if args.model == "fpi_nn":
             raise UsageError("--coarse: only for --model fpi_gd or unrolled")
@@ -232,8 +242,12 @@ def _read_init(args: argparse.Namespace, sigma: float, model_config: dict) -> Op
         if getattr(args, "init_rescale", "data-weight") == "contrast":
             # E'(z, y) = E(r z, r y) up to lambda: the energy sees the image at the noise level it was
             # trained for (filters times r; lambda r^2 is the MAP scaling above)
+            import re
+
+            # every linear map of the image: the filter banks and the data weight network's first layer
+            linear = re.compile(r"energy\.(weight|coarse\.\d+\.weight|data_net\.0\.weight)$")
             for name in list(init_state):
-                if name.startswith("energy.") and name.endswith("weight") and name != key:
+                if linear.match(name):
                     init_state[name] = init_state[name] * ratio
     return init_state
 
@@ -294,6 +308,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--export: '{out}' is also the checkpoint: give another file name")
     init_state = _read_init(args, sigma, model_config)
     coarse = bank.pop("coarse", None)
+    adaptive = bank.pop("adaptive_channels", None)
     if bank:
         from torchfpi.apps.denoise import DEFAULT_CONFIGS, grow_energy_state
 
@@ -312,6 +327,15 @@ def run_train(args: argparse.Namespace) -> int:
             raise UsageError(f"--filters: at most {k * k - 1} filters of size {k}, got {n}")
         if grow and init_state is not None:
             init_state = grow_energy_state(init_state, n, k)
+        model_config["energy"] = energy
+    if adaptive is not None:
+        from torchfpi.apps.denoise import DEFAULT_CONFIGS as _DEFAULT
+
+        energy = {**_DEFAULT[args.model]["energy"], **model_config.get("energy", {})}
+        had = energy.get("adaptive_channels", 0)
+        if had and had != adaptive:
+            raise UsageError(f"--adaptive-data: the --init energy has a {had}-channel data weight network, got {adaptive}")
+        energy["adaptive_channels"] = adaptive
         model_config["energy"] = energy
     if coarse:
         from torchfpi.apps.denoise import DEFAULT_CONFIGS as _CONFIGS

@@ -39,7 +39,7 @@ computed with one ``conv2d`` and one ``conv_transpose2d``; autograd differentiat
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -286,6 +286,11 @@ class FoEEnergy(_Bank):
         coarse: coarse banks, each ``(factor, n_filters, kernel_size)``: filters on the image
             average-pooled by ``factor`` (empty: the single-scale FoE). They start at a tenth of
             ``penalty_weight``.
+        adaptive_channels: ``C > 0`` makes the data weight a map of the noisy image,
+            ``lambda_p(y) = lambda exp(span tanh(h(y))_p)`` with ``h`` a 3-layer ``C``-channel CNN
+            whose last layer starts at zero (so a trained energy is unchanged when it is added);
+            0: one scalar ``lambda``.
+        adaptive_span: ``span`` above: ``lambda_p`` stays within ``lambda exp(+-span)``.
 
     Shapes: ``z``, ``y``: ``(B, 1, H, W)`` with ``H, W >= kernel_size`` (and, for each coarse bank,
     ``>= factor * kernel_size``); energy ``(B,)``.
@@ -306,8 +311,22 @@ class FoEEnergy(_Bank):
         penalty_weight: float = 0.0005,
         penalty_scale: float = 0.06,
         coarse: Sequence[Sequence[int]] = (),
+        adaptive_channels: int = 0,
+        adaptive_span: float = 0.5,
     ) -> None:
         super().__init__(n_filters, kernel_size, n_mixture, penalty_weight, penalty_scale)
+        if adaptive_channels < 0 or not math.isfinite(adaptive_span) or adaptive_span <= 0:
+            raise ValueError(f"adaptive_channels / adaptive_span: expected >= 0 and > 0, got "
+                             f"{adaptive_channels} / {adaptive_span}")
+        self.adaptive_span = float(adaptive_span)
+        self.data_net: Optional[nn.Sequential] = None
+        if adaptive_channels > 0:
+            c = int(adaptive_channels)
+            last = nn.Conv2d(c, 1, 3, padding=1, padding_mode="reflect")
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)  # type: ignore[arg-type]  # a Conv2d's bias is a tensor
+            self.data_net = nn.Sequential(nn.Conv2d(1, c, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                                          nn.Conv2d(c, c, 3, padding=1, padding_mode="reflect"), nn.ReLU(), last)
         specs = _check_coarse(coarse)
         self.coarse_factors = [f for f, _, _ in specs]
         self._coarse_banks = [_Bank(n, k, n_mixture, 0.1 * penalty_weight, penalty_scale) for _, n, k in specs]
@@ -325,22 +344,32 @@ class FoEEnergy(_Bank):
         fine: List[Tuple[_Bank, int]] = [(self, 1)]
         return fine + list(zip(self._coarse_banks, self.coarse_factors))
 
+    def data_weight(self, y: Tensor) -> Tensor:
+        """``lambda``: a 0-d tensor, or the map ``lambda_p(y)`` ``(B, 1, H, W)`` with ``adaptive_channels``."""
+        lam = self.log_data_weight.exp()
+        if self.data_net is None:
+            return lam
+        return lam * torch.exp(self.adaptive_span * torch.tanh(self.data_net(y)))
+
     def forward(self, z: Tensor, y: Tensor) -> Tensor:  # type: ignore[override]
         """Energy per sample, ``(B,)``."""
-        lam = self.log_data_weight.exp()
         prior = _total([bank.penalty(z if f == 1 else _pool(z, f)) for bank, f in self.banks()])
-        return 0.5 * lam * ((z - y) ** 2).sum(dim=(1, 2, 3)) + prior
+        return 0.5 * (self.data_weight(y) * (z - y) ** 2).sum(dim=(1, 2, 3)) + prior
 
     def _prior_grad(self, z: Tensor) -> Tensor:
         size = (z.shape[-2], z.shape[-1])
         return _total([bank.prior_grad(z) if f == 1 else _unpool(bank.prior_grad(_pool(z, f)), f, size)
                        for bank, f in self.banks()])
 
-    def grad(self, z: Tensor, y: Tensor) -> Tensor:
-        """Exact ``grad_z E(z, y)``, ``(B, 1, H, W)``; differentiable (a node of the graph)."""
-        return self.log_data_weight.exp() * (z - y) + self._prior_grad(z)
+    def grad(self, z: Tensor, y: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+        """Exact ``grad_z E(z, y)``, ``(B, 1, H, W)``; differentiable (a node of the graph).
 
-    def grad_split(self, z: Tensor, y: Tensor) -> Tensor:
+        ``weight``: :meth:`data_weight` ``(y)`` when already computed (a solve computes it once).
+        """
+        lam = self.data_weight(y) if weight is None else weight
+        return lam * (z - y) + self._prior_grad(z)
+
+    def grad_split(self, z: Tensor, y: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """``grad_z E(z, y)`` (same value as :meth:`grad`) with a cheaper graph for implicit layers.
 
         Its derivative in ``z`` is the analytic Hessian-vector product (:class:`_PriorGradZ`);
@@ -349,22 +378,23 @@ class FoEEnergy(_Bank):
         when a second derivative through the solve is needed).
         """
         if not torch.is_grad_enabled():
-            return self.grad(z, y)
+            return self.grad(z, y, weight)
+        lam = self.data_weight(y) if weight is None else weight
         param_path = self._prior_grad(z.detach())
-        return (self.log_data_weight.exp() * (z - y) + _PriorGradZ.apply(z, self)
-                + (param_path - param_path.detach()))
+        return lam * (z - y) + _PriorGradZ.apply(z, self) + (param_path - param_path.detach())
 
     @torch.no_grad()
     def lipschitz_bound(self, grid: int = 64) -> float:
         """Upper bound ``L`` of the Hessian's largest eigenvalue:
-        ``lambda + sum_banks max_w sum_k c_k |w_k^(w)|^2 / f^2``.
+        ``lambda + sum_banks max_w sum_k c_k |w_k^(w)|^2 / f^2`` (with an adaptive data weight,
+        its largest value ``lambda exp(span)``).
 
         ``c_k = max_x phi_k''(x) = sum_m 2 alpha_km / s_km^2``; each bank's ``sum_k c_k w_k^T w_k``
         is a convolution whose spectrum is evaluated on a ``grid x grid`` frequency grid, and the
         average pooling ``D`` of factor ``f`` has ``||D||^2 = 1 / f^2``.
         """
-        total = self.log_data_weight.exp() + _total([bank.spectral_bound(grid) / float(f * f)
-                                                     for bank, f in self.banks()])
+        lam = self.log_data_weight.exp() * (math.exp(self.adaptive_span) if self.data_net is not None else 1.0)
+        total = lam + _total([bank.spectral_bound(grid) / float(f * f) for bank, f in self.banks()])
         return float(total)
 
 

@@ -38,15 +38,15 @@ class SolveInfo:
         return float(sol.backward.iterations.float().mean())
 
 
-def solve(f: Callable[..., Tensor], z0: Tensor, y: Tensor, tol: float, max_iter: int) -> Tuple[Tensor, SolveInfo]:
-    """``z* = f(z*, y)`` by :func:`torchfpi.fixed_point` with the implicit gradient.
+def solve(f: Callable[..., Tensor], z0: Tensor, *inputs: Tensor, tol: float, max_iter: int) -> Tuple[Tensor, SolveInfo]:
+    """``z* = f(z*, *inputs)`` by :func:`torchfpi.fixed_point` with the implicit gradient.
 
     Forward and backward are both Anderson-accelerated: the backward fixed point
     ``u = g + (I - a H)^T u`` of a gradient step contracts only as fast as plain gradient descent
     (``1 - a mu``), which for a sharp learned energy needs hundreds of plain iterations. Failures
     are reported in ``SolveInfo`` (the trainer rejects an update from an unconverged solve).
     """
-    sol = torchfpi.fixed_point(f, z0, y, solver="anderson", backward="anderson", tol=tol, max_iter=max_iter,
+    sol = torchfpi.fixed_point(f, z0, *inputs, solver="anderson", backward="anderson", tol=tol, max_iter=max_iter,
                                backward_tol=tol, backward_max_iter=2 * max_iter, on_failure="ignore")
     value = sol.value
     if not isinstance(value, Tensor):  # pragma: no cover - a tensor z0 gives a tensor value
@@ -104,6 +104,11 @@ class FPIGDDenoiser(nn.Module):
         """
         return z - self._a * self.energy.grad_split(z, y)
 
+    def update_weighted(self, z: Tensor, y: Tensor, weight: Tensor) -> Tensor:
+        """:meth:`update` with the adaptive data weight map computed once per solve (an input of the
+        solve, so its parameters get their gradient through the implicit backward)."""
+        return z - self._a * self.energy.grad_split(z, y, weight)
+
     def forward(self, y: Tensor, tol: Optional[float] = None, max_iter: Optional[int] = None) -> Tensor:
         p = self.energy.pad
         yp = _pad(y, p)
@@ -119,6 +124,9 @@ class FPIGDDenoiser(nn.Module):
             if sol is None:  # pragma: no cover - a layer call always records its solution
                 raise RuntimeError("FPIGD did not record its solution")
             info = SolveInfo(float(sol.iterations.float().mean()), float(sol.residual.mean()), sol)
+        elif self.energy.data_net is not None:
+            weight = self.energy.data_weight(yp)
+            z, info = solve(self.update_weighted, yp.detach().clone(), yp, weight, tol=tol, max_iter=max_iter)
         else:
             z, info = solve(self.update, yp.detach().clone(), yp, tol=tol, max_iter=max_iter)
         self.last_info = info

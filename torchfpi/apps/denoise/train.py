@@ -268,7 +268,13 @@ class DenoiseTask(Task):
         cfg.model_config = {**DEFAULT_CONFIGS[cfg.model], **cfg.model_config}
         self.model: Denoiser = build_model(cfg.model, cfg.model_config).to(dtype)
         if init_state is not None:
-            self.model.load_state_dict(init_state)
+            # an adaptive data weight added to a trained energy starts from its fresh (seeded)
+            # initialisation, whose last layer is zero: the same energy
+            missing, unexpected = self.model.load_state_dict(init_state, strict=False)
+            bad = [k for k in missing if not k.startswith("energy.data_net.")] + list(unexpected)
+            if bad:
+                raise UsageError(f"--init: the weights do not fit the model (missing or unexpected: "
+                                 f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''})")
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)) * 0.95 + 0.05)
