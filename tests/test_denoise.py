@@ -518,6 +518,20 @@ def test_results_script_skips_finished_units(data_dir: Path, tmp_path: Path) -> 
     assert bad.returncode == 2 and "--store-as: expected exactly one model method" in bad.stderr
 
 
+def test_training_summary_script_reads_the_weights(tmp_path: Path) -> None:
+    """The training table comes from the weights files (history, rejected updates), not by hand."""
+    w = ROOT / "torchfpi" / "weights" / "denoise_fpi_gd_s25.pt"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "denoise_training_summary.py"), str(w)],
+                          capture_output=True, text=True, check=True)
+    row = done.stdout.splitlines()[2]
+    assert row.startswith("| denoise_fpi_gd_s25.pt | 25.0 | ") and re.search(r"\d+\.\d{3} \(step \d+\)", row)
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"junk")
+    fail = subprocess.run([sys.executable, str(ROOT / "scripts" / "denoise_training_summary.py"), str(bad)],
+                          capture_output=True, text=True)
+    assert fail.returncode == 1 and "not a torchfpi denoiser weights file" in fail.stderr
+
+
 def test_self_ensemble_script_prints_both_scores(data_dir: Path) -> None:
     cmd = [sys.executable, str(ROOT / "scripts" / "denoise_self_ensemble.py"), "--data-root", str(data_dir),
            "--val-images", "2", "--crop", "24"]
