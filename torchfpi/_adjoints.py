@@ -41,6 +41,7 @@ from typing import (
     Callable,
     ClassVar,
     Dict,
+    Hashable,
     Optional,
     Protocol,
     Sequence,
@@ -73,6 +74,8 @@ class AdjointSystem:
         z: ``(B, N)`` z*; ``tensors``: the tensor inputs of f (for the implicit adjoint).
         vjp_rows: ``(u_rows, idx) -> J^T u`` on the rows ``idx`` only (first order, compact).
         vjp_at: ``(u, z, tensors) -> J^T u`` at another point, differentiable in all three.
+        history: a key naming this kind of adjoint solve for the loop's window planning
+            (see :func:`torchfpi._loop.iterate`), or None.
     """
 
     g: Tensor
@@ -87,6 +90,7 @@ class AdjointSystem:
     tensors: Sequence[Tensor]
     vjp_rows: Callable[[Tensor, Tensor], Tensor]
     vjp_at: Callable[[Tensor, Tensor, Sequence[Tensor]], Tensor]
+    history: Optional[Hashable] = None
 
     @property
     def absolute(self) -> bool:
@@ -128,6 +132,7 @@ class _Implicit:
         u, stats = iterate(
             call, g, solver=self.solver, tol=system.tol, max_iter=system.max_iter,
             absolute=system.absolute, compact=system.compact, what="backward fixed_point",
+            history=system.history,
         )
         report_failure(stats, system.on_failure, "backward", system.tol, system.max_iter)
         return u, stats

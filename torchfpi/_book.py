@@ -23,7 +23,7 @@ REL_EPS = 1e-9
 CONTRACTION = 0.999
 """A converging sample's absolute residual must shrink by this factor at the stopping iteration."""
 
-WINDOW_BYTES = 1 << 20
+WINDOW_BYTES = 4 << 20
 """Memory for the images kept between two host reads (the window is at most this many bytes)."""
 
 MAX_WINDOW = 16
@@ -71,15 +71,17 @@ class _Book:
         self.active = H.full(B, True, "b")
         self.n_active = B
         self.held: Optional[Tensor] = None  # diverged samples, kept still in the full-batch mode
-        self.floor_dev: Optional[Tensor] = None  # the relative residual's floor, per working row
-        self.floor: Any = None
+        self.floor_dev: Optional[Tensor] = None  # the relative residual's floor on the device (want_r)
+        self.floor: Any = None  # ... on the host: REL_EPS max(||z0||, ||f(z0)||), at least tiny
+        self.z0n: Optional[Tensor] = None  # ||z0|| per row, until the first host read
         self.a_list: List[Tensor] = []  # the window: ||f(z) - z|| per iteration
         self.n_list: List[Tensor] = []  # ... ||f(z)|| (relative residual)
         self.images: List[Tensor] = []  # ... the images f(z)
         self.iterates: List[Tensor] = []  # ... and the iterates z (for FPI: the previous images)
         # Norms are computed in the state's dtype; below this a float32 norm may have lost
         # its squares to underflow, and the window's norms are recomputed in float64.
-        self.underflow = math.sqrt(torch.finfo(z0.dtype).tiny) * 1e4
+        self.tiny = torch.finfo(z0.dtype).tiny
+        self.underflow = math.sqrt(self.tiny) * 1e4
         self.diff: Optional[Tensor] = None  # f(z) - z
         self.window = min(2, self.limit)  # the first window: two iterations give a first contraction rate
         # A small state (every sample at most DEFER_ELEMENTS entries in all) costs per call, not
@@ -109,58 +111,77 @@ class _Book:
             return a if want_r else None
         n = torch.linalg.vector_norm(fz, dim=1)
         self.n_list.append(n)
-        if self.floor_dev is None:
-            z0n = torch.linalg.vector_norm(zw, dim=1)
-            self.floor_dev = (REL_EPS * torch.maximum(z0n, n)).clamp_min(torch.finfo(fz.dtype).tiny)
-        return a / torch.maximum(n, self.floor_dev) if want_r else None
+        if self.floor is None and self.z0n is None:
+            self.z0n = torch.linalg.vector_norm(zw, dim=1)  # read with the first window
+        if not want_r:
+            return None
+        if self.floor_dev is None:  # the device floor, for the solver's residual only
+            z0n = self.z0n if self.z0n is not None else torch.linalg.vector_norm(zw, dim=1)
+            self.floor_dev = (REL_EPS * torch.maximum(z0n, n)).clamp_min(self.tiny)
+        return a / torch.maximum(n, self.floor_dev)
 
-    def _window_norms(self) -> Tensor:
-        """The deferred norms of the window (see ``defer``) as ``(c w, b)``: a few calls in all."""
-        images = torch.stack(self.images)  # (w, b, N)
-        a = torch.linalg.vector_norm(images - torch.stack(self.iterates), dim=2)
-        if self.absolute:
-            return a
-        n = torch.linalg.vector_norm(images, dim=2)
-        if self.floor_dev is None:
-            z0n = torch.linalg.vector_norm(self.iterates[0], dim=1)
-            self.floor_dev = (REL_EPS * torch.maximum(z0n, n[0])).clamp_min(torch.finfo(images.dtype).tiny)
-        return torch.cat((a, n))
+    def _window_norms(self, first: bool) -> Tensor:
+        """The deferred norms of the window (see ``defer``): ``(w, b)`` absolute residuals, then
+        (relative residual) ``||z||`` of the window's first iterate and the ``w`` image norms.
+
+        One buffer ``[f(z) - z | z_first | f(z)]`` and one norm call: the same per-row reductions
+        as :meth:`measure`'s, bit for bit.
+        """
+        its, ims = self.iterates, self.images
+        w = len(ims)
+        buf = torch.empty((2 * w + 1,) + tuple(ims[0].shape), dtype=ims[0].dtype, device=ims[0].device)
+        if all(its[j] is ims[j - 1] for j in range(1, w)):
+            # Plain FPI: each iterate is the previous image, so one stack holds both.
+            torch.stack([its[0]] + ims, out=buf[w:])
+            torch.sub(buf[w + 1:], buf[w : 2 * w], out=buf[:w])
+        else:
+            torch.stack(ims, out=buf[w + 1:])
+            buf[w].copy_(its[0])
+            torch.sub(buf[w + 1:], torch.stack(its), out=buf[:w])
+        return torch.linalg.vector_norm(buf[:w] if self.absolute else buf, dim=2)
 
     # -- once per window: one host read, the replay ----------------------------------------
     def check(self, k: int) -> Optional[int]:
         """Replay the window ending at iteration ``k``; return the rows stopped (or None)."""
         H = _host._HOST
-        w, c = len(self.images), 1 if self.absolute else 2
-        if len(self.a_list) < w:
-            block = self._window_norms()
-        else:
-            block = torch.stack(self.a_list + self.n_list)  # (c w, b): a then ||f(z)||
-        b = block.shape[1]
+        w = len(self.images)
         first = self.floor is None and not self.absolute
+        if len(self.a_list) < w:
+            h = H.host(self._window_norms(first))
+        elif self.absolute:
+            h = H.host(torch.stack(self.a_list))
+        else:
+            # The window's first ||z|| rides along only in the first window (zeros otherwise:
+            # a row of the same layout as the deferred norms').
+            mid = self.z0n if first else self.a_list[0]
+            h = H.host(torch.stack(self.a_list + [mid] + self.n_list))  # type: ignore[list-item]
+        a = h[:w]
+        n = None if self.absolute else h[w + 1:]
         if first:
-            flat = H.host(torch.cat((block.reshape(-1), self.floor_dev)))  # type: ignore[arg-type]
-            self.floor = flat[w * c * b:]
-            nr = flat[: w * c * b].reshape(c, w, b)
+            # max(||z0||, ||f(z0)||) per sample, in float64 on the host (see relative_residual)
+            self.floor = H.fmax(REL_EPS * H.fmax(h[w], n[0]), self.tiny)  # type: ignore[index]
+            self.z0n = None
+        if H.fmin_all(a if n is None else n) < self.underflow:
+            a, n = self._exact_norms(a, n, first)
+        total = float(a.sum()) if n is None else float(a.sum() + n.sum())
+        allfin = math.isfinite(total)  # every norm finite (an overflowing sum: tested exactly)
+        if n is None:
+            r = a
+        elif allfin or not H.np:
+            r = a / H.fmax(n, self.floor)
         else:
-            nr = H.host(block).reshape(c, w, b)
-        nr = nr.transpose(1, 0, 2) if H.np else nr.permute(1, 0, 2)  # (w, c, b)
-        if bool((nr[:, -1] < self.underflow).any()):
-            nr = self._exact_norms(nr, first)
-        a = nr[:, 0]
-        if self.absolute:
-            r, fin = a, H.isfinite(a)
-        else:
-            n = nr[:, 1]
-            fin = H.isfinite(a) & H.isfinite(n)
-            if H.np and not bool(fin.all()):
-                with _np.errstate(invalid="ignore", divide="ignore"):  # inf / inf: handled below
-                    r = a / H.fmax(n, self.floor)
-            else:
+            with _np.errstate(invalid="ignore", divide="ignore"):  # inf / inf: handled below
                 r = a / H.fmax(n, self.floor)
+        fin = None
+        if not allfin:
+            fin = H.isfinite(a) if n is None else H.isfinite(a) & H.isfinite(n)
+            allfin = bool(fin.all())
         self.traces.append((self.idx, r))
         self.k0 = k - w
-        if self._quiet(a, r, n if not self.absolute else None):
+        if allfin and self._quiet(a, r):
             return None
+        if fin is None:
+            fin = H.full(a.size if H.np else a.numel(), True, "b").reshape(a.shape)
         # Divergence: a above DIVERGENCE_FACTOR x its smallest value before (NaN counts).
         runmin = H.cummin0(H.cat0(self.min_a[None], a))
         lim = runmin[:-1] * DIVERGENCE_FACTOR
@@ -228,16 +249,15 @@ class _Book:
             return self.best_f
         return self.z0 if self.idx_dev is None else self.z0.index_select(0, self.idx_dev)
 
-    def _quiet(self, a: Any, r: Any, n: Any) -> bool:
-        """The common window: no active sample met ``tol``, all finite, nothing diverged, and
-        (usually) every sample's newest image is its best. A few array operations in all."""
+    def _quiet(self, a: Any, r: Any) -> bool:
+        """The common window: no active sample met ``tol``, nothing diverged (every norm is
+        finite: the caller checked), and (usually) every sample's newest image is its best.
+        A few array operations in all."""
         H = _host._HOST
-        hit = r < self.tol
         if self.n_active < len(self.active):
-            hit &= self.active[None]
-        if bool(hit.any()):
-            return False
-        if not bool(H.isfinite(a.sum() if n is None else a.sum() + n.sum())):
+            if bool((r[:, self.active] < self.tol).any()):
+                return False
+        elif H.fmin_all(r) < self.tol:
             return False
         amin = a.min(0) if H.np else a.amin(0)
         lowest = H.fmin(self.min_a, amin)
@@ -245,8 +265,7 @@ class _Book:
         if not bool(((a.max(0) if H.np else a.amax(0)) <= lowest * DIVERGENCE_FACTOR).all()):
             return False
         newest = a[-1]
-        better = newest < self.best_a
-        if bool((newest <= amin).all()) and bool(better.all()):
+        if bool((newest <= amin).all()) and bool((newest < self.best_a).all()):
             self.best_a, self.best_r = newest, r[-1]
             self.best_f = self.images[-1]
         else:
@@ -261,22 +280,27 @@ class _Book:
         self.a_list, self.n_list, self.images, self.iterates = [], [], [], []
         return True
 
-    def _exact_norms(self, nr: Any, first: bool) -> Any:
-        """Rows whose norms may have underflowed: recompute the window's norms in float64."""
+    def _exact_norms(self, a: Any, n: Any, first: bool) -> Tuple[Any, Any]:
+        """Norms that may have underflowed (below ``underflow``): recomputed in float64, entry
+        by entry, so that the result does not depend on which iterations share a window."""
         H = _host._HOST
-        rows = H.nonzero((nr[:, -1] < self.underflow).any(0))
-        rows_dev = H.torch(rows, self.device)
-        nr = nr.copy() if H.np else nr.clone()
+        low = (a if n is None else n) < self.underflow
+        a = a.copy() if H.np else a.clone()
+        n = None if n is None else (n.copy() if H.np else n.clone())
         for j, (fz, z) in enumerate(zip(self.images, self.iterates)):
+            rows = H.nonzero(low[j])
+            if len(rows) == 0:
+                continue
+            rows_dev = H.torch(rows, self.device)
             f64 = fz.detach().index_select(0, rows_dev).to(torch.float64).reshape(len(rows), -1)
             z64 = z.detach().index_select(0, rows_dev).to(torch.float64).reshape(len(rows), -1)
-            nr[j, 0, rows] = H.host(torch.linalg.vector_norm(f64 - z64, dim=1))
-            if not self.absolute:
-                nr[j, 1, rows] = H.host(torch.linalg.vector_norm(f64, dim=1))
+            a[j, rows] = H.host(torch.linalg.vector_norm(f64 - z64, dim=1))
+            if n is not None:
+                n[j, rows] = H.host(torch.linalg.vector_norm(f64, dim=1))
                 if first and j == 0:
                     s = torch.maximum(torch.linalg.vector_norm(z64, dim=1), torch.linalg.vector_norm(f64, dim=1))
                     self.floor[rows] = H.fmax(H.host(REL_EPS * s), torch.finfo(torch.float64).tiny)
-        return nr
+        return a, n
 
     def _update_best(self, jb: Any, better: Any, cand: Any, rb: Any, last: int) -> None:
         H = _host._HOST
@@ -379,7 +403,8 @@ class _Book:
             self.best_f = self.best_f[keep_dev]
         if self.floor is not None:
             self.floor = self.floor[keep]
-            self.floor_dev = self.floor_dev[keep_dev]  # type: ignore[index]
+        if self.floor_dev is not None:
+            self.floor_dev = self.floor_dev[keep_dev]
         self.idx = keep if self.idx is None else self.idx[keep]
         self.idx_dev = H.torch(self.idx, self.device)
         self.active = H.full(len(keep), True, "b")
@@ -409,6 +434,10 @@ class _Book:
             trace=H.torch(self._trace(B), device, self.z0.dtype),
         )
         return self.z_out if self.z_out is not None else self.z0, stats
+
+    def last_stop(self) -> int:
+        """The largest iteration count of the solve (after :meth:`result`)."""
+        return int(self.it_out.max()) if len(self.it_out) else 0
 
     def _trace(self, B: int) -> Any:
         H, traces = _host._HOST, self.traces

@@ -7,6 +7,7 @@ it then decides per sample runs here, on small ``(B,)`` or ``(w, B)`` arrays. Te
 
 from __future__ import annotations
 
+import math
 from typing import Any, List, Optional
 
 import torch
@@ -44,6 +45,12 @@ class _HostOps:
 
     def fmax(self, a: Any, b: Any) -> Any:
         return _np.fmax(a, b) if self.np else torch.fmax(a, torch.as_tensor(b, dtype=a.dtype))
+
+    def fmin_all(self, a: Any) -> float:
+        """The smallest entry, NaN ignored (NaN if every entry is NaN)."""
+        if self.np:
+            return float(_np.fmin.reduce(a, axis=None, initial=math.inf))
+        return float(torch.where(torch.isnan(a), math.inf, a).min()) if a.numel() else math.inf
 
     def where(self, m: Any, a: Any, b: Any) -> Any:
         if self.np:
@@ -93,17 +100,19 @@ _HOST = _HostOps()
 
 
 def _gather_rows(images: List[Tensor], js: Any, device: torch.device) -> Tensor:
-    """Row ``i`` of ``images[js[i]]`` for every row: a few row copies per distinct iteration
-    (advanced indexing ``stack(images)[js, arange]`` costs ~1 ms on a 128 x 256 state)."""
+    """Row ``i`` of ``images[js[i]]`` for every row: one stack of the distinct images needed and
+    one row gather (a row copy per distinct iteration costs a dispatch each)."""
     H = _HOST
-    uniq = H.unique(js)
-    if len(uniq) > 4:
-        b = len(js)
-        flat = torch.stack(images).reshape(len(images) * b, -1)
-        pos = js * b + (_np.arange(b) if H.np else torch.arange(b))
-        return flat.index_select(0, H.torch(pos, device)).reshape(images[0].shape)
-    out = torch.empty_like(images[0])
-    for j in uniq:
-        rows = H.torch(H.nonzero(js == j), device)
-        out.index_copy_(0, rows, images[j].index_select(0, rows))
-    return out
+    b = len(js)
+    if H.np:
+        uniq = _np.flatnonzero(_np.bincount(js, minlength=len(images)))
+        slot = _np.zeros(len(images), dtype=_np.int64)
+        slot[uniq] = _np.arange(len(uniq))
+        pos = slot[js] * b + _np.arange(b)
+    else:
+        uniq = torch.unique(js)
+        slot = torch.zeros(len(images), dtype=torch.int64)
+        slot[uniq] = torch.arange(len(uniq))
+        pos = slot[js] * b + torch.arange(b)
+    flat = torch.stack([images[int(j)] for j in uniq]).reshape(len(uniq) * b, -1)
+    return flat.index_select(0, H.torch(pos, device)).reshape(images[0].shape)

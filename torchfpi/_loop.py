@@ -26,7 +26,9 @@ The convergence test (documented in :func:`relative_residual`):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -37,6 +39,44 @@ from torchfpi._solvers import FPI
 
 Call = Callable[[Tensor, Optional[Tensor]], Tensor]
 """``call(z_work, idx)``: the map on the working rows; ``idx`` their ``(b,)`` original rows or None."""
+
+HISTORY_SIZE = 64
+"""Solves remembered for planning the first window (see :func:`iterate`'s ``history``)."""
+
+_HISTORY: "OrderedDict[Hashable, int]" = OrderedDict()
+_HISTORY_LOCK = threading.Lock()
+
+
+def history_key(*parts: Any) -> Optional[Hashable]:
+    """A key for :func:`iterate`'s ``history`` (None if a part is unhashable: no history)."""
+    try:
+        hash(parts)
+    except TypeError:
+        return None
+    return parts
+
+
+def map_identity(f: Any) -> Tuple[int, int]:
+    """Who ``f`` is, stable across accesses of a bound method (``module.step`` is a new object
+    each time): the ids of its function and of the object it is bound to."""
+    return id(getattr(f, "__func__", f)), id(getattr(f, "__self__", None))
+
+
+def _recall(key: Optional[Hashable]) -> Optional[int]:
+    if key is None:
+        return None
+    with _HISTORY_LOCK:
+        return _HISTORY.get(key)
+
+
+def _remember(key: Optional[Hashable], k: int) -> None:
+    if key is None:
+        return
+    with _HISTORY_LOCK:
+        _HISTORY[key] = k
+        _HISTORY.move_to_end(key)
+        while len(_HISTORY) > HISTORY_SIZE:
+            _HISTORY.popitem(last=False)
 
 
 def relative_residual(fz: Tensor, z: Tensor, scale: Optional[Tensor] = None) -> Tensor:
@@ -80,6 +120,7 @@ def iterate(
     compact: bool = False,
     first_fz: Optional[Tensor] = None,
     what: str = "fixed_point",
+    history: Optional[Hashable] = None,
 ) -> Tuple[Tensor, SolveStats]:
     """Iterate ``z <- solver.step(state, z, call(z), r)`` per sample until each stops.
 
@@ -91,6 +132,11 @@ def iterate(
             ``uses_residual = False`` (``FPI`` ignores it, so it is not computed).
         first_fz: the map already evaluated at ``z0`` (saves one call).
         what: the solve's name in error messages.
+        history: a key naming this kind of solve (map, shape, options; see
+            :func:`history_key`): the first window runs to the iteration at which the last
+            solve under the same key stopped, instead of two iterations, so that a repeated
+            solve (a training loop) usually reads the host once or twice. It changes when the
+            host is read, never the results (they do not depend on the window).
 
     Returns:
         ``(z_star, stats)``: ``z_star`` is ``(B, N)``; converged samples hold ``f(z_k)`` at the
@@ -98,6 +144,9 @@ def iterate(
     """
     fpi = isinstance(solver, FPI)
     book = _Book(z0, tol, absolute, compact, what, fpi)
+    past = _recall(history)
+    if past is not None:
+        book.window = max(1, min(book.limit, past))
     want_r = bool(getattr(solver, "uses_residual", not fpi))
     zw = z0
     state = None
@@ -122,4 +171,6 @@ def iterate(
         zw = z_next
         if stopped is not None:
             zw, state = book.advance(zw, state)
-    return book.result(k)
+    z_star, stats = book.result(k)
+    _remember(history, book.last_stop())
+    return z_star, stats

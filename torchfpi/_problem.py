@@ -20,7 +20,7 @@ from torch import Tensor
 
 from torchfpi._adjoints import AdjointSystem
 from torchfpi._autograd import _grad, _is_float, vjp
-from torchfpi._loop import iterate
+from torchfpi._loop import history_key, iterate, map_identity
 from torchfpi._options import Options
 from torchfpi._solution import _Record, report_failure
 from torchfpi._solvers import FPI
@@ -181,6 +181,15 @@ class Problem:
             return tensors
         return [t[idx] if i in self.sample_slots else t for i, t in enumerate(tensors)]
 
+    def history_key(self, which: str, z: Tensor) -> Any:
+        """What names this solve for the loop's window planning (see :func:`iterate`)."""
+        o = self.options
+        tol, budget, solver = (
+            (o.tol, o.max_iter, o.solver_object) if which == "forward" else (o.adjoint_tol, o.adjoint_max_iter, o.adjoint)
+        )
+        return history_key(which, map_identity(self.f), tuple(z.shape), z.dtype, z.device, tol, budget, solver,
+                           o.residual, o.compact, torch.is_grad_enabled())
+
     # -- forward ---------------------------------------------------------------------------
     def solve(self, z0f: Tensor, fz1: Optional[Tensor], tensors: Sequence[Tensor]) -> Tensor:
         """The forward loop from ``z0f`` (``fz1``: f already evaluated there); records stats."""
@@ -192,6 +201,7 @@ class Problem:
         zf, stats = iterate(
             call, z0f, solver=opts.solver_object, tol=opts.tol, max_iter=opts.max_iter,
             absolute=opts.absolute, compact=opts.compact, first_fz=fz1, what="fixed_point",
+            history=self.history_key("forward", z0f),
         )
         self.record.stats = stats
         report_failure(stats, opts.on_failure, "forward", opts.tol, opts.max_iter)
@@ -244,6 +254,7 @@ class Problem:
             max_iter=opts.adjoint_max_iter, residual=opts.residual, compact=opts.compact,
             on_failure=opts.on_failure, z=zs, tensors=tensors,
             vjp_rows=_RowGraphs(self, zs, tensors).vjp, vjp_at=vjp_at,
+            history=self.history_key("adjoint", g),
         )
         u, stats = self.adjoint.solve(system)
         self.record.backward = stats
