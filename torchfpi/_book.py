@@ -161,10 +161,10 @@ class _Book:
             # max(||z0||, ||f(z0)||) per sample, in float64 on the host (see relative_residual)
             self.floor = H.fmax(REL_EPS * H.fmax(h[w], n[0]), self.tiny)  # type: ignore[index]
             self.z0n = None
-        if H.fmin_all(a if n is None else n) < self.underflow:
+        low = a if n is None else n
+        if not bool(low.min() >= self.underflow) and H.fmin_all(low) < self.underflow:  # (NaN: rare)
             a, n = self._exact_norms(a, n, first)
-        total = float(a.sum()) if n is None else float(a.sum() + n.sum())
-        allfin = math.isfinite(total)  # every norm finite (an overflowing sum: tested exactly)
+        allfin = math.isfinite(float(h.sum()))  # every norm finite (an overflowing sum: tested exactly)
         if n is None:
             r = a
         elif allfin or not H.np:
@@ -180,6 +180,13 @@ class _Book:
         self.k0 = k - w
         if allfin and self._quiet(a, r):
             return None
+        if allfin and self.z_out is None and self.idx is None and self.n_active == len(self.active):
+            # The usual last window: every sample converges in it, nothing diverged before.
+            if self._no_divergence(a):
+                prev = H.cat0(self.last_a[None], a[:-1])  # NaN before the first iteration
+                conv = (r < self.tol) & (a <= H.fmax(prev * CONTRACTION, 0.0))  # (a == 0 passes)
+                if bool(conv.any(0).all()):
+                    return self._all_converged(H.argmax0(conv), r)
         if fin is None:
             fin = H.full(a.size if H.np else a.numel(), True, "b").reshape(a.shape)
         # Divergence: a above DIVERGENCE_FACTOR x its smallest value before (NaN counts).
@@ -231,17 +238,15 @@ class _Book:
     def _all_converged(self, js: Any, r: Any) -> Any:
         """Every sample converged in this window (the common last window): gather the images."""
         H = _host._HOST
-        if bool((js == js[0]).all()):
-            self.z_out = self.images[int(js[0])]
-        else:
-            self.z_out = _gather_rows(self.images, js, self.device)
+        lo, hi = int(js.min()), int(js.max())
+        self.z_out = self.images[lo] if lo == hi else _gather_rows(self.images, js, self.device, lo, hi)
         self.it_out[:] = js + (self.k0 + 1)
         self.res_out[:] = H.take0(r, js)
         self.st_out[:] = int(Status.CONVERGED)
         self.active[:] = False
         self.n_active = 0
         self.a_list, self.n_list, self.images, self.iterates = [], [], [], []
-        return H.nonzero(~self.active)
+        return self.it_out  # not None: the loop stops (no rows left)
 
     def _best(self) -> Tensor:
         """The best images of the working rows (z0's rows before any finite residual)."""
@@ -257,13 +262,12 @@ class _Book:
         if self.n_active < len(self.active):
             if bool((r[:, self.active] < self.tol).any()):
                 return False
-        elif H.fmin_all(r) < self.tol:
+        elif bool(r.min() < self.tol):
+            return False
+        if not self._no_divergence(a):
             return False
         amin = a.min(0) if H.np else a.amin(0)
         lowest = H.fmin(self.min_a, amin)
-        # Sufficient for "no divergence": every a within the factor of the smallest of all.
-        if not bool(((a.max(0) if H.np else a.amax(0)) <= lowest * DIVERGENCE_FACTOR).all()):
-            return False
         newest = a[-1]
         if bool((newest <= amin).all()) and bool((newest < self.best_a).all()):
             self.best_a, self.best_r = newest, r[-1]
@@ -279,6 +283,17 @@ class _Book:
         self._plan(r, a)
         self.a_list, self.n_list, self.images, self.iterates = [], [], [], []
         return True
+
+    def _no_divergence(self, a: Any) -> bool:
+        """Sufficient for "no sample diverged in this window" (norms finite): each ``a`` at most
+        its predecessor (the usual contraction), or every ``a`` within the divergence factor of
+        the smallest value so far."""
+        if self.k0 == 0 or bool((a[0] <= self.min_a * DIVERGENCE_FACTOR).all()):
+            if a.shape[0] < 2 or bool((a[1:] <= a[:-1]).all()):
+                return True
+        H = _host._HOST
+        lowest = H.fmin(self.min_a, a.min(0) if H.np else a.amin(0))
+        return bool(((a.max(0) if H.np else a.amax(0)) <= lowest * DIVERGENCE_FACTOR).all())
 
     def _exact_norms(self, a: Any, n: Any, first: bool) -> Tuple[Any, Any]:
         """Norms that may have underflowed (below ``underflow``): recomputed in float64, entry

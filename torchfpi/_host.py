@@ -19,6 +19,11 @@ except ImportError:  # pragma: no cover - numpy is an optional companion of torc
     _np = None  # type: ignore[assignment]
 
 
+_NUMPY_DTYPES = (
+    {torch.float32: _np.float32, torch.float64: _np.float64, torch.float16: _np.float16} if _np is not None else {}
+)
+
+
 class _HostOps:
     """The array operations of the bookkeeping, on host (CPU) float64 arrays.
 
@@ -31,7 +36,10 @@ class _HostOps:
         self.np = _np is not None
 
     def host(self, t: Tensor) -> Any:
-        h = t.detach().to("cpu", torch.float64)
+        t = t.detach()
+        if self.np and t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
+            return t.numpy().astype(_np.float64, copy=False)  # the cast in numpy: no dispatch
+        h = t.to("cpu", torch.float64)
         return h.numpy() if self.np else h
 
     def full(self, n: int, value: float, kind: str) -> Any:
@@ -90,7 +98,13 @@ class _HostOps:
         return a[j, cols]
 
     def torch(self, a: Any, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tensor:
-        t = torch.from_numpy(_np.ascontiguousarray(a)) if self.np else a
+        if self.np:
+            np_dtype = _NUMPY_DTYPES.get(dtype) if dtype is not None else None
+            if np_dtype is not None:  # the cast on the host: cheaper than a torch call
+                a = a.astype(np_dtype, copy=False)
+            t = torch.from_numpy(_np.ascontiguousarray(a))
+        else:
+            t = a
         if device.type == "cpu" and (dtype is None or dtype == t.dtype):
             return t  # no dispatch for a no-op move
         return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
@@ -99,20 +113,15 @@ class _HostOps:
 _HOST = _HostOps()
 
 
-def _gather_rows(images: List[Tensor], js: Any, device: torch.device) -> Tensor:
-    """Row ``i`` of ``images[js[i]]`` for every row: one stack of the distinct images needed and
-    one row gather (a row copy per distinct iteration costs a dispatch each)."""
+def _gather_rows(images: List[Tensor], js: Any, device: torch.device, lo: int, hi: int) -> Tensor:
+    """Row ``i`` of ``images[js[i]]`` for every row, ``lo <= js <= hi``: a copy of the newest
+    image, then the rows of each earlier iteration copied in (one gather per iteration: less
+    memory traffic than stacking the images)."""
     H = _HOST
-    b = len(js)
-    if H.np:
-        uniq = _np.flatnonzero(_np.bincount(js, minlength=len(images)))
-        slot = _np.zeros(len(images), dtype=_np.int64)
-        slot[uniq] = _np.arange(len(uniq))
-        pos = slot[js] * b + _np.arange(b)
-    else:
-        uniq = torch.unique(js)
-        slot = torch.zeros(len(images), dtype=torch.int64)
-        slot[uniq] = torch.arange(len(uniq))
-        pos = slot[js] * b + torch.arange(b)
-    flat = torch.stack([images[int(j)] for j in uniq]).reshape(len(uniq) * b, -1)
-    return flat.index_select(0, H.torch(pos, device)).reshape(images[0].shape)
+    out = images[hi].clone()
+    for j in range(lo, hi):
+        rows = H.nonzero(js == j)
+        if len(rows):
+            rows_dev = H.torch(rows, device)
+            out.index_copy_(0, rows_dev, images[j].index_select(0, rows_dev))
+    return out
