@@ -120,6 +120,13 @@ class _Book:
             self.floor_dev = (REL_EPS * torch.maximum(z0n, n)).clamp_min(self.tiny)
         return a / torch.maximum(n, self.floor_dev)
 
+    def feed(self, iterates: List[Tensor], images: List[Tensor], a: List[Tensor], n: Optional[List[Tensor]]) -> None:
+        """A window computed elsewhere (a replayed CUDA graph): its iterates, images and norms."""
+        self.iterates, self.images = iterates, images
+        self.a_list, self.n_list = a, ([] if n is None else n)
+        if not self.absolute and self.floor is None and self.z0n is None:
+            self.z0n = torch.linalg.vector_norm(iterates[0], dim=1)
+
     def _window_norms(self, first: bool) -> Tensor:
         """The deferred norms of the window (see ``defer``): ``(w, b)`` absolute residuals, then
         (relative residual) ``||z||`` of the window's first iterate and the ``w`` image norms.
@@ -151,10 +158,10 @@ class _Book:
         elif self.absolute:
             h = H.host(torch.stack(self.a_list))
         else:
-            # The window's first ||z|| rides along only in the first window (zeros otherwise:
-            # a row of the same layout as the deferred norms').
-            mid = self.z0n if first else self.a_list[0]
-            h = H.host(torch.stack(self.a_list + [mid] + self.n_list))  # type: ignore[list-item]
+            # The window's first ||z|| rides along in the first window (later, any row of the
+            # same shape fills its place: the layout of the deferred norms').
+            mid = self.z0n if first and self.z0n is not None else self.a_list[0]
+            h = H.host(torch.stack(self.a_list + [mid] + self.n_list))
         a = h[:w]
         n = None if self.absolute else h[w + 1:]
         if first:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from torchfpi._book import REL_EPS, _Book
+from torchfpi._graph import GraphBlock
 from torchfpi._solution import SolveStats
 from torchfpi._solvers import FPI
 
@@ -43,7 +44,7 @@ Call = Callable[[Tensor, Optional[Tensor]], Tensor]
 HISTORY_SIZE = 64
 """Solves remembered for planning the first window (see :func:`iterate`'s ``history``)."""
 
-_HISTORY: "OrderedDict[Hashable, int]" = OrderedDict()
+_HISTORY: OrderedDict[Hashable, int] = OrderedDict()
 _HISTORY_LOCK = threading.Lock()
 
 
@@ -174,3 +175,30 @@ def iterate(
     z_star, stats = book.result(k)
     _remember(history, book.last_stop())
     return z_star, stats
+
+
+def iterate_graph(
+    block: GraphBlock,
+    z0: Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    absolute: bool = False,
+    what: str = "fixed_point",
+) -> Tuple[Tensor, SolveStats]:
+    """:func:`iterate` for FPI with a captured CUDA graph: one replay and one host read per
+    window of ``block.block`` iterations; the same per-sample results (see :mod:`torchfpi._graph`)."""
+    book = _Book(z0, tol, absolute, False, what, True)
+    book.defer = False
+    zw = z0
+    k = 0
+    while k < max_iter:
+        its, ims, a, n, z_next = block.run(zw)
+        w = min(block.block, max_iter - k)
+        book.feed(its[:w], ims[:w], a[:w], None if n is None else n[:w])
+        k += w
+        book.check(k)
+        if book.n_active == 0:
+            break
+        zw = z_next if book.held is None else torch.where(book.held, zw, z_next)
+    return book.result(k)

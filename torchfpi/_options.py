@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import torch
 
 from torchfpi._adjoints import Adjoint, resolve_adjoint
+from torchfpi._graph import check_graph_options
 from torchfpi._solvers import Solver, resolve_solver
 
 ON_FAILURE = ("warn", "raise", "ignore")
@@ -99,7 +100,8 @@ class Options:
     Validation: ``tol`` and ``backward_tol`` are finite numbers > 0 (below 1 for the relative
     residual); ``max_iter`` and ``backward_max_iter`` integers >= 1 (``numpy`` integers too);
     ``bool`` is never taken for a number; ``compute_dtype`` is ``None`` or a floating
-    ``torch.dtype``.
+    ``torch.dtype``; ``cuda_graph=True`` needs FPI (``solver="fpi"`` or ``torchfpi.FPI``),
+    ``compact=False`` and an implicit backward (its CUDA device is checked when solving).
 
     Raises:
         ValueError: an unknown name or an out-of-range value (NaN, Inf, <= 0, a relative
@@ -124,6 +126,7 @@ class Options:
     batched: bool = True
     per_sample: Optional[Tuple[int, ...]] = None
     compute_dtype: Optional[torch.dtype] = None
+    cuda_graph: bool = False
     solver_object: Solver = field(init=False, repr=False, compare=False)
     adjoint: Adjoint = field(init=False, repr=False, compare=False)
 
@@ -150,6 +153,10 @@ class Options:
             raise TypeError(f"batched: expected a bool, got {type(self.batched).__name__}")
         put(self, "per_sample", _check_per_sample(self.per_sample))
         put(self, "compute_dtype", _check_compute_dtype(self.compute_dtype))
+        if not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"cuda_graph: expected a bool, got {type(self.cuda_graph).__name__} {self.cuda_graph!r}")
+        if self.cuda_graph:
+            check_graph_options(self.solver_object, self.compact, bool(getattr(self.adjoint, "records_forward", False)))
 
     @property
     def adjoint_tol(self) -> float:

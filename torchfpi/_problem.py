@@ -20,9 +20,10 @@ from torch import Tensor
 
 from torchfpi._adjoints import AdjointSystem
 from torchfpi._autograd import _grad, _is_float, vjp
-from torchfpi._loop import history_key, iterate, map_identity
+from torchfpi._graph import GraphBlock, NotCapturable
+from torchfpi._loop import history_key, iterate, iterate_graph, map_identity
 from torchfpi._options import Options
-from torchfpi._solution import _Record, report_failure
+from torchfpi._solution import _Record, report_failure, warn_user
 from torchfpi._solvers import FPI
 
 State = Union[Tensor, Tuple[Tensor, ...]]
@@ -198,14 +199,33 @@ class Problem:
         def call(zw: Tensor, idx: Optional[Tensor]) -> Tensor:
             return self.fn(zw, *self.sliced(tensors, idx))
 
-        zf, stats = iterate(
-            call, z0f, solver=opts.solver_object, tol=opts.tol, max_iter=opts.max_iter,
-            absolute=opts.absolute, compact=opts.compact, first_fz=fz1, what="fixed_point",
-            history=self.history_key("forward", z0f),
-        )
+        block = self._graph_block(z0f, tensors) if opts.cuda_graph else None
+        if block is not None:
+            zf, stats = iterate_graph(block, z0f, tol=opts.tol, max_iter=opts.max_iter, absolute=opts.absolute)
+        else:
+            zf, stats = iterate(
+                call, z0f, solver=opts.solver_object, tol=opts.tol, max_iter=opts.max_iter,
+                absolute=opts.absolute, compact=opts.compact, first_fz=fz1, what="fixed_point",
+                history=self.history_key("forward", z0f),
+            )
         self.record.stats = stats
         report_failure(stats, opts.on_failure, "forward", opts.tol, opts.max_iter)
         return zf
+
+    def _graph_block(self, z0f: Tensor, tensors: Sequence[Tensor]) -> Optional[GraphBlock]:
+        """The captured block of forward iterations, or None (with a warning) if the map
+        cannot be captured."""
+        damping = float(getattr(self.options.solver_object, "damping", 1.0))
+        try:
+            return GraphBlock(lambda z: self.fn(z, *tensors), z0f, damping, not self.options.absolute)
+        except NotCapturable as err:
+            warn_user(
+                f"fixed_point: cuda_graph=True, but the map could not be captured in a CUDA graph ({err}); "
+                "solving with the eager loop (same results). A capturable map makes no host "
+                "synchronisation (.item(), bool(tensor), printing) and creates no CPU tensors",
+                UserWarning,
+            )
+            return None
 
     def record_graph(self, zs: Tensor, tensors: Sequence[Tensor], needs: Sequence[bool]) -> Graph:
         """One call of f at z* with grad, on detached copies: the graph first-order VJPs use.

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from torchfpi._adjoints import Adjoint
 from torchfpi._autograd import _is_float, find_leaves
+from torchfpi._graph import check_graph_device
 from torchfpi._options import Options
 from torchfpi._problem import (
     Problem,
@@ -157,6 +158,8 @@ def _solve_primal(f: Callable[..., Any], z0: State, inputs: Sequence[Any], optio
     if structure.batch == 0:
         return _solve_empty(f, z0, inputs, structure)
     z0f = structure.pack(z0).detach()
+    if options.cuda_graph:
+        check_graph_device(z0f)
     slots = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
     tensors = [inputs[i] for i in slots]
     _check_finite(z0f, [(i, inputs[i]) for i in slots if _is_float(inputs[i])])
@@ -224,7 +227,7 @@ def fixed_point(
     backward: Union[str, Adjoint] = ..., tol: float = ..., max_iter: int = ...,
     backward_tol: Optional[float] = ..., backward_max_iter: Optional[int] = ..., on_failure: str = ...,
     residual: str = ..., compact: bool = ..., batched: bool = ..., per_sample: Optional[Sequence[int]] = ...,
-    compute_dtype: Optional[torch.dtype] = ...,
+    compute_dtype: Optional[torch.dtype] = ..., cuda_graph: bool = ...,
 ) -> Solution[Tensor]: ...
 
 
@@ -234,7 +237,7 @@ def fixed_point(
     backward: Union[str, Adjoint] = ..., tol: float = ..., max_iter: int = ...,
     backward_tol: Optional[float] = ..., backward_max_iter: Optional[int] = ..., on_failure: str = ...,
     residual: str = ..., compact: bool = ..., batched: bool = ..., per_sample: Optional[Sequence[int]] = ...,
-    compute_dtype: Optional[torch.dtype] = ...,
+    compute_dtype: Optional[torch.dtype] = ..., cuda_graph: bool = ...,
 ) -> Solution[Tuple[Tensor, ...]]: ...
 
 
@@ -254,6 +257,7 @@ def fixed_point(
     batched: bool = True,
     per_sample: Optional[Sequence[int]] = None,
     compute_dtype: Optional[torch.dtype] = None,
+    cuda_graph: bool = False,
 ) -> Solution[Any]:
     r"""Solve z* = f(z*, \*inputs) by iteration, differentiably: the forward FPI layer.
 
@@ -323,6 +327,12 @@ def fixed_point(
             ``f``), and may return any floating dtype. Expect residuals and gradients no
             better than the dtype's precision: choose ``tol`` accordingly (about ``1e-2`` for
             bfloat16, ``1e-3`` for float16).
+        cuda_graph: capture blocks of forward iterations in a CUDA graph and replay them (one
+            launch and one host read per block; see ``docs/concepts.md``). Needs a CUDA state,
+            ``solver="fpi"`` (or ``torchfpi.FPI``), ``compact=False`` and an implicit backward
+            (``ValueError`` otherwise); a map that cannot be captured (it synchronises with the
+            host, e.g. ``.item()``) gives a ``UserWarning`` and the eager loop, with the same
+            results. The backward is not captured. Unmeasured on a GPU so far.
 
     Returns:
         A :class:`Solution`: ``value`` (z*, like ``z0``), ``iterations``, ``residual``,
@@ -358,7 +368,7 @@ def fixed_point(
         solver=solver, backward=backward, tol=tol, max_iter=max_iter, backward_tol=backward_tol,
         backward_max_iter=backward_max_iter, on_failure=on_failure, residual=residual,
         compact=compact, batched=batched, per_sample=per_sample,  # type: ignore[arg-type]
-        compute_dtype=compute_dtype,
+        compute_dtype=compute_dtype, cuda_graph=cuda_graph,
     )
     return solve_with_options(f, z0, inputs, options)
 
@@ -375,7 +385,7 @@ class FPILayer(nn.Module):
         options: an :class:`Options` to start from (default: ``Options()``).
         **keywords: the keyword options of :func:`fixed_point` (``solver``, ``backward``,
             ``tol``, ``max_iter``, ``backward_tol``, ``backward_max_iter``, ``on_failure``,
-            ``residual``, ``compact``, ``batched``, ``per_sample``, ``compute_dtype``), validated now; an unknown
+            ``residual``, ``compact``, ``batched``, ``per_sample``, ``compute_dtype``, ``cuda_graph``), validated now; an unknown
             keyword is a ``TypeError``. The result is the frozen ``self.options``.
 
     Example:
