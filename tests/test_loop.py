@@ -169,3 +169,32 @@ def test_low_precision_map_with_a_float32_state(low):
     ref = grad(torch.float64, None)
     err = float((grad(torch.float32, low) - ref).norm() / ref.norm())
     assert err < 5 * tol, err
+
+
+@pytest.mark.parametrize("solver", ["fpi", "anderson"])
+def test_batch_stop_returns_every_sample_at_the_slowest_ones_iteration(solver):
+    per = _solve(solver=solver)
+    batch = _solve(solver=solver, stop="batch")
+    k = int(per.iterations.max())
+    assert batch.iterations.tolist() == [k] * 16 and bool(batch.converged.all())
+    slowest = per.iterations == k
+    torch.testing.assert_close(batch.value[slowest], per.value[slowest], rtol=0, atol=0)
+    torch.testing.assert_close(batch.value, per.value, rtol=1e-7, atol=1e-9)  # both within tol of z*
+
+
+def test_batch_stop_gradients_and_option_checks():
+    gen = torch.Generator().manual_seed(3)
+    rates = torch.rand(16, 1, generator=gen, dtype=torch.float64) * 0.95
+    c = torch.randn(16, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for stop in ("sample", "batch"):
+        sol = torchfpi.fixed_point(lambda z, r, c: r * torch.tanh(z) + c, torch.zeros(16, 5, dtype=torch.float64),
+                                   rates, c, tol=1e-11, max_iter=800, stop=stop)
+        grads.append(torch.autograd.grad(sol.value.pow(2).sum(), c)[0])
+        if stop == "batch":
+            assert len(set(sol.backward.iterations.tolist())) == 1
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="stop: expected one of"):
+        torchfpi.Options(stop="row")
+    with pytest.raises(ValueError, match="stop='batch'.*compact=False"):
+        torchfpi.Options(stop="batch", compact=True)

@@ -89,6 +89,7 @@ class _Book:
         # (the same per-row reductions, bit for bit), instead of three calls per iteration.
         self.defer = not self.grad_on and z0.dim() == 2 and z0.numel() <= DEFER_ELEMENTS
         self.k0 = 0  # iterations before the window
+        self.batch_stop = False  # stop="batch": the batch stops at once (set by the loop)
 
     # -- every iteration: device work only -----------------------------------------------
     def measure(self, fz: Tensor, zw: Tensor, want_r: bool) -> Optional[Tensor]:
@@ -236,6 +237,8 @@ class _Book:
         self._update_best(jb, better, cand, H.take0(r, jb), last)
         if jstop is not None:
             stopped = self._stop(k, has, jstop, conv, fin, r)
+            if self.batch_stop and self.n_active == 0:
+                self._batch_finish(int(jstop[has].max()), r)
         self.min_a = runmin[-1]
         self.last_a = a[-1]
         self._plan(r, a)
@@ -246,6 +249,8 @@ class _Book:
         """Every sample converged in this window (the common last window): gather the images."""
         H = _host._HOST
         lo, hi = int(js.min()), int(js.max())
+        if self.batch_stop:  # every sample holds the image where the last one converged
+            js, lo = js * 0 + hi, hi
         self.z_out = self.images[lo] if lo == hi else _gather_rows(self.images, js, self.device, lo, hi)
         self.it_out[:] = js + (self.k0 + 1)
         self.res_out[:] = H.take0(r, js)
@@ -254,6 +259,20 @@ class _Book:
         self.n_active = 0
         self.a_list, self.n_list, self.images, self.iterates = [], [], [], []
         return self.it_out  # not None: the loop stops (no rows left)
+
+    def _batch_finish(self, j: int, r: Any) -> None:
+        """``stop="batch"``: the converged samples take the window's image ``j`` (where the last
+        one converged), its iteration and residual; diverged samples keep their own results."""
+        H = _host._HOST
+        conv = self.st_out == int(Status.CONVERGED)
+        img = self.images[j]
+        if bool(conv.all()):
+            self.z_out = img
+        else:
+            rows = H.torch(H.nonzero(conv), self.device)
+            self.z_out.index_copy_(0, rows, img.index_select(0, rows))  # type: ignore[union-attr]
+        self.it_out[conv] = self.k0 + j + 1
+        self.res_out[conv] = r[j][conv]
 
     def _best(self) -> Tensor:
         """The best images of the working rows (z0's rows before any finite residual)."""

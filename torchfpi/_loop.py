@@ -122,6 +122,7 @@ def iterate(
     first_fz: Optional[Tensor] = None,
     what: str = "fixed_point",
     history: Optional[Hashable] = None,
+    batch_stop: bool = False,
 ) -> Tuple[Tensor, SolveStats]:
     """Iterate ``z <- solver.step(state, z, call(z), r)`` per sample until each stops.
 
@@ -138,6 +139,9 @@ def iterate(
             solve under the same key stopped, instead of two iterations, so that a repeated
             solve (a training loop) usually reads the host once or twice. It changes when the
             host is read, never the results (they do not depend on the window).
+        batch_stop: ``stop="batch"``: samples stop as usual, but once the last one converged
+            every converged sample takes the image of that iteration (one image for the batch,
+            no per-sample gather); diverged samples keep their own results.
 
     Returns:
         ``(z_star, stats)``: ``z_star`` is ``(B, N)``; converged samples hold ``f(z_k)`` at the
@@ -145,6 +149,7 @@ def iterate(
     """
     fpi = isinstance(solver, FPI)
     book = _Book(z0, tol, absolute, compact, what, fpi)
+    book.batch_stop = batch_stop
     past = _recall(history)
     if past is not None:
         book.window = max(1, min(book.limit, past))
@@ -185,11 +190,13 @@ def iterate_graph(
     max_iter: int,
     absolute: bool = False,
     what: str = "fixed_point",
+    batch_stop: bool = False,
 ) -> Tuple[Tensor, SolveStats]:
     """:func:`iterate` for FPI with a captured CUDA graph: one replay and one host read per
     window of ``block.block`` iterations; the same per-sample results (see :mod:`torchfpi._graph`)."""
     book = _Book(z0, tol, absolute, False, what, True)
     book.defer = False
+    book.batch_stop = batch_stop
     zw = z0
     k = 0
     while k < max_iter:

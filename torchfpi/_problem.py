@@ -189,7 +189,7 @@ class Problem:
             (o.tol, o.max_iter, o.solver_object) if which == "forward" else (o.adjoint_tol, o.adjoint_max_iter, o.adjoint)
         )
         return history_key(which, map_identity(self.f), tuple(z.shape), z.dtype, z.device, tol, budget, solver,
-                           o.residual, o.compact, torch.is_grad_enabled())
+                           o.residual, o.compact, o.stop, torch.is_grad_enabled())
 
     # -- forward ---------------------------------------------------------------------------
     def solve(self, z0f: Tensor, fz1: Optional[Tensor], tensors: Sequence[Tensor]) -> Tensor:
@@ -201,12 +201,13 @@ class Problem:
 
         block = self._graph_block(z0f, tensors) if opts.cuda_graph else None
         if block is not None:
-            zf, stats = iterate_graph(block, z0f, tol=opts.tol, max_iter=opts.max_iter, absolute=opts.absolute)
+            zf, stats = iterate_graph(block, z0f, tol=opts.tol, max_iter=opts.max_iter, absolute=opts.absolute,
+                                      batch_stop=opts.stop == "batch")
         else:
             zf, stats = iterate(
                 call, z0f, solver=opts.solver_object, tol=opts.tol, max_iter=opts.max_iter,
                 absolute=opts.absolute, compact=opts.compact, first_fz=fz1, what="fixed_point",
-                history=self.history_key("forward", z0f),
+                history=self.history_key("forward", z0f), batch_stop=opts.stop == "batch",
             )
         self.record.stats = stats
         report_failure(stats, opts.on_failure, "forward", opts.tol, opts.max_iter)
@@ -274,7 +275,7 @@ class Problem:
             max_iter=opts.adjoint_max_iter, residual=opts.residual, compact=opts.compact,
             on_failure=opts.on_failure, z=zs, tensors=tensors,
             vjp_rows=_RowGraphs(self, zs, tensors).vjp, vjp_at=vjp_at,
-            history=self.history_key("adjoint", g),
+            history=self.history_key("adjoint", g), batch_stop=opts.stop == "batch",
         )
         u, stats = self.adjoint.solve(system)
         self.record.backward = stats

@@ -227,7 +227,7 @@ def fixed_point(
     backward: Union[str, Adjoint] = ..., tol: float = ..., max_iter: int = ...,
     backward_tol: Optional[float] = ..., backward_max_iter: Optional[int] = ..., on_failure: str = ...,
     residual: str = ..., compact: bool = ..., batched: bool = ..., per_sample: Optional[Sequence[int]] = ...,
-    compute_dtype: Optional[torch.dtype] = ..., cuda_graph: bool = ...,
+    compute_dtype: Optional[torch.dtype] = ..., cuda_graph: bool = ..., stop: str = ...,
 ) -> Solution[Tensor]: ...
 
 
@@ -237,7 +237,7 @@ def fixed_point(
     backward: Union[str, Adjoint] = ..., tol: float = ..., max_iter: int = ...,
     backward_tol: Optional[float] = ..., backward_max_iter: Optional[int] = ..., on_failure: str = ...,
     residual: str = ..., compact: bool = ..., batched: bool = ..., per_sample: Optional[Sequence[int]] = ...,
-    compute_dtype: Optional[torch.dtype] = ..., cuda_graph: bool = ...,
+    compute_dtype: Optional[torch.dtype] = ..., cuda_graph: bool = ..., stop: str = ...,
 ) -> Solution[Tuple[Tensor, ...]]: ...
 
 
@@ -258,6 +258,7 @@ def fixed_point(
     per_sample: Optional[Sequence[int]] = None,
     compute_dtype: Optional[torch.dtype] = None,
     cuda_graph: bool = False,
+    stop: str = "sample",
 ) -> Solution[Any]:
     r"""Solve z* = f(z*, \*inputs) by iteration, differentiably: the forward FPI layer.
 
@@ -333,6 +334,13 @@ def fixed_point(
             (``ValueError`` otherwise); a map that cannot be captured (it synchronises with the
             host, e.g. ``.item()``) gives a ``UserWarning`` and the eager loop, with the same
             results. The backward is not captured. Unmeasured on a GPU so far.
+        stop: ``"sample"`` (default): each sample stops at the iteration where it converges
+            and keeps that result, whatever the rest of the batch does. ``"batch"``: the batch
+            runs until its last sample converges, and every converged sample returns the
+            image of that iteration (what a plain loop with a batch-wide stop returns), forward
+            and backward; ``compact`` must be False. Samples still stop being tested once they
+            converged, and diverged ones keep their own results. Slightly cheaper (no per-sample
+            gather); a sample's result then depends on the rest of the batch.
 
     Returns:
         A :class:`Solution`: ``value`` (z*, like ``z0``), ``iterations``, ``residual``,
@@ -368,7 +376,7 @@ def fixed_point(
         solver=solver, backward=backward, tol=tol, max_iter=max_iter, backward_tol=backward_tol,
         backward_max_iter=backward_max_iter, on_failure=on_failure, residual=residual,
         compact=compact, batched=batched, per_sample=per_sample,  # type: ignore[arg-type]
-        compute_dtype=compute_dtype, cuda_graph=cuda_graph,
+        compute_dtype=compute_dtype, cuda_graph=cuda_graph, stop=stop,
     )
     return solve_with_options(f, z0, inputs, options)
 
@@ -385,7 +393,7 @@ class FPILayer(nn.Module):
         options: an :class:`Options` to start from (default: ``Options()``).
         **keywords: the keyword options of :func:`fixed_point` (``solver``, ``backward``,
             ``tol``, ``max_iter``, ``backward_tol``, ``backward_max_iter``, ``on_failure``,
-            ``residual``, ``compact``, ``batched``, ``per_sample``, ``compute_dtype``, ``cuda_graph``), validated now; an unknown
+            ``residual``, ``compact``, ``batched``, ``per_sample``, ``compute_dtype``, ``cuda_graph``, ``stop``), validated now; an unknown
             keyword is a ``TypeError``. The result is the frozen ``self.options``.
 
     Example:
