@@ -8,7 +8,8 @@ autograd node whose backward runs the adjoint (:mod:`torchfpi._adjoints`).
 from __future__ import annotations
 
 import cmath
-from typing import Any, Callable, FrozenSet, List, Optional, Sequence, Tuple, Union, overload
+import functools
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union, overload
 
 import torch
 from torch import Tensor, nn
@@ -372,13 +373,29 @@ def fixed_point(
     """
     if not callable(f):
         raise TypeError(f"f: expected a callable (function or nn.Module), got {type(f).__name__}")
-    options = Options(
+    keywords = dict(
         solver=solver, backward=backward, tol=tol, max_iter=max_iter, backward_tol=backward_tol,
         backward_max_iter=backward_max_iter, on_failure=on_failure, residual=residual,
-        compact=compact, batched=batched, per_sample=per_sample,  # type: ignore[arg-type]
+        compact=compact, batched=batched, per_sample=per_sample,
         compute_dtype=compute_dtype, cuda_graph=cuda_graph, stop=stop,
     )
-    return solve_with_options(f, z0, inputs, options)
+    return solve_with_options(f, z0, inputs, _options(keywords))
+
+
+def _options(keywords: Dict[str, Any]) -> Options:
+    """``Options(**keywords)``, validated once per distinct set of keyword values (Options is
+    frozen, so one object serves every call): a repeated solve skips the validation."""
+    key = tuple((name, type(value), value) for name, value in keywords.items())
+    try:
+        hash(key)
+    except TypeError:  # an unhashable value (a list of per-sample indices): validate each time
+        return Options(**keywords)
+    return _cached_options(key)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_options(key: Tuple[Tuple[str, type, Any], ...]) -> Options:
+    return Options(**{name: value for name, _, value in key})
 
 
 class FPILayer(nn.Module):
