@@ -8,7 +8,10 @@ diverged or hit NaN, and which image is its best. The images of the window are k
 number, :data:`WINDOW_BYTES`), so a sample that met ``tol`` inside the window is frozen at that
 iteration: the results do not depend on the window length, nor on the rest of the batch. The
 window length adapts to the observed contraction rate (the iteration at which the slowest
-sample should meet ``tol``), so a solve usually syncs with the host two to four times.
+sample should meet ``tol``), so a solve syncs with the host two to four times; a solve that
+repeats an earlier one (same map, shapes and options: ``history``) starts with a window as
+long as that solve was, and usually syncs once. (A solve much shorter than the previous one
+then runs up to that many iterations before its first read: time lost, results unchanged.)
 
 The convergence test (documented in :func:`relative_residual`):
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tup
 import torch
 from torch import Tensor, nn
 
-from torchfpi._adjoints import Adjoint
+from torchfpi._adjoints import ADJOINTS, Adjoint
 from torchfpi._autograd import _is_float, find_leaves
 from torchfpi._graph import check_graph_device
 from torchfpi._options import Options
@@ -28,7 +28,7 @@ from torchfpi._problem import (
     solve_forward_mode,
 )
 from torchfpi._solution import Solution, _empty_stats, _Record
-from torchfpi._solvers import Solver
+from torchfpi._solvers import SOLVERS, Solver
 from torchfpi.errors import FixedPointError
 
 
@@ -385,7 +385,10 @@ def fixed_point(
 def _options(keywords: Dict[str, Any]) -> Options:
     """``Options(**keywords)``, validated once per distinct set of keyword values (Options is
     frozen, so one object serves every call): a repeated solve skips the validation."""
-    key = tuple((name, type(value), value) for name, value in keywords.items())
+    key: Tuple[Any, ...] = tuple((name, type(value), value) for name, value in keywords.items())
+    # Names resolve through registries that may change: the current factories join the key.
+    key += (SOLVERS.get(keywords["solver"]) if isinstance(keywords["solver"], str) else None,
+            ADJOINTS.get(keywords["backward"]) if isinstance(keywords["backward"], str) else None)
     try:
         hash(key)
     except TypeError:  # an unhashable value (a list of per-sample indices): validate each time
@@ -394,8 +397,8 @@ def _options(keywords: Dict[str, Any]) -> Options:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_options(key: Tuple[Tuple[str, type, Any], ...]) -> Options:
-    return Options(**{name: value for name, _, value in key})
+def _cached_options(key: Tuple[Any, ...]) -> Options:
+    return Options(**{name: value for name, _, value in key[:-2]})
 
 
 class FPILayer(nn.Module):
