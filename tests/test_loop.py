@@ -198,3 +198,34 @@ def test_batch_stop_gradients_and_option_checks():
         torchfpi.Options(stop="row")
     with pytest.raises(ValueError, match="stop='batch'.*compact=False"):
         torchfpi.Options(stop="batch", compact=True)
+
+
+def test_a_repeated_solve_reads_the_host_once_per_direction(monkeypatch):
+    # The first window of a solve runs to where the previous solve of the same map stopped.
+    calls = []
+    real = _host._HOST.host
+
+    def counted(t):
+        calls.append(t.shape)
+        return real(t)
+
+    monkeypatch.setattr(_host._HOST, "host", counted)
+    gen = torch.Generator().manual_seed(0)
+    W = 0.2 * torch.linalg.qr(torch.randn(8, 8, generator=gen, dtype=torch.float64))[0]
+    x = torch.randn(4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def f(z, x):
+        return torch.tanh(z @ W.T + x)
+
+    sols = []
+    for _ in range(3):
+        calls.clear()
+        sol = torchfpi.fixed_point(f, torch.zeros(4, 8, dtype=torch.float64), x, tol=1e-8, max_iter=200)
+        assert int(sol.iterations.max()) <= _book.MAX_WINDOW  # one window can hold the solve
+        torch.autograd.grad(sol.value.sum(), x)
+        sols.append((sol, len(calls)))
+    assert sols[0][1] >= 3 and sols[1][1] == 2 and sols[2][1] == 2, [n for _, n in sols]
+    for sol, _ in sols[1:]:  # the window changes when the host is read, never the results
+        assert torch.equal(sol.value, sols[0][0].value)
+        torch.testing.assert_close(sol.trace, sols[0][0].trace, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(sol.backward.trace, sols[0][0].backward.trace, rtol=0, atol=0, equal_nan=True)
