@@ -128,3 +128,43 @@ def test_a_host_sync_in_the_map_falls_back_with_a_warning_on_cuda():
     with pytest.warns(UserWarning, match="could not be captured in a CUDA graph"):
         sol = torchfpi.fixed_point(syncing, z0, r, c, cuda_graph=True)
     torch.testing.assert_close(sol.value, ref.value, rtol=0, atol=0)
+
+
+def test_capture_glue_runs_the_warm_up_and_falls_back_when_capture_fails(monkeypatch):
+    # The CUDA calls around the capture, stood in for on the CPU: the warm-up call of f runs on
+    # the side stream, then the capture fails (as a map with .item() makes it fail on a GPU),
+    # and the solve warns and runs eagerly.
+    import contextlib
+
+    events = []
+
+    class Stream:
+        def __init__(self, device=None):
+            events.append(("stream", device))
+
+        def wait_stream(self, other):
+            events.append("wait")
+
+    def failing_graph(g):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(device))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", failing_graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    monkeypatch.setattr(torchfpi._solve, "check_graph_device", lambda z: None)
+    calls = []
+    r, c, z0 = _problem_data()
+
+    def counted(z, r, c):
+        calls.append(1)
+        return f(z, r, c)
+
+    ref = torchfpi.fixed_point(f, z0, r, c, tol=1e-9, max_iter=400)
+    with pytest.warns(UserWarning, match=r"could not be captured in a CUDA graph \(NotCapturable|RuntimeError"):
+        sol = torchfpi.fixed_point(counted, z0, r, c, tol=1e-9, max_iter=400, cuda_graph=True)
+    assert torch.equal(sol.value, ref.value)
+    assert "wait" in events and "sync" in events
+    assert len(calls) == int(sol.iterations.max()) + 1  # the first call, the warm-up, the eager loop (f(z0) reused)
