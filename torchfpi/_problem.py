@@ -285,7 +285,13 @@ class Problem:
         else:
             y, _, td = graph
             everything = list(td) + list(params)
-            grads = _grad([y], [everything[i] for i in wrt], [u], create_graph=False)
+            targets = [everything[i] for i in wrt]
+            if (_ENGINE_RUN is not None and y.requires_grad and type(y) is Tensor and type(u) is Tensor
+                    and u.shape == y.shape and u.dtype == y.dtype and all(t.requires_grad for t in targets)):
+                # The engine call of torch.autograd.grad, as in _recorded_vjp (no normalisation).
+                grads = list(_ENGINE_RUN((y,), (u,), True, False, tuple(targets), True, accumulate_grad=False))
+            else:
+                grads = _grad([y], targets, [u], create_graph=False)
         for i, gr in zip(wrt, grads):
             out[i] = gr
         return out
