@@ -28,6 +28,12 @@ WINDOW_BYTES = 4 << 20
 
 MAX_WINDOW = 16
 
+KEEP_IMAGES = 3
+"""Plain FPI on a large state keeps only its newest images of a window (and the first): the
+others are dropped at once, so f's outputs reuse warm memory instead of fresh pages. An image a
+window's replay needs after all (a sample that stopped earlier in the window) is recomputed by
+re-running the window from its first iterate: the same calls of f on the same values."""
+
 DEFER_ELEMENTS = 4096
 """States with at most this many entries (batch included) take their norms once per window."""
 """Longest window (iterations between two host reads)."""
@@ -90,12 +96,23 @@ class _Book:
         self.defer = not self.grad_on and z0.dim() == 2 and z0.numel() <= DEFER_ELEMENTS
         self.k0 = 0  # iterations before the window
         self.batch_stop = False  # stop="batch": the batch stops at once (set by the loop)
+        self.keep = 0  # > 0: keep only the newest `keep` images of a window (see KEEP_IMAGES)
+        self.call: Any = None  # the loop's map and FPI damping, for a window's replay
+        self.damping = 1.0
+        self.win_held: Optional[Tensor] = None  # held rows and working rows during the window
+        self.win_idx: Optional[Tensor] = None
 
     # -- every iteration: device work only -----------------------------------------------
     def measure(self, fz: Tensor, zw: Tensor, want_r: bool) -> Optional[Tensor]:
         """Norms of this iteration (kept on the device); the residual if the solver wants it."""
+        if not self.images:
+            self.win_held, self.win_idx = self.held, self.idx_dev
         self.images.append(fz)  # with its graph when the loop is recorded (unroll)
         self.iterates.append(zw)
+        if self.keep and len(self.images) > self.keep + 1:
+            i = len(self.images) - self.keep - 1  # never 0: the window's start is kept
+            self.images[i] = None  # type: ignore[call-overload]
+            self.iterates[i] = None  # type: ignore[call-overload]
         if self.defer and not want_r:
             return None  # small states: the window's norms in a few calls at check()
         if self.grad_on:
@@ -120,6 +137,30 @@ class _Book:
             z0n = self.z0n if self.z0n is not None else torch.linalg.vector_norm(zw, dim=1)
             self.floor_dev = (REL_EPS * torch.maximum(z0n, n)).clamp_min(self.tiny)
         return a / torch.maximum(n, self.floor_dev)
+
+    def replay_with(self, call: Any, damping: float, keep: int) -> None:
+        """Keep only the newest ``keep`` images of a window (plain or damped FPI, see
+        :data:`KEEP_IMAGES`); ``call`` and ``damping`` re-run the window when needed."""
+        self.call, self.damping, self.keep = call, damping, keep
+
+    def _img(self, j: int) -> Tensor:
+        """Image ``j`` of the window, recomputed if it was dropped."""
+        if self.images[j] is None:
+            self._replay(j)
+        return self.images[j]
+
+    def _replay(self, j: int) -> None:
+        """Re-run the window's iterations ``0..j`` from its first iterate, as the loop ran them."""
+        z = self.iterates[0]
+        for i in range(j + 1):
+            if self.iterates[i] is None:
+                self.iterates[i] = z
+            z = self.iterates[i]
+            if self.images[i] is None:
+                self.images[i] = self.call(z, self.win_idx)
+            fz = self.images[i]
+            zn = fz if self.damping == 1.0 else torch.lerp(z, fz, self.damping)
+            z = zn if self.win_held is None else torch.where(self.win_held, z, zn)
 
     def feed(self, iterates: List[Tensor], images: List[Tensor], a: List[Tensor], n: Optional[List[Tensor]]) -> None:
         """A window computed elsewhere (a replayed CUDA graph): its iterates, images and norms."""
@@ -251,6 +292,8 @@ class _Book:
         lo, hi = int(js.min()), int(js.max())
         if self.batch_stop:  # every sample holds the image where the last one converged
             js, lo = js * 0 + hi, hi
+        if any(self.images[j] is None for j in range(lo, hi + 1)):
+            self._replay(hi)
         self.z_out = self.images[lo] if lo == hi else _gather_rows(self.images, js, self.device, lo, hi)
         self.it_out[:] = js + (self.k0 + 1)
         self.res_out[:] = H.take0(r, js)
@@ -265,7 +308,7 @@ class _Book:
         one converged), its iteration and residual; diverged samples keep their own results."""
         H = _host._HOST
         conv = self.st_out == int(Status.CONVERGED)
-        img = self.images[j]
+        img = self._img(j)
         if bool(conv.all()):
             self.z_out = img
         else:
@@ -328,10 +371,14 @@ class _Book:
         low = (a if n is None else n) < self.underflow
         a = a.copy() if H.np else a.clone()
         n = None if n is None else (n.copy() if H.np else n.clone())
-        for j, (fz, z) in enumerate(zip(self.images, self.iterates)):
+        for j in range(len(self.images)):
             rows = H.nonzero(low[j])
             if len(rows) == 0:
                 continue
+            fz = self._img(j)
+            if self.iterates[j] is None:
+                self._replay(j)
+            z = self.iterates[j]
             rows_dev = H.torch(rows, self.device)
             f64 = fz.detach().index_select(0, rows_dev).to(torch.float64).reshape(len(rows), -1)
             z64 = z.detach().index_select(0, rows_dev).to(torch.float64).reshape(len(rows), -1)
@@ -355,7 +402,7 @@ class _Book:
         best = torch.empty_like(self.images[0]) if self.best_f is None else self.best_f.clone()
         for j in H.unique(jb[better]):
             rows = H.torch(H.nonzero(better & (jb == j)), self.device)
-            best.index_copy_(0, rows, self.images[j].index_select(0, rows))
+            best.index_copy_(0, rows, self._img(j).index_select(0, rows))
         self.best_f = best
 
     def _stop(self, k: int, has: Any, jstop: Any, conv: Any, fin: Any, r: Any) -> Optional[Any]:
@@ -366,14 +413,14 @@ class _Book:
         fsel = H.take0(fin[:, sel], js)
         for j in H.unique(js[~fsel]) if not bool(fsel.all()) else []:
             rows = H.torch(sel[(js == j) & ~fsel], self.device)
-            bad = self.images[j].index_select(0, rows)
+            bad = self._img(j).index_select(0, rows)
             if not bool(torch.isfinite(bad).all()):
                 raise FixedPointError(nonfinite_message(self.what, self.k0 + j + 1))
         gidx = sel if self.idx is None else self.idx[sel]
         if self.z_out is None and len(sel) == len(self.res_out) and bool(csel.all()) and bool((js == js[0]).all()):
             # The whole batch converged at one iteration: its image is the result, no copy.
             j = int(js[0])
-            self.z_out = self.images[j]
+            self.z_out = self._img(j)
             self.it_out[:] = self.k0 + j + 1
             self.res_out[:] = r[j]
             self.st_out[:] = int(Status.CONVERGED)
@@ -388,7 +435,7 @@ class _Book:
             rows_dev = H.torch(rows, self.device)
             g_dev = H.torch(gidx[m], self.device)
             cj = csel[m]
-            img = self.images[j].index_select(0, rows_dev)
+            img = self._img(j).index_select(0, rows_dev)
             if not bool(cj.all()):
                 keep = H.torch(cj, self.device).unsqueeze(1)
                 img = torch.where(keep, img, self._best().index_select(0, rows_dev))

@@ -36,7 +36,7 @@ from typing import Any, Callable, Hashable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from torchfpi._book import REL_EPS, _Book
+from torchfpi._book import KEEP_IMAGES, REL_EPS, _Book
 from torchfpi._graph import GraphBlock
 from torchfpi._solution import SolveStats
 from torchfpi._solvers import FPI
@@ -153,6 +153,8 @@ def iterate(
     fpi = isinstance(solver, FPI)
     book = _Book(z0, tol, absolute, compact, what, fpi)
     book.batch_stop = batch_stop
+    if fpi and not book.defer and not book.grad_on:
+        book.replay_with(call, float(solver.damping), KEEP_IMAGES)
     past = _recall(history)
     if past is not None:
         book.window = max(1, min(book.limit, past))
