@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torchfpi
-from torchfpi import Status, _book, _host
+from torchfpi import Status, _book, _host, _loop
 
 
 def test_diverging_sample_returns_its_best_iterate_by_absolute_residual():
@@ -229,3 +229,33 @@ def test_a_repeated_solve_reads_the_host_once_per_direction(monkeypatch):
         assert torch.equal(sol.value, sols[0][0].value)
         torch.testing.assert_close(sol.trace, sols[0][0].trace, rtol=0, atol=0, equal_nan=True)
         torch.testing.assert_close(sol.backward.trace, sols[0][0].backward.trace, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("damping", [1.0, 0.8])
+def test_dropped_window_images_are_replayed_exactly(monkeypatch, damping):
+    # A large state keeps only the newest images of a window (KEEP_IMAGES); a sample that
+    # stopped earlier in the window gets its image by re-running the window: the same values
+    # as a host read at every iteration (where every image is kept).
+    gen = torch.Generator().manual_seed(5)
+    rates = torch.linspace(0.05, 0.9, 16, dtype=torch.float64)[:, None]
+    c = torch.randn(16, 400, generator=gen, dtype=torch.float64)  # 6400 entries: norms every iteration
+    calls = []
+
+    def f(z, r, c):
+        calls.append(1)
+        return r * torch.tanh(z) + c
+
+    def solve():
+        calls.clear()
+        return torchfpi.fixed_point(f, torch.zeros(16, 400, dtype=torch.float64), rates, c,
+                                    solver=torchfpi.FPI(damping=damping), tol=1e-10, max_iter=400)
+
+    assert 16 * 400 > _book.DEFER_ELEMENTS
+    monkeypatch.setattr(_loop, "HISTORY_SIZE", 0)  # windows planned from the contraction rate only
+    ref = solve()
+    replayed = len(calls) > int(ref.iterations.max()) + 1
+    monkeypatch.setattr(_book, "MAX_WINDOW", 1)
+    one = solve()
+    assert replayed  # this batch does need images the window dropped
+    assert torch.equal(ref.value, one.value) and torch.equal(ref.iterations, one.iterations)
+    torch.testing.assert_close(ref.trace, one.trace, rtol=0, atol=0, equal_nan=True)
