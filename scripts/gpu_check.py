@@ -8,7 +8,8 @@ Prepared for a session with a GPU; runs anywhere with ``--device cpu`` (to prove
 
 Part 1 (correctness, float32 and float64 on the device, each compared with a float64 CPU
 reference): forward solve, gradients of every exact backward mode, compaction, a double
-backward, FPI_GD with autograd inside f, errors raised on the device. Part 2 (timings): the
+backward, FPI_GD with autograd inside f, errors raised on the device, ``cuda_graph=True`` against
+the eager loop on the DEQ problems. Part 2 (timings): ``cuda_graph`` against the eager loop, then the
 benchmark harness (``torchfpi.bench``) on the device with wall-clock timing synchronised
 after every half, CUDA peak memory, and the memory sweep. Writes ``gpu_check.json`` plus
 the harness's ``results.json``/``results.md`` and exits 1 if a correctness check fails.
@@ -23,6 +24,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -146,7 +148,65 @@ def correctness(device: torch.device, quick: bool) -> List[Dict[str, Any]]:
 
     _check(results, "NaN and non-convergence raise on the device", errors_on_device)
 
+    def cuda_graph_matches_eager() -> Dict[str, Any]:
+        if device.type != "cuda":
+            return {"ok": True, "skipped": "cuda_graph needs a CUDA device"}
+        out: Dict[str, Any] = {}
+        ok = True
+        for problem in ("deq_small", "deq"):
+            inst = build(problem, quick=quick, device=device)
+            sols, grads = [], []
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for graph in (False, True):
+                    sol = torchfpi.fixed_point(inst.f, inst.z0, *inst.inputs, tol=1e-6, max_iter=500,
+                                               on_failure="ignore", cuda_graph=graph)
+                    sols.append(sol)
+                    grads.append(torch.autograd.grad((sol.value * inst.weight).sum(), inst.params))
+            fell_back = any("could not be captured" in str(w.message) for w in caught)
+            same_it = bool(torch.equal(sols[0].iterations, sols[1].iterations))
+            diff = float((sols[0].value - sols[1].value).abs().max())
+            err = gradient_error(grads[1], grads[0])
+            ok &= same_it and not fell_back and diff <= 1e-6 and err <= 1e-6
+            out[problem] = {"same_iterations": same_it, "value_diff": f"{diff:.1e}", "grad_diff": f"{err:.1e}",
+                            "fell_back": fell_back}
+        return {"ok": ok, **out}
+
+    _check(results, "cuda_graph=True gives the eager results (deq, deq_small)", cuda_graph_matches_eager)
+
     return results
+
+
+def graph_timings(device: torch.device, quick: bool, repeats: int) -> Dict[str, Any]:
+    """Forward + backward wall time (synchronised) with and without ``cuda_graph``, interleaved,
+    on the DEQ bench problems; medians in ms and their paired ratio."""
+    import statistics
+
+    out: Dict[str, Any] = {}
+    for problem in ("deq_small", "deq"):
+        inst = build(problem, quick=quick, device=device)
+        times: Dict[str, List[float]] = {"eager": [], "cuda_graph": []}
+
+        def once(graph: bool, inst: Any = inst) -> float:
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            sol = torchfpi.fixed_point(inst.f, inst.z0, *inst.inputs, tol=1e-6, max_iter=500,
+                                       on_failure="ignore", cuda_graph=graph)
+            torch.autograd.grad((sol.value * inst.weight).sum(), inst.params)
+            torch.cuda.synchronize(device)
+            return time.perf_counter() - t0
+
+        for graph in (False, True):
+            once(graph)  # warm-up
+        for rep in range(max(repeats, 3) * 3):
+            for graph in ((False, True) if rep % 2 == 0 else (True, False)):
+                times["cuda_graph" if graph else "eager"].append(once(graph))
+        paired = statistics.median(g / e for g, e in zip(times["cuda_graph"], times["eager"]))
+        out[problem] = {"eager_ms": 1e3 * statistics.median(times["eager"]),
+                        "cuda_graph_ms": 1e3 * statistics.median(times["cuda_graph"]),
+                        "cuda_graph_over_eager_paired": paired}
+        print(f"cuda_graph timings {problem}: {out[problem]}", flush=True)
+    return out
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -176,6 +236,11 @@ def main(argv: List[str] | None = None) -> int:
     report["checks"] = correctness(device, args.quick)
     report["correctness_seconds"] = round(time.perf_counter() - start, 1)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    if device.type == "cuda" and not args.skip_timings:
+        try:
+            report["cuda_graph_timings"] = graph_timings(device, args.quick, args.repeats)
+        except Exception as exc:  # noqa: BLE001 - keep the rest of the report
+            report["cuda_graph_timings_error"] = f"{type(exc).__name__}: {exc}"
     left = args.budget_s - (time.perf_counter() - start)
     if not args.skip_timings and left > 30:
         problems = ("deq", "deq_small", "mlp", "conv", "mixed", "multilabel")

@@ -168,3 +168,16 @@ def test_compiled_map_method_is_opt_in_and_exact():
     run = m.run(inst, 1e-10, 300)
     grads = torch.autograd.grad((run.value * inst.weight).sum(), inst.params, allow_unused=True)
     assert gradient_error(grads, ref) < 1e-8
+
+
+def test_batch_stop_method_is_opt_in_and_exact():
+    from torchfpi.bench._harness import select_methods
+    from torchfpi.bench._peers import BATCH_STOP
+
+    inst = build("deq_small", quick=True, dtype=torch.float64)
+    ref, _ = reference_gradients(inst)
+    assert BATCH_STOP not in [m.name for m in select_methods(Config.quick_config(), inst, methods())]
+    m = next(m for m in methods() if m.name == BATCH_STOP)
+    run = m.run(inst, 1e-10, 300)
+    grads = torch.autograd.grad((run.value * inst.weight).sum(), inst.params, allow_unused=True)
+    assert gradient_error(grads, ref) < 1e-8

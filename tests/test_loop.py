@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torchfpi
-from torchfpi import Status, _book, _host
+from torchfpi import Status, _book, _host, _loop
 
 
 def test_diverging_sample_returns_its_best_iterate_by_absolute_residual():
@@ -169,3 +169,93 @@ def test_low_precision_map_with_a_float32_state(low):
     ref = grad(torch.float64, None)
     err = float((grad(torch.float32, low) - ref).norm() / ref.norm())
     assert err < 5 * tol, err
+
+
+@pytest.mark.parametrize("solver", ["fpi", "anderson"])
+def test_batch_stop_returns_every_sample_at_the_slowest_ones_iteration(solver):
+    per = _solve(solver=solver)
+    batch = _solve(solver=solver, stop="batch")
+    k = int(per.iterations.max())
+    assert batch.iterations.tolist() == [k] * 16 and bool(batch.converged.all())
+    slowest = per.iterations == k
+    torch.testing.assert_close(batch.value[slowest], per.value[slowest], rtol=0, atol=0)
+    torch.testing.assert_close(batch.value, per.value, rtol=1e-7, atol=1e-9)  # both within tol of z*
+
+
+def test_batch_stop_gradients_and_option_checks():
+    gen = torch.Generator().manual_seed(3)
+    rates = torch.rand(16, 1, generator=gen, dtype=torch.float64) * 0.95
+    c = torch.randn(16, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for stop in ("sample", "batch"):
+        sol = torchfpi.fixed_point(lambda z, r, c: r * torch.tanh(z) + c, torch.zeros(16, 5, dtype=torch.float64),
+                                   rates, c, tol=1e-11, max_iter=800, stop=stop)
+        grads.append(torch.autograd.grad(sol.value.pow(2).sum(), c)[0])
+        if stop == "batch":
+            assert len(set(sol.backward.iterations.tolist())) == 1
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="stop: expected one of"):
+        torchfpi.Options(stop="row")
+    with pytest.raises(ValueError, match="stop='batch'.*compact=False"):
+        torchfpi.Options(stop="batch", compact=True)
+
+
+def test_a_repeated_solve_reads_the_host_once_per_direction(monkeypatch):
+    # The first window of a solve runs to where the previous solve of the same map stopped.
+    calls = []
+    real = _host._HOST.host
+
+    def counted(t):
+        calls.append(t.shape)
+        return real(t)
+
+    monkeypatch.setattr(_host._HOST, "host", counted)
+    gen = torch.Generator().manual_seed(0)
+    W = 0.2 * torch.linalg.qr(torch.randn(8, 8, generator=gen, dtype=torch.float64))[0]
+    x = torch.randn(4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def f(z, x):
+        return torch.tanh(z @ W.T + x)
+
+    sols = []
+    for _ in range(3):
+        calls.clear()
+        sol = torchfpi.fixed_point(f, torch.zeros(4, 8, dtype=torch.float64), x, tol=1e-8, max_iter=200)
+        assert int(sol.iterations.max()) <= _book.MAX_WINDOW  # one window can hold the solve
+        torch.autograd.grad(sol.value.sum(), x)
+        sols.append((sol, len(calls)))
+    assert sols[0][1] >= 3 and sols[1][1] == 2 and sols[2][1] == 2, [n for _, n in sols]
+    for sol, _ in sols[1:]:  # the window changes when the host is read, never the results
+        assert torch.equal(sol.value, sols[0][0].value)
+        torch.testing.assert_close(sol.trace, sols[0][0].trace, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(sol.backward.trace, sols[0][0].backward.trace, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("damping", [1.0, 0.8])
+def test_dropped_window_images_are_replayed_exactly(monkeypatch, damping):
+    # A large state keeps only the newest images of a window (KEEP_IMAGES); a sample that
+    # stopped earlier in the window gets its image by re-running the window: the same values
+    # as a host read at every iteration (where every image is kept).
+    gen = torch.Generator().manual_seed(5)
+    rates = torch.linspace(0.05, 0.9, 16, dtype=torch.float64)[:, None]
+    c = torch.randn(16, 400, generator=gen, dtype=torch.float64)  # 6400 entries: norms every iteration
+    calls = []
+
+    def f(z, r, c):
+        calls.append(1)
+        return r * torch.tanh(z) + c
+
+    def solve():
+        calls.clear()
+        return torchfpi.fixed_point(f, torch.zeros(16, 400, dtype=torch.float64), rates, c,
+                                    solver=torchfpi.FPI(damping=damping), tol=1e-10, max_iter=400)
+
+    assert 16 * 400 > _book.DEFER_ELEMENTS
+    monkeypatch.setattr(_loop, "HISTORY_SIZE", 0)  # windows planned from the contraction rate only
+    ref = solve()
+    replayed = len(calls) > int(ref.iterations.max()) + 1
+    monkeypatch.setattr(_book, "MAX_WINDOW", 1)
+    one = solve()
+    assert replayed  # this batch does need images the window dropped
+    assert torch.equal(ref.value, one.value) and torch.equal(ref.iterations, one.iterations)
+    torch.testing.assert_close(ref.trace, one.trace, rtol=0, atol=0, equal_nan=True)

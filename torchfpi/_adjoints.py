@@ -41,6 +41,7 @@ from typing import (
     Callable,
     ClassVar,
     Dict,
+    Hashable,
     Optional,
     Protocol,
     Sequence,
@@ -73,6 +74,9 @@ class AdjointSystem:
         z: ``(B, N)`` z*; ``tensors``: the tensor inputs of f (for the implicit adjoint).
         vjp_rows: ``(u_rows, idx) -> J^T u`` on the rows ``idx`` only (first order, compact).
         vjp_at: ``(u, z, tensors) -> J^T u`` at another point, differentiable in all three.
+        history: a key naming this kind of adjoint solve for the loop's window planning
+            (see :func:`torchfpi._loop.iterate`), or None.
+        batch_stop: ``stop="batch"``: the adjoint solve stops the whole batch at once.
     """
 
     g: Tensor
@@ -87,6 +91,8 @@ class AdjointSystem:
     tensors: Sequence[Tensor]
     vjp_rows: Callable[[Tensor, Tensor], Tensor]
     vjp_at: Callable[[Tensor, Tensor, Sequence[Tensor]], Tensor]
+    history: Optional[Hashable] = None
+    batch_stop: bool = False
 
     @property
     def absolute(self) -> bool:
@@ -128,6 +134,7 @@ class _Implicit:
         u, stats = iterate(
             call, g, solver=self.solver, tol=system.tol, max_iter=system.max_iter,
             absolute=system.absolute, compact=system.compact, what="backward fixed_point",
+            history=system.history, batch_stop=system.batch_stop,
         )
         report_failure(stats, system.on_failure, "backward", system.tol, system.max_iter)
         return u, stats
@@ -144,6 +151,7 @@ class _Implicit:
             adjoint_map, system.g.detach(), system.g, system.z, *system.tensors,
             solver=self.solver, backward=self, tol=system.tol, max_iter=system.max_iter,
             on_failure=system.on_failure, residual=system.residual,
+            stop="batch" if system.batch_stop else "sample",
         )
         return sol.value, sol.stats
 

@@ -23,10 +23,16 @@ REL_EPS = 1e-9
 CONTRACTION = 0.999
 """A converging sample's absolute residual must shrink by this factor at the stopping iteration."""
 
-WINDOW_BYTES = 1 << 20
+WINDOW_BYTES = 4 << 20
 """Memory for the images kept between two host reads (the window is at most this many bytes)."""
 
 MAX_WINDOW = 16
+
+KEEP_IMAGES = 3
+"""Plain FPI on a large state keeps only its newest images of a window (and the first): the
+others are dropped at once, so f's outputs reuse warm memory instead of fresh pages. An image a
+window's replay needs after all (a sample that stopped earlier in the window) is recomputed by
+re-running the window from its first iterate: the same calls of f on the same values."""
 
 DEFER_ELEMENTS = 4096
 """States with at most this many entries (batch included) take their norms once per window."""
@@ -71,15 +77,17 @@ class _Book:
         self.active = H.full(B, True, "b")
         self.n_active = B
         self.held: Optional[Tensor] = None  # diverged samples, kept still in the full-batch mode
-        self.floor_dev: Optional[Tensor] = None  # the relative residual's floor, per working row
-        self.floor: Any = None
+        self.floor_dev: Optional[Tensor] = None  # the relative residual's floor on the device (want_r)
+        self.floor: Any = None  # ... on the host: REL_EPS max(||z0||, ||f(z0)||), at least tiny
+        self.z0n: Optional[Tensor] = None  # ||z0|| per row, until the first host read
         self.a_list: List[Tensor] = []  # the window: ||f(z) - z|| per iteration
         self.n_list: List[Tensor] = []  # ... ||f(z)|| (relative residual)
         self.images: List[Tensor] = []  # ... the images f(z)
         self.iterates: List[Tensor] = []  # ... and the iterates z (for FPI: the previous images)
         # Norms are computed in the state's dtype; below this a float32 norm may have lost
         # its squares to underflow, and the window's norms are recomputed in float64.
-        self.underflow = math.sqrt(torch.finfo(z0.dtype).tiny) * 1e4
+        self.tiny = torch.finfo(z0.dtype).tiny
+        self.underflow = math.sqrt(self.tiny) * 1e4
         self.diff: Optional[Tensor] = None  # f(z) - z
         self.window = min(2, self.limit)  # the first window: two iterations give a first contraction rate
         # A small state (every sample at most DEFER_ELEMENTS entries in all) costs per call, not
@@ -87,12 +95,24 @@ class _Book:
         # (the same per-row reductions, bit for bit), instead of three calls per iteration.
         self.defer = not self.grad_on and z0.dim() == 2 and z0.numel() <= DEFER_ELEMENTS
         self.k0 = 0  # iterations before the window
+        self.batch_stop = False  # stop="batch": the batch stops at once (set by the loop)
+        self.keep = 0  # > 0: keep only the newest `keep` images of a window (see KEEP_IMAGES)
+        self.call: Any = None  # the loop's map and FPI damping, for a window's replay
+        self.damping = 1.0
+        self.win_held: Optional[Tensor] = None  # held rows and working rows during the window
+        self.win_idx: Optional[Tensor] = None
 
     # -- every iteration: device work only -----------------------------------------------
     def measure(self, fz: Tensor, zw: Tensor, want_r: bool) -> Optional[Tensor]:
         """Norms of this iteration (kept on the device); the residual if the solver wants it."""
+        if not self.images:
+            self.win_held, self.win_idx = self.held, self.idx_dev
         self.images.append(fz)  # with its graph when the loop is recorded (unroll)
         self.iterates.append(zw)
+        if self.keep and len(self.images) > self.keep + 1:
+            i = len(self.images) - self.keep - 1  # never 0: the window's start is kept
+            self.images[i] = None  # type: ignore[call-overload]
+            self.iterates[i] = None  # type: ignore[call-overload]
         if self.defer and not want_r:
             return None  # small states: the window's norms in a few calls at check()
         if self.grad_on:
@@ -109,58 +129,115 @@ class _Book:
             return a if want_r else None
         n = torch.linalg.vector_norm(fz, dim=1)
         self.n_list.append(n)
-        if self.floor_dev is None:
-            z0n = torch.linalg.vector_norm(zw, dim=1)
-            self.floor_dev = (REL_EPS * torch.maximum(z0n, n)).clamp_min(torch.finfo(fz.dtype).tiny)
-        return a / torch.maximum(n, self.floor_dev) if want_r else None
+        if self.floor is None and self.z0n is None:
+            self.z0n = torch.linalg.vector_norm(zw, dim=1)  # read with the first window
+        if not want_r:
+            return None
+        if self.floor_dev is None:  # the device floor, for the solver's residual only
+            z0n = self.z0n if self.z0n is not None else torch.linalg.vector_norm(zw, dim=1)
+            self.floor_dev = (REL_EPS * torch.maximum(z0n, n)).clamp_min(self.tiny)
+        return a / torch.maximum(n, self.floor_dev)
 
-    def _window_norms(self) -> Tensor:
-        """The deferred norms of the window (see ``defer``) as ``(c w, b)``: a few calls in all."""
-        images = torch.stack(self.images)  # (w, b, N)
-        a = torch.linalg.vector_norm(images - torch.stack(self.iterates), dim=2)
-        if self.absolute:
-            return a
-        n = torch.linalg.vector_norm(images, dim=2)
-        if self.floor_dev is None:
-            z0n = torch.linalg.vector_norm(self.iterates[0], dim=1)
-            self.floor_dev = (REL_EPS * torch.maximum(z0n, n[0])).clamp_min(torch.finfo(images.dtype).tiny)
-        return torch.cat((a, n))
+    def replay_with(self, call: Any, damping: float, keep: int) -> None:
+        """Keep only the newest ``keep`` images of a window (plain or damped FPI, see
+        :data:`KEEP_IMAGES`); ``call`` and ``damping`` re-run the window when needed."""
+        self.call, self.damping, self.keep = call, damping, keep
+
+    def _img(self, j: int) -> Tensor:
+        """Image ``j`` of the window, recomputed if it was dropped."""
+        if self.images[j] is None:
+            self._replay(j)
+        return self.images[j]
+
+    def _replay(self, j: int) -> None:
+        """Re-run the window's iterations ``0..j`` from its first iterate, as the loop ran them."""
+        z = self.iterates[0]
+        for i in range(j + 1):
+            if self.iterates[i] is None:
+                self.iterates[i] = z
+            z = self.iterates[i]
+            if self.images[i] is None:
+                self.images[i] = self.call(z, self.win_idx)
+            fz = self.images[i]
+            zn = fz if self.damping == 1.0 else torch.lerp(z, fz, self.damping)
+            z = zn if self.win_held is None else torch.where(self.win_held, z, zn)
+
+    def feed(self, iterates: List[Tensor], images: List[Tensor], a: List[Tensor], n: Optional[List[Tensor]]) -> None:
+        """A window computed elsewhere (a replayed CUDA graph): its iterates, images and norms."""
+        self.iterates, self.images = iterates, images
+        self.a_list, self.n_list = a, ([] if n is None else n)
+        if not self.absolute and self.floor is None and self.z0n is None:
+            self.z0n = torch.linalg.vector_norm(iterates[0], dim=1)
+
+    def _window_norms(self, first: bool) -> Tensor:
+        """The deferred norms of the window (see ``defer``): ``(w, b)`` absolute residuals, then
+        (relative residual) ``||z||`` of the window's first iterate and the ``w`` image norms.
+
+        One buffer ``[f(z) - z | z_first | f(z)]`` and one norm call: the same per-row reductions
+        as :meth:`measure`'s, bit for bit.
+        """
+        its, ims = self.iterates, self.images
+        w = len(ims)
+        buf = torch.empty((2 * w + 1,) + tuple(ims[0].shape), dtype=ims[0].dtype, device=ims[0].device)
+        if all(its[j] is ims[j - 1] for j in range(1, w)):
+            # Plain FPI: each iterate is the previous image, so one stack holds both.
+            torch.stack([its[0]] + ims, out=buf[w:])
+            torch.sub(buf[w + 1:], buf[w : 2 * w], out=buf[:w])
+        else:
+            torch.stack(ims, out=buf[w + 1:])
+            buf[w].copy_(its[0])
+            torch.sub(buf[w + 1:], torch.stack(its), out=buf[:w])
+        return torch.linalg.vector_norm(buf[:w] if self.absolute else buf, dim=2)
 
     # -- once per window: one host read, the replay ----------------------------------------
     def check(self, k: int) -> Optional[int]:
         """Replay the window ending at iteration ``k``; return the rows stopped (or None)."""
         H = _host._HOST
-        w, c = len(self.images), 1 if self.absolute else 2
-        if len(self.a_list) < w:
-            block = self._window_norms()
-        else:
-            block = torch.stack(self.a_list + self.n_list)  # (c w, b): a then ||f(z)||
-        b = block.shape[1]
+        w = len(self.images)
         first = self.floor is None and not self.absolute
+        if len(self.a_list) < w:
+            h = H.host(self._window_norms(first))
+        elif self.absolute:
+            h = H.host(torch.stack(self.a_list))
+        else:
+            # The window's first ||z|| rides along in the first window (later, any row of the
+            # same shape fills its place: the layout of the deferred norms').
+            mid = self.z0n if first and self.z0n is not None else self.a_list[0]
+            h = H.host(torch.stack(self.a_list + [mid] + self.n_list))
+        a = h[:w]
+        n = None if self.absolute else h[w + 1:]
         if first:
-            flat = H.host(torch.cat((block.reshape(-1), self.floor_dev)))  # type: ignore[arg-type]
-            self.floor = flat[w * c * b:]
-            nr = flat[: w * c * b].reshape(c, w, b)
+            # max(||z0||, ||f(z0)||) per sample, in float64 on the host (see relative_residual)
+            self.floor = H.fmax(REL_EPS * H.fmax(h[w], n[0]), self.tiny)  # type: ignore[index]
+            self.z0n = None
+        low = a if n is None else n
+        if not bool(low.min() >= self.underflow) and H.fmin_all(low) < self.underflow:  # (NaN: rare)
+            a, n = self._exact_norms(a, n, first)
+        allfin = math.isfinite(float(h.sum()))  # every norm finite (an overflowing sum: tested exactly)
+        if n is None:
+            r = a
+        elif allfin or not H.np:
+            r = a / H.fmax(n, self.floor)
         else:
-            nr = H.host(block).reshape(c, w, b)
-        nr = nr.transpose(1, 0, 2) if H.np else nr.permute(1, 0, 2)  # (w, c, b)
-        if bool((nr[:, -1] < self.underflow).any()):
-            nr = self._exact_norms(nr, first)
-        a = nr[:, 0]
-        if self.absolute:
-            r, fin = a, H.isfinite(a)
-        else:
-            n = nr[:, 1]
-            fin = H.isfinite(a) & H.isfinite(n)
-            if H.np and not bool(fin.all()):
-                with _np.errstate(invalid="ignore", divide="ignore"):  # inf / inf: handled below
-                    r = a / H.fmax(n, self.floor)
-            else:
+            with _np.errstate(invalid="ignore", divide="ignore"):  # inf / inf: handled below
                 r = a / H.fmax(n, self.floor)
+        fin = None
+        if not allfin:
+            fin = H.isfinite(a) if n is None else H.isfinite(a) & H.isfinite(n)
+            allfin = bool(fin.all())
         self.traces.append((self.idx, r))
         self.k0 = k - w
-        if self._quiet(a, r, n if not self.absolute else None):
+        if allfin and self._quiet(a, r):
             return None
+        if allfin and self.z_out is None and self.idx is None and self.n_active == len(self.active):
+            # The usual last window: every sample converges in it, nothing diverged before.
+            if self._no_divergence(a):
+                prev = H.cat0(self.last_a[None], a[:-1])  # NaN before the first iteration
+                conv = (r < self.tol) & (a <= H.fmax(prev * CONTRACTION, 0.0))  # (a == 0 passes)
+                if bool(conv.any(0).all()):
+                    return self._all_converged(H.argmax0(conv), r)
+        if fin is None:
+            fin = H.full(a.size if H.np else a.numel(), True, "b").reshape(a.shape)
         # Divergence: a above DIVERGENCE_FACTOR x its smallest value before (NaN counts).
         runmin = H.cummin0(H.cat0(self.min_a[None], a))
         lim = runmin[:-1] * DIVERGENCE_FACTOR
@@ -201,6 +278,8 @@ class _Book:
         self._update_best(jb, better, cand, H.take0(r, jb), last)
         if jstop is not None:
             stopped = self._stop(k, has, jstop, conv, fin, r)
+            if self.batch_stop and self.n_active == 0:
+                self._batch_finish(int(jstop[has].max()), r)
         self.min_a = runmin[-1]
         self.last_a = a[-1]
         self._plan(r, a)
@@ -210,17 +289,33 @@ class _Book:
     def _all_converged(self, js: Any, r: Any) -> Any:
         """Every sample converged in this window (the common last window): gather the images."""
         H = _host._HOST
-        if bool((js == js[0]).all()):
-            self.z_out = self.images[int(js[0])]
-        else:
-            self.z_out = _gather_rows(self.images, js, self.device)
+        lo, hi = int(js.min()), int(js.max())
+        if self.batch_stop:  # every sample holds the image where the last one converged
+            js, lo = js * 0 + hi, hi
+        if any(self.images[j] is None for j in range(lo, hi + 1)):
+            self._replay(hi)
+        self.z_out = self.images[lo] if lo == hi else _gather_rows(self.images, js, self.device, lo, hi)
         self.it_out[:] = js + (self.k0 + 1)
         self.res_out[:] = H.take0(r, js)
         self.st_out[:] = int(Status.CONVERGED)
         self.active[:] = False
         self.n_active = 0
         self.a_list, self.n_list, self.images, self.iterates = [], [], [], []
-        return H.nonzero(~self.active)
+        return self.it_out  # not None: the loop stops (no rows left)
+
+    def _batch_finish(self, j: int, r: Any) -> None:
+        """``stop="batch"``: the converged samples take the window's image ``j`` (where the last
+        one converged), its iteration and residual; diverged samples keep their own results."""
+        H = _host._HOST
+        conv = self.st_out == int(Status.CONVERGED)
+        img = self._img(j)
+        if bool(conv.all()):
+            self.z_out = img
+        else:
+            rows = H.torch(H.nonzero(conv), self.device)
+            self.z_out.index_copy_(0, rows, img.index_select(0, rows))  # type: ignore[union-attr]
+        self.it_out[conv] = self.k0 + j + 1
+        self.res_out[conv] = r[j][conv]
 
     def _best(self) -> Tensor:
         """The best images of the working rows (z0's rows before any finite residual)."""
@@ -228,25 +323,22 @@ class _Book:
             return self.best_f
         return self.z0 if self.idx_dev is None else self.z0.index_select(0, self.idx_dev)
 
-    def _quiet(self, a: Any, r: Any, n: Any) -> bool:
-        """The common window: no active sample met ``tol``, all finite, nothing diverged, and
-        (usually) every sample's newest image is its best. A few array operations in all."""
+    def _quiet(self, a: Any, r: Any) -> bool:
+        """The common window: no active sample met ``tol``, nothing diverged (every norm is
+        finite: the caller checked), and (usually) every sample's newest image is its best.
+        A few array operations in all."""
         H = _host._HOST
-        hit = r < self.tol
         if self.n_active < len(self.active):
-            hit &= self.active[None]
-        if bool(hit.any()):
+            if bool((r[:, self.active] < self.tol).any()):
+                return False
+        elif bool(r.min() < self.tol):
             return False
-        if not bool(H.isfinite(a.sum() if n is None else a.sum() + n.sum())):
+        if not self._no_divergence(a):
             return False
         amin = a.min(0) if H.np else a.amin(0)
         lowest = H.fmin(self.min_a, amin)
-        # Sufficient for "no divergence": every a within the factor of the smallest of all.
-        if not bool(((a.max(0) if H.np else a.amax(0)) <= lowest * DIVERGENCE_FACTOR).all()):
-            return False
         newest = a[-1]
-        better = newest < self.best_a
-        if bool((newest <= amin).all()) and bool(better.all()):
+        if bool((newest <= amin).all()) and bool((newest < self.best_a).all()):
             self.best_a, self.best_r = newest, r[-1]
             self.best_f = self.images[-1]
         else:
@@ -261,22 +353,42 @@ class _Book:
         self.a_list, self.n_list, self.images, self.iterates = [], [], [], []
         return True
 
-    def _exact_norms(self, nr: Any, first: bool) -> Any:
-        """Rows whose norms may have underflowed: recompute the window's norms in float64."""
+    def _no_divergence(self, a: Any) -> bool:
+        """Sufficient for "no sample diverged in this window" (norms finite): each ``a`` at most
+        its predecessor (the usual contraction), or every ``a`` within the divergence factor of
+        the smallest value so far."""
+        if self.k0 == 0 or bool((a[0] <= self.min_a * DIVERGENCE_FACTOR).all()):
+            if a.shape[0] < 2 or bool((a[1:] <= a[:-1]).all()):
+                return True
         H = _host._HOST
-        rows = H.nonzero((nr[:, -1] < self.underflow).any(0))
-        rows_dev = H.torch(rows, self.device)
-        nr = nr.copy() if H.np else nr.clone()
-        for j, (fz, z) in enumerate(zip(self.images, self.iterates)):
+        lowest = H.fmin(self.min_a, a.min(0) if H.np else a.amin(0))
+        return bool(((a.max(0) if H.np else a.amax(0)) <= lowest * DIVERGENCE_FACTOR).all())
+
+    def _exact_norms(self, a: Any, n: Any, first: bool) -> Tuple[Any, Any]:
+        """Norms that may have underflowed (below ``underflow``): recomputed in float64, entry
+        by entry, so that the result does not depend on which iterations share a window."""
+        H = _host._HOST
+        low = (a if n is None else n) < self.underflow
+        a = a.copy() if H.np else a.clone()
+        n = None if n is None else (n.copy() if H.np else n.clone())
+        for j in range(len(self.images)):
+            rows = H.nonzero(low[j])
+            if len(rows) == 0:
+                continue
+            fz = self._img(j)
+            if self.iterates[j] is None:
+                self._replay(j)
+            z = self.iterates[j]
+            rows_dev = H.torch(rows, self.device)
             f64 = fz.detach().index_select(0, rows_dev).to(torch.float64).reshape(len(rows), -1)
             z64 = z.detach().index_select(0, rows_dev).to(torch.float64).reshape(len(rows), -1)
-            nr[j, 0, rows] = H.host(torch.linalg.vector_norm(f64 - z64, dim=1))
-            if not self.absolute:
-                nr[j, 1, rows] = H.host(torch.linalg.vector_norm(f64, dim=1))
+            a[j, rows] = H.host(torch.linalg.vector_norm(f64 - z64, dim=1))
+            if n is not None:
+                n[j, rows] = H.host(torch.linalg.vector_norm(f64, dim=1))
                 if first and j == 0:
                     s = torch.maximum(torch.linalg.vector_norm(z64, dim=1), torch.linalg.vector_norm(f64, dim=1))
                     self.floor[rows] = H.fmax(H.host(REL_EPS * s), torch.finfo(torch.float64).tiny)
-        return nr
+        return a, n
 
     def _update_best(self, jb: Any, better: Any, cand: Any, rb: Any, last: int) -> None:
         H = _host._HOST
@@ -290,7 +402,7 @@ class _Book:
         best = torch.empty_like(self.images[0]) if self.best_f is None else self.best_f.clone()
         for j in H.unique(jb[better]):
             rows = H.torch(H.nonzero(better & (jb == j)), self.device)
-            best.index_copy_(0, rows, self.images[j].index_select(0, rows))
+            best.index_copy_(0, rows, self._img(j).index_select(0, rows))
         self.best_f = best
 
     def _stop(self, k: int, has: Any, jstop: Any, conv: Any, fin: Any, r: Any) -> Optional[Any]:
@@ -301,14 +413,14 @@ class _Book:
         fsel = H.take0(fin[:, sel], js)
         for j in H.unique(js[~fsel]) if not bool(fsel.all()) else []:
             rows = H.torch(sel[(js == j) & ~fsel], self.device)
-            bad = self.images[j].index_select(0, rows)
+            bad = self._img(j).index_select(0, rows)
             if not bool(torch.isfinite(bad).all()):
                 raise FixedPointError(nonfinite_message(self.what, self.k0 + j + 1))
         gidx = sel if self.idx is None else self.idx[sel]
         if self.z_out is None and len(sel) == len(self.res_out) and bool(csel.all()) and bool((js == js[0]).all()):
             # The whole batch converged at one iteration: its image is the result, no copy.
             j = int(js[0])
-            self.z_out = self.images[j]
+            self.z_out = self._img(j)
             self.it_out[:] = self.k0 + j + 1
             self.res_out[:] = r[j]
             self.st_out[:] = int(Status.CONVERGED)
@@ -323,7 +435,7 @@ class _Book:
             rows_dev = H.torch(rows, self.device)
             g_dev = H.torch(gidx[m], self.device)
             cj = csel[m]
-            img = self.images[j].index_select(0, rows_dev)
+            img = self._img(j).index_select(0, rows_dev)
             if not bool(cj.all()):
                 keep = H.torch(cj, self.device).unsqueeze(1)
                 img = torch.where(keep, img, self._best().index_select(0, rows_dev))
@@ -379,7 +491,8 @@ class _Book:
             self.best_f = self.best_f[keep_dev]
         if self.floor is not None:
             self.floor = self.floor[keep]
-            self.floor_dev = self.floor_dev[keep_dev]  # type: ignore[index]
+        if self.floor_dev is not None:
+            self.floor_dev = self.floor_dev[keep_dev]
         self.idx = keep if self.idx is None else self.idx[keep]
         self.idx_dev = H.torch(self.idx, self.device)
         self.active = H.full(len(keep), True, "b")
@@ -409,6 +522,10 @@ class _Book:
             trace=H.torch(self._trace(B), device, self.z0.dtype),
         )
         return self.z_out if self.z_out is not None else self.z0, stats
+
+    def last_stop(self) -> int:
+        """The largest iteration count of the solve (after :meth:`result`)."""
+        return int(self.it_out.max()) if len(self.it_out) else 0
 
     def _trace(self, B: int) -> Any:
         H, traces = _host._HOST, self.traces

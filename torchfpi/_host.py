@@ -7,6 +7,7 @@ it then decides per sample runs here, on small ``(B,)`` or ``(w, B)`` arrays. Te
 
 from __future__ import annotations
 
+import math
 from typing import Any, List, Optional
 
 import torch
@@ -16,6 +17,11 @@ try:  # numpy makes the per-sample bookkeeping ~5x cheaper; torch alone works to
     import numpy as _np
 except ImportError:  # pragma: no cover - numpy is an optional companion of torch
     _np = None  # type: ignore[assignment]
+
+
+_NUMPY_DTYPES = (
+    {torch.float32: _np.float32, torch.float64: _np.float64, torch.float16: _np.float16} if _np is not None else {}
+)
 
 
 class _HostOps:
@@ -30,7 +36,10 @@ class _HostOps:
         self.np = _np is not None
 
     def host(self, t: Tensor) -> Any:
-        h = t.detach().to("cpu", torch.float64)
+        t = t.detach()
+        if self.np and t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
+            return t.numpy().astype(_np.float64, copy=False)  # the cast in numpy: no dispatch
+        h = t.to("cpu", torch.float64)
         return h.numpy() if self.np else h
 
     def full(self, n: int, value: float, kind: str) -> Any:
@@ -44,6 +53,12 @@ class _HostOps:
 
     def fmax(self, a: Any, b: Any) -> Any:
         return _np.fmax(a, b) if self.np else torch.fmax(a, torch.as_tensor(b, dtype=a.dtype))
+
+    def fmin_all(self, a: Any) -> float:
+        """The smallest entry, NaN ignored (NaN if every entry is NaN)."""
+        if self.np:
+            return float(_np.fmin.reduce(a, axis=None, initial=math.inf))
+        return float(torch.where(torch.isnan(a), math.inf, a).min()) if a.numel() else math.inf
 
     def where(self, m: Any, a: Any, b: Any) -> Any:
         if self.np:
@@ -83,7 +98,13 @@ class _HostOps:
         return a[j, cols]
 
     def torch(self, a: Any, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tensor:
-        t = torch.from_numpy(_np.ascontiguousarray(a)) if self.np else a
+        if self.np:
+            np_dtype = _NUMPY_DTYPES.get(dtype) if dtype is not None else None
+            if np_dtype is not None:  # the cast on the host: cheaper than a torch call
+                a = a.astype(np_dtype, copy=False)
+            t = torch.from_numpy(_np.ascontiguousarray(a))
+        else:
+            t = a
         if device.type == "cpu" and (dtype is None or dtype == t.dtype):
             return t  # no dispatch for a no-op move
         return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
@@ -92,18 +113,15 @@ class _HostOps:
 _HOST = _HostOps()
 
 
-def _gather_rows(images: List[Tensor], js: Any, device: torch.device) -> Tensor:
-    """Row ``i`` of ``images[js[i]]`` for every row: a few row copies per distinct iteration
-    (advanced indexing ``stack(images)[js, arange]`` costs ~1 ms on a 128 x 256 state)."""
+def _gather_rows(images: List[Tensor], js: Any, device: torch.device, lo: int, hi: int) -> Tensor:
+    """Row ``i`` of ``images[js[i]]`` for every row, ``lo <= js <= hi``: a copy of the newest
+    image, then the rows of each earlier iteration copied in (one gather per iteration: less
+    memory traffic than stacking the images)."""
     H = _HOST
-    uniq = H.unique(js)
-    if len(uniq) > 4:
-        b = len(js)
-        flat = torch.stack(images).reshape(len(images) * b, -1)
-        pos = js * b + (_np.arange(b) if H.np else torch.arange(b))
-        return flat.index_select(0, H.torch(pos, device)).reshape(images[0].shape)
-    out = torch.empty_like(images[0])
-    for j in uniq:
-        rows = H.torch(H.nonzero(js == j), device)
-        out.index_copy_(0, rows, images[j].index_select(0, rows))
+    out = images[hi].clone()
+    for j in range(lo, hi):
+        rows = H.nonzero(js == j)
+        if len(rows):
+            rows_dev = H.torch(rows, device)
+            out.index_copy_(0, rows_dev, images[j].index_select(0, rows_dev))
     return out

@@ -8,7 +8,10 @@ diverged or hit NaN, and which image is its best. The images of the window are k
 number, :data:`WINDOW_BYTES`), so a sample that met ``tol`` inside the window is frozen at that
 iteration: the results do not depend on the window length, nor on the rest of the batch. The
 window length adapts to the observed contraction rate (the iteration at which the slowest
-sample should meet ``tol``), so a solve usually syncs with the host two to four times.
+sample should meet ``tol``), so a solve syncs with the host two to four times; a solve that
+repeats an earlier one (same map, shapes and options: ``history``) starts with a window as
+long as that solve was, and usually syncs once. (A solve much shorter than the previous one
+then runs up to that many iterations before its first read: time lost, results unchanged.)
 
 The convergence test (documented in :func:`relative_residual`):
 
@@ -26,17 +29,58 @@ The convergence test (documented in :func:`relative_residual`):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from torchfpi._book import REL_EPS, _Book
+from torchfpi._book import KEEP_IMAGES, REL_EPS, _Book
+from torchfpi._graph import GraphBlock
 from torchfpi._solution import SolveStats
 from torchfpi._solvers import FPI
 
 Call = Callable[[Tensor, Optional[Tensor]], Tensor]
 """``call(z_work, idx)``: the map on the working rows; ``idx`` their ``(b,)`` original rows or None."""
+
+HISTORY_SIZE = 64
+"""Solves remembered for planning the first window (see :func:`iterate`'s ``history``)."""
+
+_HISTORY: OrderedDict[Hashable, int] = OrderedDict()
+_HISTORY_LOCK = threading.Lock()
+
+
+def history_key(*parts: Any) -> Optional[Hashable]:
+    """A key for :func:`iterate`'s ``history`` (None if a part is unhashable: no history)."""
+    try:
+        hash(parts)
+    except TypeError:
+        return None
+    return parts
+
+
+def map_identity(f: Any) -> Tuple[int, int]:
+    """Who ``f`` is, stable across accesses of a bound method (``module.step`` is a new object
+    each time): the ids of its function and of the object it is bound to."""
+    return id(getattr(f, "__func__", f)), id(getattr(f, "__self__", None))
+
+
+def _recall(key: Optional[Hashable]) -> Optional[int]:
+    if key is None:
+        return None
+    with _HISTORY_LOCK:
+        return _HISTORY.get(key)
+
+
+def _remember(key: Optional[Hashable], k: int) -> None:
+    if key is None:
+        return
+    with _HISTORY_LOCK:
+        _HISTORY[key] = k
+        _HISTORY.move_to_end(key)
+        while len(_HISTORY) > HISTORY_SIZE:
+            _HISTORY.popitem(last=False)
 
 
 def relative_residual(fz: Tensor, z: Tensor, scale: Optional[Tensor] = None) -> Tensor:
@@ -80,6 +124,8 @@ def iterate(
     compact: bool = False,
     first_fz: Optional[Tensor] = None,
     what: str = "fixed_point",
+    history: Optional[Hashable] = None,
+    batch_stop: bool = False,
 ) -> Tuple[Tensor, SolveStats]:
     """Iterate ``z <- solver.step(state, z, call(z), r)`` per sample until each stops.
 
@@ -91,6 +137,14 @@ def iterate(
             ``uses_residual = False`` (``FPI`` ignores it, so it is not computed).
         first_fz: the map already evaluated at ``z0`` (saves one call).
         what: the solve's name in error messages.
+        history: a key naming this kind of solve (map, shape, options; see
+            :func:`history_key`): the first window runs to the iteration at which the last
+            solve under the same key stopped, instead of two iterations, so that a repeated
+            solve (a training loop) usually reads the host once or twice. It changes when the
+            host is read, never the results (they do not depend on the window).
+        batch_stop: ``stop="batch"``: samples stop as usual, but once the last one converged
+            every converged sample takes the image of that iteration (one image for the batch,
+            no per-sample gather); diverged samples keep their own results.
 
     Returns:
         ``(z_star, stats)``: ``z_star`` is ``(B, N)``; converged samples hold ``f(z_k)`` at the
@@ -98,6 +152,12 @@ def iterate(
     """
     fpi = isinstance(solver, FPI)
     book = _Book(z0, tol, absolute, compact, what, fpi)
+    book.batch_stop = batch_stop
+    if fpi and not book.defer and not book.grad_on:
+        book.replay_with(call, float(solver.damping), KEEP_IMAGES)
+    past = _recall(history)
+    if past is not None:
+        book.window = max(1, min(book.limit, past))
     want_r = bool(getattr(solver, "uses_residual", not fpi))
     zw = z0
     state = None
@@ -122,4 +182,35 @@ def iterate(
         zw = z_next
         if stopped is not None:
             zw, state = book.advance(zw, state)
+    z_star, stats = book.result(k)
+    _remember(history, book.last_stop())
+    return z_star, stats
+
+
+def iterate_graph(
+    block: GraphBlock,
+    z0: Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    absolute: bool = False,
+    what: str = "fixed_point",
+    batch_stop: bool = False,
+) -> Tuple[Tensor, SolveStats]:
+    """:func:`iterate` for FPI with a captured CUDA graph: one replay and one host read per
+    window of ``block.block`` iterations; the same per-sample results (see :mod:`torchfpi._graph`)."""
+    book = _Book(z0, tol, absolute, False, what, True)
+    book.defer = False
+    book.batch_stop = batch_stop
+    zw = z0
+    k = 0
+    while k < max_iter:
+        its, ims, a, n, z_next = block.run(zw)
+        w = min(block.block, max_iter - k)
+        book.feed(its[:w], ims[:w], a[:w], None if n is None else n[:w])
+        k += w
+        book.check(k)
+        if book.n_active == 0:
+            break
+        zw = z_next if book.held is None else torch.where(book.held, zw, z_next)
     return book.result(k)

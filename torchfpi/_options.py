@@ -15,10 +15,12 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import torch
 
 from torchfpi._adjoints import Adjoint, resolve_adjoint
+from torchfpi._graph import check_graph_options
 from torchfpi._solvers import Solver, resolve_solver
 
 ON_FAILURE = ("warn", "raise", "ignore")
 RESIDUALS = ("relative", "absolute")
+STOPS = ("sample", "batch")
 
 
 def check_positive(name: str, value: object) -> float:
@@ -99,7 +101,9 @@ class Options:
     Validation: ``tol`` and ``backward_tol`` are finite numbers > 0 (below 1 for the relative
     residual); ``max_iter`` and ``backward_max_iter`` integers >= 1 (``numpy`` integers too);
     ``bool`` is never taken for a number; ``compute_dtype`` is ``None`` or a floating
-    ``torch.dtype``.
+    ``torch.dtype``; ``cuda_graph=True`` needs FPI (``solver="fpi"`` or ``torchfpi.FPI``),
+    ``compact=False`` and an implicit backward (its CUDA device is checked when solving);
+    ``stop`` is ``"sample"`` or ``"batch"`` (the latter with ``compact=False``).
 
     Raises:
         ValueError: an unknown name or an out-of-range value (NaN, Inf, <= 0, a relative
@@ -124,6 +128,8 @@ class Options:
     batched: bool = True
     per_sample: Optional[Tuple[int, ...]] = None
     compute_dtype: Optional[torch.dtype] = None
+    cuda_graph: bool = False
+    stop: str = "sample"
     solver_object: Solver = field(init=False, repr=False, compare=False)
     adjoint: Adjoint = field(init=False, repr=False, compare=False)
 
@@ -131,7 +137,7 @@ class Options:
         put = object.__setattr__  # frozen: normalised values are written once, here
         put(self, "solver_object", resolve_solver(self.solver))
         put(self, "adjoint", resolve_adjoint(self.backward))
-        for name, choices in (("on_failure", ON_FAILURE), ("residual", RESIDUALS)):
+        for name, choices in (("on_failure", ON_FAILURE), ("residual", RESIDUALS), ("stop", STOPS)):
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise TypeError(f"{name}: expected one of {list(choices)}, got {type(value).__name__} {value!r}")
@@ -150,6 +156,13 @@ class Options:
             raise TypeError(f"batched: expected a bool, got {type(self.batched).__name__}")
         put(self, "per_sample", _check_per_sample(self.per_sample))
         put(self, "compute_dtype", _check_compute_dtype(self.compute_dtype))
+        if not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"cuda_graph: expected a bool, got {type(self.cuda_graph).__name__} {self.cuda_graph!r}")
+        if self.stop == "batch" and self.compact:
+            raise ValueError("stop='batch' stops every sample at once, so there are no stopped samples to "
+                             "drop: use compact=False (or stop='sample')")
+        if self.cuda_graph:
+            check_graph_options(self.solver_object, self.compact, bool(getattr(self.adjoint, "records_forward", False)))
 
     @property
     def adjoint_tol(self) -> float:

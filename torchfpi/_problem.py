@@ -20,9 +20,10 @@ from torch import Tensor
 
 from torchfpi._adjoints import AdjointSystem
 from torchfpi._autograd import _grad, _is_float, vjp
-from torchfpi._loop import iterate
+from torchfpi._graph import GraphBlock, NotCapturable
+from torchfpi._loop import history_key, iterate, iterate_graph, map_identity
 from torchfpi._options import Options
-from torchfpi._solution import _Record, report_failure
+from torchfpi._solution import _Record, report_failure, warn_user
 from torchfpi._solvers import FPI
 
 State = Union[Tensor, Tuple[Tensor, ...]]
@@ -181,6 +182,15 @@ class Problem:
             return tensors
         return [t[idx] if i in self.sample_slots else t for i, t in enumerate(tensors)]
 
+    def history_key(self, which: str, z: Tensor) -> Any:
+        """What names this solve for the loop's window planning (see :func:`iterate`)."""
+        o = self.options
+        tol, budget, solver = (
+            (o.tol, o.max_iter, o.solver_object) if which == "forward" else (o.adjoint_tol, o.adjoint_max_iter, o.adjoint)
+        )
+        return history_key(which, map_identity(self.f), tuple(z.shape), z.dtype, z.device, tol, budget, solver,
+                           o.residual, o.compact, o.stop, torch.is_grad_enabled())
+
     # -- forward ---------------------------------------------------------------------------
     def solve(self, z0f: Tensor, fz1: Optional[Tensor], tensors: Sequence[Tensor]) -> Tensor:
         """The forward loop from ``z0f`` (``fz1``: f already evaluated there); records stats."""
@@ -189,13 +199,34 @@ class Problem:
         def call(zw: Tensor, idx: Optional[Tensor]) -> Tensor:
             return self.fn(zw, *self.sliced(tensors, idx))
 
-        zf, stats = iterate(
-            call, z0f, solver=opts.solver_object, tol=opts.tol, max_iter=opts.max_iter,
-            absolute=opts.absolute, compact=opts.compact, first_fz=fz1, what="fixed_point",
-        )
+        block = self._graph_block(z0f, tensors) if opts.cuda_graph else None
+        if block is not None:
+            zf, stats = iterate_graph(block, z0f, tol=opts.tol, max_iter=opts.max_iter, absolute=opts.absolute,
+                                      batch_stop=opts.stop == "batch")
+        else:
+            zf, stats = iterate(
+                call, z0f, solver=opts.solver_object, tol=opts.tol, max_iter=opts.max_iter,
+                absolute=opts.absolute, compact=opts.compact, first_fz=fz1, what="fixed_point",
+                history=self.history_key("forward", z0f), batch_stop=opts.stop == "batch",
+            )
         self.record.stats = stats
         report_failure(stats, opts.on_failure, "forward", opts.tol, opts.max_iter)
         return zf
+
+    def _graph_block(self, z0f: Tensor, tensors: Sequence[Tensor]) -> Optional[GraphBlock]:
+        """The captured block of forward iterations, or None (with a warning) if the map
+        cannot be captured."""
+        damping = float(getattr(self.options.solver_object, "damping", 1.0))
+        try:
+            return GraphBlock(lambda z: self.fn(z, *tensors), z0f, damping, not self.options.absolute)
+        except NotCapturable as err:
+            warn_user(
+                f"fixed_point: cuda_graph=True, but the map could not be captured in a CUDA graph ({err}); "
+                "solving with the eager loop (same results). A capturable map makes no host "
+                "synchronisation (.item(), bool(tensor), printing) and creates no CPU tensors",
+                UserWarning,
+            )
+            return None
 
     def record_graph(self, zs: Tensor, tensors: Sequence[Tensor], needs: Sequence[bool]) -> Graph:
         """One call of f at z* with grad, on detached copies: the graph first-order VJPs use.
@@ -244,6 +275,7 @@ class Problem:
             max_iter=opts.adjoint_max_iter, residual=opts.residual, compact=opts.compact,
             on_failure=opts.on_failure, z=zs, tensors=tensors,
             vjp_rows=_RowGraphs(self, zs, tensors).vjp, vjp_at=vjp_at,
+            history=self.history_key("adjoint", g), batch_stop=opts.stop == "batch",
         )
         u, stats = self.adjoint.solve(system)
         self.record.backward = stats
@@ -253,7 +285,13 @@ class Problem:
         else:
             y, _, td = graph
             everything = list(td) + list(params)
-            grads = _grad([y], [everything[i] for i in wrt], [u], create_graph=False)
+            targets = [everything[i] for i in wrt]
+            if (_ENGINE_RUN is not None and y.requires_grad and type(y) is Tensor and type(u) is Tensor
+                    and u.shape == y.shape and u.dtype == y.dtype and all(t.requires_grad for t in targets)):
+                # The engine call of torch.autograd.grad, as in _recorded_vjp (no normalisation).
+                grads = list(_ENGINE_RUN((y,), (u,), True, False, tuple(targets), True, accumulate_grad=False))
+            else:
+                grads = _grad([y], targets, [u], create_graph=False)
         for i, gr in zip(wrt, grads):
             out[i] = gr
         return out

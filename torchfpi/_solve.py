@@ -8,13 +8,15 @@ autograd node whose backward runs the adjoint (:mod:`torchfpi._adjoints`).
 from __future__ import annotations
 
 import cmath
-from typing import Any, Callable, FrozenSet, List, Optional, Sequence, Tuple, Union, overload
+import functools
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union, overload
 
 import torch
 from torch import Tensor, nn
 
-from torchfpi._adjoints import Adjoint
+from torchfpi._adjoints import ADJOINTS, Adjoint
 from torchfpi._autograd import _is_float, find_leaves
+from torchfpi._graph import check_graph_device
 from torchfpi._options import Options
 from torchfpi._problem import (
     Problem,
@@ -26,7 +28,7 @@ from torchfpi._problem import (
     solve_forward_mode,
 )
 from torchfpi._solution import Solution, _empty_stats, _Record
-from torchfpi._solvers import Solver
+from torchfpi._solvers import SOLVERS, Solver
 from torchfpi.errors import FixedPointError
 
 
@@ -157,6 +159,8 @@ def _solve_primal(f: Callable[..., Any], z0: State, inputs: Sequence[Any], optio
     if structure.batch == 0:
         return _solve_empty(f, z0, inputs, structure)
     z0f = structure.pack(z0).detach()
+    if options.cuda_graph:
+        check_graph_device(z0f)
     slots = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
     tensors = [inputs[i] for i in slots]
     _check_finite(z0f, [(i, inputs[i]) for i in slots if _is_float(inputs[i])])
@@ -224,7 +228,7 @@ def fixed_point(
     backward: Union[str, Adjoint] = ..., tol: float = ..., max_iter: int = ...,
     backward_tol: Optional[float] = ..., backward_max_iter: Optional[int] = ..., on_failure: str = ...,
     residual: str = ..., compact: bool = ..., batched: bool = ..., per_sample: Optional[Sequence[int]] = ...,
-    compute_dtype: Optional[torch.dtype] = ...,
+    compute_dtype: Optional[torch.dtype] = ..., cuda_graph: bool = ..., stop: str = ...,
 ) -> Solution[Tensor]: ...
 
 
@@ -234,7 +238,7 @@ def fixed_point(
     backward: Union[str, Adjoint] = ..., tol: float = ..., max_iter: int = ...,
     backward_tol: Optional[float] = ..., backward_max_iter: Optional[int] = ..., on_failure: str = ...,
     residual: str = ..., compact: bool = ..., batched: bool = ..., per_sample: Optional[Sequence[int]] = ...,
-    compute_dtype: Optional[torch.dtype] = ...,
+    compute_dtype: Optional[torch.dtype] = ..., cuda_graph: bool = ..., stop: str = ...,
 ) -> Solution[Tuple[Tensor, ...]]: ...
 
 
@@ -254,6 +258,8 @@ def fixed_point(
     batched: bool = True,
     per_sample: Optional[Sequence[int]] = None,
     compute_dtype: Optional[torch.dtype] = None,
+    cuda_graph: bool = False,
+    stop: str = "sample",
 ) -> Solution[Any]:
     r"""Solve z* = f(z*, \*inputs) by iteration, differentiably: the forward FPI layer.
 
@@ -323,6 +329,19 @@ def fixed_point(
             ``f``), and may return any floating dtype. Expect residuals and gradients no
             better than the dtype's precision: choose ``tol`` accordingly (about ``1e-2`` for
             bfloat16, ``1e-3`` for float16).
+        cuda_graph: capture blocks of forward iterations in a CUDA graph and replay them (one
+            launch and one host read per block; see ``docs/concepts.md``). Needs a CUDA state,
+            ``solver="fpi"`` (or ``torchfpi.FPI``), ``compact=False`` and an implicit backward
+            (``ValueError`` otherwise); a map that cannot be captured (it synchronises with the
+            host, e.g. ``.item()``) gives a ``UserWarning`` and the eager loop, with the same
+            results. The backward is not captured. Unmeasured on a GPU so far.
+        stop: ``"sample"`` (default): each sample stops at the iteration where it converges
+            and keeps that result, whatever the rest of the batch does. ``"batch"``: the batch
+            runs until its last sample converges, and every converged sample returns the
+            image of that iteration (what a plain loop with a batch-wide stop returns), forward
+            and backward; ``compact`` must be False. Samples still stop being tested once they
+            converged, and diverged ones keep their own results. Slightly cheaper (no per-sample
+            gather); a sample's result then depends on the rest of the batch.
 
     Returns:
         A :class:`Solution`: ``value`` (z*, like ``z0``), ``iterations``, ``residual``,
@@ -354,13 +373,32 @@ def fixed_point(
     """
     if not callable(f):
         raise TypeError(f"f: expected a callable (function or nn.Module), got {type(f).__name__}")
-    options = Options(
+    keywords = dict(
         solver=solver, backward=backward, tol=tol, max_iter=max_iter, backward_tol=backward_tol,
         backward_max_iter=backward_max_iter, on_failure=on_failure, residual=residual,
-        compact=compact, batched=batched, per_sample=per_sample,  # type: ignore[arg-type]
-        compute_dtype=compute_dtype,
+        compact=compact, batched=batched, per_sample=per_sample,
+        compute_dtype=compute_dtype, cuda_graph=cuda_graph, stop=stop,
     )
-    return solve_with_options(f, z0, inputs, options)
+    return solve_with_options(f, z0, inputs, _options(keywords))
+
+
+def _options(keywords: Dict[str, Any]) -> Options:
+    """``Options(**keywords)``, validated once per distinct set of keyword values (Options is
+    frozen, so one object serves every call): a repeated solve skips the validation."""
+    key: Tuple[Any, ...] = tuple((name, type(value), value) for name, value in keywords.items())
+    # Names resolve through registries that may change: the current factories join the key.
+    key += (SOLVERS.get(keywords["solver"]) if isinstance(keywords["solver"], str) else None,
+            ADJOINTS.get(keywords["backward"]) if isinstance(keywords["backward"], str) else None)
+    try:
+        hash(key)
+    except TypeError:  # an unhashable value (a list of per-sample indices): validate each time
+        return Options(**keywords)
+    return _cached_options(key)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_options(key: Tuple[Any, ...]) -> Options:
+    return Options(**{name: value for name, _, value in key[:-2]})
 
 
 class FPILayer(nn.Module):
@@ -375,7 +413,7 @@ class FPILayer(nn.Module):
         options: an :class:`Options` to start from (default: ``Options()``).
         **keywords: the keyword options of :func:`fixed_point` (``solver``, ``backward``,
             ``tol``, ``max_iter``, ``backward_tol``, ``backward_max_iter``, ``on_failure``,
-            ``residual``, ``compact``, ``batched``, ``per_sample``, ``compute_dtype``), validated now; an unknown
+            ``residual``, ``compact``, ``batched``, ``per_sample``, ``compute_dtype``, ``cuda_graph``, ``stop``), validated now; an unknown
             keyword is a ``TypeError``. The result is the frozen ``self.options``.
 
     Example:
