@@ -46,11 +46,29 @@ from torchfpi.runtime import machine_info
 
 METHODS = ("noisy", "tv", "bm3d", "fpi_gd", "unrolled", "fpi_nn")
 MODEL_METHODS = ("fpi_gd", "unrolled", "fpi_nn")
+#: Top-level entries every write refreshes.
+HEADER = [["command"], ["machine"], ["protocol"]]
 #: Row labels of the table (``--store-as`` keys included).
 NAMES = {"noisy": "noisy input", "tv": "TV (scikit-image)", "bm3d": "BM3D (PyPI bm3d)",
          "fpi_gd": "FPI_GD, multi-scale FoE energy (ours)",
          "fpi_gd_foe": "FPI_GD, single-scale FoE energy (ours, earlier weights)",
          "unrolled": "same energy, 10 unrolled steps", "fpi_nn": "FPI_NN, conv DEQ (ours)"}
+
+
+def _merge_write(out: Path, results: Dict[str, Any], keys: List[List[str]]) -> None:
+    """Write ``results[k1][k2]...`` for each key path into ``out`` under a file lock, on top of
+    what is there now: runs of this script for different sigmas can go side by side."""
+    import fcntl
+
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current: Dict[str, Any] = read_json(out, default={}) or {}
+        for path in keys:
+            src, dst = results, current
+            for k in path[:-1]:
+                src, dst = src[k], dst.setdefault(k, {})
+            dst[path[-1]] = src[path[-1]]
+        atomic_write_json(current, out)
 
 
 def _denoiser(method: str, sigma: float, args: argparse.Namespace, unit: Dict[str, Any]):
@@ -151,7 +169,7 @@ def main(argv: List[str]) -> int:
                 est, info = fn(noisy)
                 sec = time.perf_counter() - t0
                 per[path.name] = {"psnr": psnr(est, clean), "ssim": ssim(est, clean), "seconds": sec, **info}
-                atomic_write_json(results, out)
+                _merge_write(out, results, [[skey, store], *HEADER])
             vals = [per[p.name] for p in files]
             unit["psnr"] = float(np.mean([v["psnr"] for v in vals]))
             unit["ssim"] = float(np.mean([v["ssim"] for v in vals]))
@@ -161,7 +179,8 @@ def main(argv: List[str]) -> int:
                     unit[f"mean_{key}"] = float(np.mean([v[key] for v in vals]))
             unit["images"] = len(files)
             unit["complete"] = True
-            atomic_write_json(results, out)
+            unit["command"] = results["command"]
+            _merge_write(out, results, [[skey, store], *HEADER])
             print(f"{skey}.{store}: psnr {unit['psnr']:.3f} ssim {unit['ssim']:.4f} "
                   f"({unit['seconds_per_image']:.2f} s/image)", flush=True)
     print(markdown_table(results), flush=True)
@@ -214,7 +233,7 @@ def _memory(results: Dict[str, Any], args: argparse.Namespace, out: Path) -> Non
         imp = measure_training_memory("fpi_gd", 200, batch_size=8, crop=64, energy=energy,
                                       weights=w, tol=1e-3, images=imgs)
         block["trained_sigma25_tol1e-3"] = imp
-        atomic_write_json(results, out)
+        _merge_write(out, results, [["memory"]])
         print(f"trained FPI_GD step: forward {imp['forward_iterations']:.1f} it, backward "
               f"{imp['backward_iterations']:.1f} it, {imp['peak_step_mib']:.1f} MiB", flush=True)
     for n in args.memory_iterations:
@@ -227,7 +246,7 @@ def _memory(results: Dict[str, Any], args: argparse.Namespace, out: Path) -> Non
                                       images=imgs)
         block[key] = {"fpi_gd": imp, "unrolled": unr,
                       "ratio_unrolled_over_implicit": unr["peak_step_mib"] / max(imp["peak_step_mib"], 1e-9)}
-        atomic_write_json(results, out)
+        _merge_write(out, results, [["memory"]])
         print(f"memory at {n} iterations: implicit {imp['peak_step_mib']:.1f} MiB, "
               f"unrolled {unr['peak_step_mib']:.1f} MiB", flush=True)
 
