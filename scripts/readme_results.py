@@ -62,6 +62,24 @@ def denoise() -> str:
     return "\n".join(rows)
 
 
+def denoise_memory() -> str:
+    """Training memory and time per step, implicit FPI_GD against the same energy unrolled."""
+    m = _load("results/denoise.json").get("memory", {})
+    rows = ["| iterations N | implicit FPI_GD: peak MiB, s / step | unrolled: peak MiB, s / step | memory ratio |",
+            "|---|---|---|---|"]
+    keys = sorted((k for k in m if k.startswith("iterations")), key=lambda k: int(k[10:]))
+    for k in keys:
+        imp, unr = m[k]["fpi_gd"], m[k]["unrolled"]
+        rows.append(f"| {k[10:]} | {imp['peak_step_mib']:.0f}, {imp['seconds_per_step']:.2f} | "
+                    f"{unr['peak_step_mib']:.0f}, {unr['seconds_per_step']:.2f} | "
+                    f"{m[k]['ratio_unrolled_over_implicit']:.1f}x |")
+    t = m.get("trained_sigma25_tol1e-3")
+    if t:
+        rows.append(f"| trained, tol 1e-3 ({t['forward_iterations']:.0f} forward, {t['backward_iterations']:.0f} "
+                    f"backward) | {t['peak_step_mib']:.0f}, {t['seconds_per_step']:.2f} | - | - |")
+    return "\n".join(rows)
+
+
 def flow() -> str:
     d = _load("results/flow.json").get("methods", {})
     names = [("fpi_gd", "FPI_GD (learned variational, implicit)"), ("fpi_nn", "FPI_NN refinement"),
@@ -96,7 +114,7 @@ def bench_targets() -> str:
     return "\n".join(rows)
 
 
-BLOCKS = {"multilabel": multilabel, "denoise": denoise, "flow": flow, "bench": bench, "bench-targets": bench_targets}
+BLOCKS = {"multilabel": multilabel, "denoise": denoise, "denoise-memory": denoise_memory, "flow": flow, "bench": bench, "bench-targets": bench_targets}
 TARGETS = ["README.md", "docs/*.md"]
 
 
