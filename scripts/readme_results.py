@@ -50,7 +50,7 @@ def denoise() -> str:
     names = {"noisy": "noisy input", "tv": "TV", "bm3d": "BM3D",
              "fpi_gd": "FPI_GD (multi-scale FoE energy, implicit)",
              "fpi_gd_foe": "FPI_GD (single-scale FoE energy, earlier weights)",
-             "unrolled": "same energy, 10 unrolled steps", "fpi_nn": "FPI_NN (conv DEQ)"}
+             "unrolled": "single-scale FoE, 10 unrolled steps", "fpi_nn": "FPI_NN (conv DEQ)"}
     sigmas = sorted((k for k in d if k.startswith("sigma")), key=lambda k: float(k[5:]))
     rows = ["| method | " + " | ".join(f"sigma {s[5:]}" for s in sigmas) + " |", "|---|" + "---|" * len(sigmas)]
     for key, label in names.items():

@@ -52,7 +52,7 @@ HEADER = [["command"], ["machine"], ["protocol"]]
 NAMES = {"noisy": "noisy input", "tv": "TV (scikit-image)", "bm3d": "BM3D (PyPI bm3d)",
          "fpi_gd": "FPI_GD, multi-scale FoE energy (ours)",
          "fpi_gd_foe": "FPI_GD, single-scale FoE energy (ours, earlier weights)",
-         "unrolled": "same energy, 10 unrolled steps", "fpi_nn": "FPI_NN, conv DEQ (ours)"}
+         "unrolled": "single-scale FoE, 10 unrolled steps", "fpi_nn": "FPI_NN, conv DEQ (ours)"}
 
 
 def _merge_write(out: Path, results: Dict[str, Any], keys: List[List[str]]) -> None:
