@@ -101,9 +101,9 @@ def test_samples_do_not_depend_on_the_batch():
         assert torch.equal(alone.value[0], full.value[i]) and int(alone.iterations[0]) == int(full.iterations[i])
 
 
-@pytest.mark.parametrize("solver", ["fpi", "anderson"])
-def test_host_reads_once_per_window(monkeypatch, solver):
-    calls = []
+def _count_host_reads(monkeypatch) -> list:
+    """The shapes of every tensor the loop reads on the host, in order (a list filled as it runs)."""
+    calls: list = []
     real = _host._HOST.host
 
     def counted(t):
@@ -111,6 +111,12 @@ def test_host_reads_once_per_window(monkeypatch, solver):
         return real(t)
 
     monkeypatch.setattr(_host._HOST, "host", counted)
+    return calls
+
+
+@pytest.mark.parametrize("solver", ["fpi", "anderson"])
+def test_host_reads_once_per_window(monkeypatch, solver):
+    calls = _count_host_reads(monkeypatch)
     gen = torch.Generator().manual_seed(0)
     A = 0.97 * torch.linalg.qr(torch.randn(8, 8, generator=gen))[0]  # orthogonal x 0.97: ~450 iterations
     sol = torchfpi.fixed_point(lambda z: z @ A.T + 1, torch.zeros(4, 8), solver=solver, tol=1e-6, max_iter=1000)
@@ -202,14 +208,7 @@ def test_batch_stop_gradients_and_option_checks():
 
 def test_a_repeated_solve_reads_the_host_once_per_direction(monkeypatch):
     # The first window of a solve runs to where the previous solve of the same map stopped.
-    calls = []
-    real = _host._HOST.host
-
-    def counted(t):
-        calls.append(t.shape)
-        return real(t)
-
-    monkeypatch.setattr(_host._HOST, "host", counted)
+    calls = _count_host_reads(monkeypatch)
     gen = torch.Generator().manual_seed(0)
     W = 0.2 * torch.linalg.qr(torch.randn(8, 8, generator=gen, dtype=torch.float64))[0]
     x = torch.randn(4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
