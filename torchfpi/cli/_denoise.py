@@ -309,10 +309,11 @@ def run_train(args: argparse.Namespace) -> int:
     init_state = _read_init(args, sigma, model_config)
     coarse = bank.pop("coarse", None)
     adaptive = bank.pop("adaptive_channels", None)
-    if bank:
-        from torchfpi.apps.denoise import DEFAULT_CONFIGS, grow_energy_state
+    from torchfpi.apps.denoise import DEFAULT_CONFIGS, add_coarse_banks, grow_energy_state
 
-        energy = {**DEFAULT_CONFIGS[args.model]["energy"], **model_config.get("energy", {})}
+    # the energy the run will build: the defaults, the --init file's, then each flag (fpi_nn: none)
+    energy = {**DEFAULT_CONFIGS[args.model].get("energy", {}), **model_config.get("energy", {})}
+    if bank:
         grow = init_state is not None and "energy.weight" in init_state
         if grow and init_state is not None:
             k0, k_old = init_state["energy.weight"].shape[0], init_state["energy.weight"].shape[-1]
@@ -327,36 +328,25 @@ def run_train(args: argparse.Namespace) -> int:
             raise UsageError(f"--filters: at most {k * k - 1} filters of size {k}, got {n}")
         if grow and init_state is not None:
             init_state = grow_energy_state(init_state, n, k)
-        model_config["energy"] = energy
     if adaptive is not None:
-        from torchfpi.apps.denoise import DEFAULT_CONFIGS as _DEFAULT
-
-        energy = {**_DEFAULT[args.model]["energy"], **model_config.get("energy", {})}
         had = energy.get("adaptive_channels", 0)
         if had and had != adaptive:
             raise UsageError(f"--adaptive-data: the --init energy has a {had}-channel data weight network, got {adaptive}")
         energy["adaptive_channels"] = adaptive
-        model_config["energy"] = energy
     if coarse:
-        from torchfpi.apps.denoise import DEFAULT_CONFIGS as _CONFIGS
-        from torchfpi.apps.denoise import add_coarse_banks
-
-        energy = {**_CONFIGS[args.model]["energy"], **model_config.get("energy", {})}
-        had = [list(c) for c in energy.get("coarse", [])]
-        if coarse[:len(had)] != had:
-            raise UsageError(f"--coarse: the --init energy has the coarse banks {had}; give them first, "
+        had_banks = [list(c) for c in energy.get("coarse", [])]
+        if coarse[:len(had_banks)] != had_banks:
+            raise UsageError(f"--coarse: the --init energy has the coarse banks {had_banks}; give them first, "
                              f"then the new ones (got {coarse})")
         energy["coarse"] = coarse
         if init_state is not None and "energy.weight" in init_state:
             init_state = add_coarse_banks(init_state, coarse)
+    if bank or adaptive is not None or coarse:
         model_config["energy"] = energy
-    if args.model != "fpi_nn":
-        from torchfpi.apps.denoise import DEFAULT_CONFIGS as _DEFAULTS
-
-        kernel = {**_DEFAULTS[args.model]["energy"], **model_config.get("energy", {})}["kernel_size"]
-        if args.crop < kernel:
-            raise UsageError(f"--crop: {args.crop} is smaller than the {kernel}x{kernel} filters of the energy; "
-                             f"expected at least {kernel}")
+    if args.model != "fpi_nn" and args.crop < energy["kernel_size"]:
+        kernel = energy["kernel_size"]
+        raise UsageError(f"--crop: {args.crop} is smaller than the {kernel}x{kernel} filters of the energy; "
+                         f"expected at least {kernel}")
     cfg = TrainConfig(model=args.model, sigma=sigma, steps=args.steps, batch_size=args.batch_size,
                       crop=args.crop, lr=args.lr, val_images=args.val_images,
                       val_every=args.val_every, seed=args.seed,

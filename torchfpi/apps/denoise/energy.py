@@ -39,7 +39,7 @@ computed with one ``conv2d`` and one ``conv_transpose2d``; autograd differentiat
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -117,13 +117,16 @@ def grow_energy_state(
 
 
 def _pool(z: Tensor, factor: int) -> Tensor:
-    """``D z``: ``factor x factor`` average pooling (rows/columns beyond a multiple of ``factor`` dropped)."""
-    return F.avg_pool2d(z, factor)
+    """``D z``: ``factor x factor`` average pooling (rows/columns beyond a multiple of ``factor`` dropped);
+    the identity for factor 1 (the fine bank)."""
+    return z if factor == 1 else F.avg_pool2d(z, factor)
 
 
 def _unpool(u: Tensor, factor: int, size: Tuple[int, int]) -> Tensor:
     """``D^T u``: each coarse value spread over its ``factor x factor`` block (divided by ``factor^2``),
-    zero on the dropped rows/columns, so that ``<D z, u> = <z, D^T u>``."""
+    zero on the dropped rows/columns, so that ``<D z, u> = <z, D^T u>``; the identity for factor 1."""
+    if factor == 1:
+        return u
     up = F.interpolate(u, scale_factor=float(factor), mode="nearest") / float(factor * factor)
     return F.pad(up, (0, size[1] - up.shape[-1], 0, size[0] - up.shape[-2]))
 
@@ -217,34 +220,23 @@ class _PriorGradZ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, energy: FoEEnergy) -> Tensor:  # type: ignore[override]
+        size = (z.shape[-2], z.shape[-1])
+        parts, saved = [], []
         with torch.no_grad():
-            saved = []
-            out = None
             for bank, factor in energy.banks():
-                x = z if factor == 1 else _pool(z, factor)
                 w = bank.filters()
-                r = F.conv2d(x, w)
-                g = bank._adjoint(bank.influence(r), w)
-                g = g if factor == 1 else _unpool(g, factor, (z.shape[-2], z.shape[-1]))
-                out = g if out is None else out + g
+                r = F.conv2d(_pool(z, factor), w)
+                parts.append(_unpool(bank._adjoint(bank.influence(r), w), factor, size))
                 saved += [bank.curvature(r), w]
-            ctx.save_for_backward(*saved)
-            ctx.energy = energy
-            ctx.size = (z.shape[-2], z.shape[-1])
-        if out is None:  # pragma: no cover - an energy always has its fine bank
-            raise RuntimeError("an FoE energy without a filter bank")
-        return out
+        ctx.save_for_backward(*saved)
+        ctx.energy, ctx.size = energy, size
+        return _total(parts)
 
     @staticmethod
     def backward(ctx, v: Tensor):  # type: ignore[override]
         saved = ctx.saved_tensors
-        hv = None
-        for i, (bank, factor) in enumerate(ctx.energy.banks()):
-            curv, w = saved[2 * i], saved[2 * i + 1]
-            x = v if factor == 1 else _pool(v, factor)
-            h = bank.hessian_term(x, curv, w)
-            h = h if factor == 1 else _unpool(h, factor, ctx.size)
-            hv = h if hv is None else hv + h
+        hv = _total([_unpool(bank.hessian_term(_pool(v, factor), saved[2 * i], saved[2 * i + 1]), factor, ctx.size)
+                     for i, (bank, factor) in enumerate(ctx.energy.banks())])
         return hv, None
 
 
@@ -329,8 +321,8 @@ class FoEEnergy(_Bank):
                                           nn.Conv2d(c, c, 3, padding=1, padding_mode="reflect"), nn.ReLU(), last)
         specs = _check_coarse(coarse)
         self.coarse_factors = [f for f, _, _ in specs]
-        self._coarse_banks = [_Bank(n, k, n_mixture, 0.1 * penalty_weight, penalty_scale) for _, n, k in specs]
-        self.coarse = nn.ModuleList(self._coarse_banks)
+        self.coarse = nn.ModuleList([_Bank(n, k, n_mixture, 0.1 * penalty_weight, penalty_scale)
+                                     for _, n, k in specs])
         self.log_data_weight = nn.Parameter(torch.tensor(math.log(data_weight)))
 
     @property
@@ -342,7 +334,7 @@ class FoEEnergy(_Bank):
     def banks(self) -> List[Tuple[_Bank, int]]:
         """``[(bank, pooling factor), ...]``: this fine bank (factor 1) then the coarse banks."""
         fine: List[Tuple[_Bank, int]] = [(self, 1)]
-        return fine + list(zip(self._coarse_banks, self.coarse_factors))
+        return fine + [(cast(_Bank, b), f) for b, f in zip(self.coarse, self.coarse_factors)]
 
     def data_weight(self, y: Tensor) -> Tensor:
         """``lambda``: a 0-d tensor, or the map ``lambda_p(y)`` ``(B, 1, H, W)`` with ``adaptive_channels``."""
@@ -353,13 +345,12 @@ class FoEEnergy(_Bank):
 
     def forward(self, z: Tensor, y: Tensor) -> Tensor:  # type: ignore[override]
         """Energy per sample, ``(B,)``."""
-        prior = _total([bank.penalty(z if f == 1 else _pool(z, f)) for bank, f in self.banks()])
+        prior = _total([bank.penalty(_pool(z, f)) for bank, f in self.banks()])
         return 0.5 * (self.data_weight(y) * (z - y) ** 2).sum(dim=(1, 2, 3)) + prior
 
     def _prior_grad(self, z: Tensor) -> Tensor:
         size = (z.shape[-2], z.shape[-1])
-        return _total([bank.prior_grad(z) if f == 1 else _unpool(bank.prior_grad(_pool(z, f)), f, size)
-                       for bank, f in self.banks()])
+        return _total([_unpool(bank.prior_grad(_pool(z, f)), f, size) for bank, f in self.banks()])
 
     def grad(self, z: Tensor, y: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """Exact ``grad_z E(z, y)``, ``(B, 1, H, W)``; differentiable (a node of the graph).

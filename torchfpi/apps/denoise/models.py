@@ -95,18 +95,15 @@ class FPIGDDenoiser(nn.Module):
     def step_size(self) -> float:
         return self.step_fraction / self.energy.lipschitz_bound()
 
-    def update(self, z: Tensor, y: Tensor) -> Tensor:
+    def update(self, z: Tensor, y: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """One gradient step ``f(z, y) = z - a grad_z E(z, y)``.
 
         With grad enabled (the graph the implicit backward differentiates) the gradient is
         :meth:`FoEEnergy.grad_split`: the backward's vector-Jacobian products in ``z`` are then
         analytic Hessian-vector products instead of autograd through the gradient's graph.
+        ``weight``: an adaptive data weight map computed once per solve and passed to it as an
+        input, so its parameters get their gradient through the implicit backward.
         """
-        return z - self._a * self.energy.grad_split(z, y)
-
-    def update_weighted(self, z: Tensor, y: Tensor, weight: Tensor) -> Tensor:
-        """:meth:`update` with the adaptive data weight map computed once per solve (an input of the
-        solve, so its parameters get their gradient through the implicit backward)."""
         return z - self._a * self.energy.grad_split(z, y, weight)
 
     def forward(self, y: Tensor, tol: Optional[float] = None, max_iter: Optional[int] = None) -> Tensor:
@@ -126,7 +123,7 @@ class FPIGDDenoiser(nn.Module):
             info = SolveInfo(float(sol.iterations.float().mean()), float(sol.residual.mean()), sol)
         elif self.energy.data_net is not None:
             weight = self.energy.data_weight(yp)
-            z, info = solve(self.update_weighted, yp.detach().clone(), yp, weight, tol=tol, max_iter=max_iter)
+            z, info = solve(self.update, yp.detach().clone(), yp, weight, tol=tol, max_iter=max_iter)
         else:
             z, info = solve(self.update, yp.detach().clone(), yp, tol=tol, max_iter=max_iter)
         self.last_info = info
