@@ -437,6 +437,9 @@ def test_cli_coarse_banks_and_contrast_rescale(data_dir: Path, tmp_path: Path, c
     capsys.readouterr()
     assert main(["train", "denoise", *common, "--adaptive-data", "0", "--checkpoint", str(tmp_path / "g.pt")]) == 2
     assert "--adaptive-data: expected 1 .. 256 channels, got 0" in capsys.readouterr().err
+    assert main(["train", "denoise", *common, "--calibrate-data-weight", "--calibration-span", "0",
+                 "--checkpoint", str(tmp_path / "h.pt")]) == 2
+    assert "--calibration-span: expected 0.1 .. 5.0, got 0.0" in capsys.readouterr().err
     for bad in ("2:4", "1:4:3", "2:4:4", "2:x:3"):
         assert main(["train", "denoise", *common, "--coarse", bad, "--checkpoint", str(tmp_path / "d.pt")]) == 2
         assert "--coarse: expected" in capsys.readouterr().err
