@@ -258,3 +258,40 @@ def test_dropped_window_images_are_replayed_exactly(monkeypatch, damping):
     assert replayed  # this batch does need images the window dropped
     assert torch.equal(ref.value, one.value) and torch.equal(ref.iterations, one.iterations)
     torch.testing.assert_close(ref.trace, one.trace, rtol=0, atol=0, equal_nan=True)
+
+
+def test_best_images_of_a_stalled_solve_are_exact_and_memory_stays_bounded(monkeypatch):
+    # A solve that never meets tol returns each sample's best image by absolute residual; when
+    # that image is in the middle of a window it is replayed. The results equal a host read at
+    # every iteration, and the replay holds a bounded number of states, not one per window
+    # iteration: at most this many of f's outputs are alive at any call.
+    import weakref
+
+    gen = torch.Generator().manual_seed(7)
+    c = torch.randn(16, 400, generator=gen, dtype=torch.float64)
+    amp = torch.linspace(0.6, 1.4, 16, dtype=torch.float64)[:, None]
+    outputs: list = []
+    alive: list = []
+
+    def f(z, c, amp):
+        alive.append(sum(o() is not None for o in outputs))
+        out = c + amp * torch.sin(3.0 * z)  # no fixed point reached: the residual wanders
+        outputs.append(weakref.ref(out))
+        return out
+
+    def solve():
+        outputs.clear()
+        alive.clear()
+        return torchfpi.fixed_point(f, torch.zeros(16, 400, dtype=torch.float64), c, amp, tol=1e-12,
+                                    max_iter=80, on_failure="ignore")
+
+    monkeypatch.setattr(_loop, "HISTORY_SIZE", 0)
+    ref = solve()
+    assert not bool(ref.converged.any())
+    assert len(outputs) > 80 + 1  # best images inside windows were replayed
+    assert max(alive) <= _book.KEEP_IMAGES + 2, max(alive)  # was up to 8 (a whole window replayed)
+    monkeypatch.setattr(_book, "MAX_WINDOW", 1)
+    one = solve()
+    assert torch.equal(ref.value, one.value) and torch.equal(ref.iterations, one.iterations)
+    assert torch.equal(ref.status, one.status)
+    torch.testing.assert_close(ref.trace, one.trace, rtol=0, atol=0, equal_nan=True)

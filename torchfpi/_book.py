@@ -29,10 +29,11 @@ WINDOW_BYTES = 4 << 20
 MAX_WINDOW = 16
 
 KEEP_IMAGES = 3
-"""Plain FPI on a large state keeps only its newest images of a window (and the first): the
-others are dropped at once, so f's outputs reuse warm memory instead of fresh pages. An image a
-window's replay needs after all (a sample that stopped earlier in the window) is recomputed by
-re-running the window from its first iterate: the same calls of f on the same values."""
+"""Plain FPI on a large state keeps only its newest images of a window (and the window's first
+iterate): the others are dropped at once, so f's outputs reuse warm memory instead of fresh
+pages. An image the window's replay needs after all (a sample that stopped, or found its best
+image, earlier in the window) is recomputed by re-running the window from its first iterate: the
+same calls of f on the same values, holding no more than the images it returns."""
 
 DEFER_ELEMENTS = 4096
 """States with at most this many entries (batch included) take their norms once per window."""
@@ -72,6 +73,7 @@ class _Book:
         self.best_a = H.full(B, math.inf, "f")  # smallest absolute residual so far
         self.best_r = H.full(B, math.nan, "f")  # the residual at that iterate
         self.best_f: Optional[Tensor] = None  # its image
+        self.best_own = False  # best_f is a buffer of the book's own (not one of the images)
         self.min_a = H.full(B, math.nan, "f")  # for the divergence limit
         self.last_a = H.full(B, math.nan, "f")  # a at the previous iteration
         self.active = H.full(B, True, "b")
@@ -101,18 +103,24 @@ class _Book:
         self.damping = 1.0
         self.win_held: Optional[Tensor] = None  # held rows and working rows during the window
         self.win_idx: Optional[Tensor] = None
+        self.cursor: Any = None  # where the window's last replay ended: (j + 1, z_{j+1}, image j)
 
     # -- every iteration: device work only -----------------------------------------------
     def measure(self, fz: Tensor, zw: Tensor, want_r: bool) -> Optional[Tensor]:
         """Norms of this iteration (kept on the device); the residual if the solver wants it."""
         if not self.images:
             self.win_held, self.win_idx = self.held, self.idx_dev
+            self.cursor = None
         self.images.append(fz)  # with its graph when the loop is recorded (unroll)
         self.iterates.append(zw)
-        if self.keep and len(self.images) > self.keep + 1:
-            i = len(self.images) - self.keep - 1  # never 0: the window's start is kept
+        if self.keep and len(self.images) > self.keep:
+            # Drop the image before the newest `keep` and the iterate made from it (plain FPI:
+            # the same tensor); the window's first iterate stays, a replay starts there.
+            i = len(self.images) - self.keep - 1
             self.images[i] = None  # type: ignore[call-overload]
-            self.iterates[i] = None  # type: ignore[call-overload]
+            self.iterates[i + 1] = None  # type: ignore[call-overload]
+            if i:
+                self.iterates[i] = None  # type: ignore[call-overload]
         if self.defer and not want_r:
             return None  # small states: the window's norms in a few calls at check()
         if self.grad_on:
@@ -144,23 +152,49 @@ class _Book:
         self.call, self.damping, self.keep = call, damping, keep
 
     def _img(self, j: int) -> Tensor:
-        """Image ``j`` of the window, recomputed if it was dropped."""
-        if self.images[j] is None:
-            self._replay(j)
-        return self.images[j]
+        """Image ``j`` of the window; a dropped one is recomputed (see :meth:`_replay`)."""
+        img = self.images[j]
+        if img is not None:
+            return img
+        if self.cursor is not None and self.cursor[0] == j + 1 and self.cursor[2] is not None:
+            return self.cursor[2]  # asked again (a stop's finiteness test, then its gather)
+        return self._replay(j)
 
-    def _replay(self, j: int) -> None:
-        """Re-run the window's iterations ``0..j`` from its first iterate, as the loop ran them."""
-        z = self.iterates[0]
-        for i in range(j + 1):
-            if self.iterates[i] is None:
-                self.iterates[i] = z
-            z = self.iterates[i]
-            if self.images[i] is None:
-                self.images[i] = self.call(z, self.win_idx)
-            fz = self.images[i]
+    def _replay(self, j: int) -> Tensor:
+        """Re-run the window up to its image ``j``, as the loop ran it, and return that image.
+
+        Starts at the newest kept iterate at or before ``j`` (or where the previous replay of
+        this window ended, when that is nearer), and keeps nothing but its position: images
+        asked for in increasing order cost one pass over the window in all, and a replay holds
+        at most three states (memory stays bounded by :data:`KEEP_IMAGES`, not by the window)."""
+        i = j
+        while self.iterates[i] is None:
+            i -= 1
+        z = self.iterates[i]
+        if self.cursor is not None and i < self.cursor[0] <= j:
+            i, z = self.cursor[0], self.cursor[1]
+        fz = z
+        for t in range(i, j + 1):
+            kept = self.images[t]
+            fz = kept if kept is not None else self.call(z, self.win_idx)
             zn = fz if self.damping == 1.0 else torch.lerp(z, fz, self.damping)
             z = zn if self.win_held is None else torch.where(self.win_held, z, zn)
+            if t < j and self.iterates[t + 1] is not None:
+                z = self.iterates[t + 1]  # the loop's own iterate (the same values)
+        self.cursor = (j + 1, z, fz)
+        return fz
+
+    def _iterate(self, j: int) -> Tensor:
+        """Iterate ``j`` of the window (the input of image ``j``), recomputed if dropped."""
+        z = self.iterates[j]
+        if z is not None:
+            return z
+        if j == 0:
+            raise RuntimeError("the window's first iterate is always kept")
+        if self.cursor is not None and self.cursor[0] == j:
+            return self.cursor[1]
+        self._replay(j - 1)
+        return self.cursor[1]  # type: ignore[index]
 
     def feed(self, iterates: List[Tensor], images: List[Tensor], a: List[Tensor], n: Optional[List[Tensor]]) -> None:
         """A window computed elsewhere (a replayed CUDA graph): its iterates, images and norms."""
@@ -292,9 +326,7 @@ class _Book:
         lo, hi = int(js.min()), int(js.max())
         if self.batch_stop:  # every sample holds the image where the last one converged
             js, lo = js * 0 + hi, hi
-        if any(self.images[j] is None for j in range(lo, hi + 1)):
-            self._replay(hi)
-        self.z_out = self.images[lo] if lo == hi else _gather_rows(self.images, js, self.device, lo, hi)
+        self.z_out = self._img(lo) if lo == hi else _gather_rows(self._img, js, self.device, lo, hi)
         self.it_out[:] = js + (self.k0 + 1)
         self.res_out[:] = H.take0(r, js)
         self.st_out[:] = int(Status.CONVERGED)
@@ -340,14 +372,14 @@ class _Book:
         newest = a[-1]
         if bool((newest <= amin).all()) and bool((newest < self.best_a).all()):
             self.best_a, self.best_r = newest, r[-1]
-            self.best_f = self.images[-1]
+            self.best_f, self.best_own = self.images[-1], False
         else:
             jb = H.argmin0(a)
             cand = H.take0(a, jb)
             better = cand < self.best_a
             if self.n_active < len(self.active):
                 better &= self.active
-            self._update_best(jb, better, cand, H.take0(r, jb), a.shape[0] - 1)
+            self._update_best(jb, better, cand, H.take0(r, jb), a.shape[0] - 1, release=True)
         self.min_a, self.last_a = lowest, newest
         self._plan(r, a)
         self.a_list, self.n_list, self.images, self.iterates = [], [], [], []
@@ -375,10 +407,8 @@ class _Book:
             rows = H.nonzero(low[j])
             if len(rows) == 0:
                 continue
+            z = self._iterate(j)
             fz = self._img(j)
-            if self.iterates[j] is None:
-                self._replay(j)
-            z = self.iterates[j]
             rows_dev = H.torch(rows, self.device)
             f64 = fz.detach().index_select(0, rows_dev).to(torch.float64).reshape(len(rows), -1)
             z64 = z.detach().index_select(0, rows_dev).to(torch.float64).reshape(len(rows), -1)
@@ -390,20 +420,34 @@ class _Book:
                     self.floor[rows] = H.fmax(H.host(REL_EPS * s), torch.finfo(torch.float64).tiny)
         return a, n
 
-    def _update_best(self, jb: Any, better: Any, cand: Any, rb: Any, last: int) -> None:
+    def _update_best(self, jb: Any, better: Any, cand: Any, rb: Any, last: int, release: bool = False) -> None:
+        """Best images of the rows ``better``: row ``i`` from the window's image ``jb[i]``. The
+        kept images are read first; with ``release`` (nothing else needs this window's images)
+        all but the newest are then let go, so that replaying an older one holds less."""
         H = _host._HOST
         if not bool(better.any()):
             return
         self.best_a = H.where(better, cand, self.best_a)
         self.best_r = H.where(better, rb, self.best_r)
         if bool(better.all()) and bool((jb == last).all()):
-            self.best_f = self.images[last]  # the common case: every sample's newest image
+            self.best_f, self.best_own = self.images[last], False  # the common case: the newest image
             return
-        best = torch.empty_like(self.images[0]) if self.best_f is None else self.best_f.clone()
-        for j in H.unique(jb[better]):
+        if self.best_f is None:
+            best = torch.empty_like(self.images[-1])
+        elif self.best_own and not self.grad_on:
+            best = self.best_f  # our own buffer, not an image the loop still uses: in place
+        else:
+            best = self.best_f.clone()
+        js = H.unique(jb[better])
+        order = [j for j in js if self.images[j] is not None] + [j for j in js if self.images[j] is None]
+        for j in order:
+            if release and self.images[j] is None:
+                release = False
+                for i in range(1, last):  # the first iterate stays: replays start there
+                    self.images[i] = self.iterates[i + 1] = None  # type: ignore[call-overload]
             rows = H.torch(H.nonzero(better & (jb == j)), self.device)
-            best.index_copy_(0, rows, self._img(j).index_select(0, rows))
-        self.best_f = best
+            best.index_copy_(0, rows, self._img(int(j)).index_select(0, rows))
+        self.best_f, self.best_own = best, True
 
     def _stop(self, k: int, has: Any, jstop: Any, conv: Any, fin: Any, r: Any) -> Optional[Any]:
         H = _host._HOST
@@ -488,7 +532,7 @@ class _Book:
         self.best_a, self.best_r = self.best_a[keep], self.best_r[keep]
         self.min_a, self.last_a = self.min_a[keep], self.last_a[keep]
         if self.best_f is not None:
-            self.best_f = self.best_f[keep_dev]
+            self.best_f, self.best_own = self.best_f[keep_dev], True
         if self.floor is not None:
             self.floor = self.floor[keep]
         if self.floor_dev is not None:

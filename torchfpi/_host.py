@@ -8,7 +8,7 @@ it then decides per sample runs here, on small ``(B,)`` or ``(w, B)`` arrays. Te
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 from torch import Tensor
@@ -113,15 +113,24 @@ class _HostOps:
 _HOST = _HostOps()
 
 
-def _gather_rows(images: List[Tensor], js: Any, device: torch.device, lo: int, hi: int) -> Tensor:
-    """Row ``i`` of ``images[js[i]]`` for every row, ``lo <= js <= hi``: a copy of the newest
-    image, then the rows of each earlier iteration copied in (one gather per iteration: less
-    memory traffic than stacking the images)."""
+def _gather_rows(image: Callable[[int], Tensor], js: Any, device: torch.device, lo: int, hi: int) -> Tensor:
+    """Row ``i`` of image ``js[i]`` for every row, ``lo <= js <= hi`` (``image(j)`` gives the
+    window's image ``j``; asked in increasing order): the rows of each iteration copied in, one
+    gather per iteration (less memory traffic than stacking the images)."""
     H = _HOST
-    out = images[hi].clone()
-    for j in range(lo, hi):
+    out: Optional[Tensor] = None
+    for j in range(lo, hi + 1):
         rows = H.nonzero(js == j)
-        if len(rows):
+        if len(rows) == 0:
+            continue
+        img = image(j)
+        if out is None:
+            out = torch.empty_like(img)
+        if len(rows) == len(js):
+            out.copy_(img)
+        else:
             rows_dev = H.torch(rows, device)
-            out.index_copy_(0, rows_dev, images[j].index_select(0, rows_dev))
+            out.index_copy_(0, rows_dev, img.index_select(0, rows_dev))
+    if out is None:
+        raise RuntimeError("_gather_rows: no row to gather")
     return out
