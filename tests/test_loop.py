@@ -295,3 +295,27 @@ def test_best_images_of_a_stalled_solve_are_exact_and_memory_stays_bounded(monke
     assert torch.equal(ref.value, one.value) and torch.equal(ref.iterations, one.iterations)
     assert torch.equal(ref.status, one.status)
     torch.testing.assert_close(ref.trace, one.trace, rtol=0, atol=0, equal_nan=True)
+
+
+def test_last_window_gather_of_a_small_state_equals_per_iteration_reads(monkeypatch):
+    # A repeated solve of a small state runs in one window (history) and its samples converge
+    # at different iterations of it: their rows are gathered from the window's stacked images.
+    # The result is the per-sample image a host read at every iteration gives.
+    rates = torch.linspace(0.1, 0.25, 8, dtype=torch.float64)[:, None]
+    c = torch.randn(8, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def solve():
+        return torchfpi.fixed_point(lambda z, r, c: r * torch.tanh(z) + c, torch.zeros(8, 6, dtype=torch.float64),
+                                    rates, c, tol=1e-10, max_iter=200)
+
+    gathers = []
+    monkeypatch.setattr(_book, "_gather_rows", lambda *a: gathers.append(1) or _host._gather_rows(*a))
+    solve()
+    reads_before = len(gathers)
+    twice = solve()  # planned from the first: one window
+    assert len(torch.unique(twice.iterations)) > 1  # rows come from different images
+    assert len(gathers) == reads_before  # the stacked window served the gather
+    monkeypatch.setattr(_book, "MAX_WINDOW", 1)
+    one = solve()
+    assert torch.equal(twice.value, one.value) and torch.equal(twice.iterations, one.iterations)
+    torch.testing.assert_close(twice.trace, one.trace, rtol=0, atol=0, equal_nan=True)

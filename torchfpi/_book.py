@@ -104,13 +104,14 @@ class _Book:
         self.win_held: Optional[Tensor] = None  # held rows and working rows during the window
         self.win_idx: Optional[Tensor] = None
         self.cursor: Any = None  # where the window's last replay ended: (j + 1, z_{j+1}, image j)
+        self.win_buf: Optional[Tensor] = None  # the window's stacked norms buffer (small states)
 
     # -- every iteration: device work only -----------------------------------------------
     def measure(self, fz: Tensor, zw: Tensor, want_r: bool) -> Optional[Tensor]:
         """Norms of this iteration (kept on the device); the residual if the solver wants it."""
         if not self.images:
             self.win_held, self.win_idx = self.held, self.idx_dev
-            self.cursor = None
+            self.cursor = self.win_buf = None
         self.images.append(fz)  # with its graph when the loop is recorded (unroll)
         self.iterates.append(zw)
         if self.keep and len(self.images) > self.keep:
@@ -221,6 +222,7 @@ class _Book:
             torch.stack(ims, out=buf[w + 1:])
             buf[w].copy_(its[0])
             torch.sub(buf[w + 1:], torch.stack(its), out=buf[:w])
+        self.win_buf = buf  # image j is buf[w + 1 + j]: the last window's gather reads it there
         return torch.linalg.vector_norm(buf[:w] if self.absolute else buf, dim=2)
 
     # -- once per window: one host read, the replay ----------------------------------------
@@ -326,7 +328,14 @@ class _Book:
         lo, hi = int(js.min()), int(js.max())
         if self.batch_stop:  # every sample holds the image where the last one converged
             js, lo = js * 0 + hi, hi
-        self.z_out = self._img(lo) if lo == hi else _gather_rows(self._img, js, self.device, lo, hi)
+        if lo == hi:
+            self.z_out = self._img(lo)
+        elif self.win_buf is not None:  # a small state: the images are stacked already, one gather
+            w = len(self.images)
+            pick = H.torch(js + (w + 1), self.device)
+            self.z_out = self.win_buf[pick, torch.arange(len(js), device=self.device)]
+        else:
+            self.z_out = _gather_rows(self._img, js, self.device, lo, hi)
         self.it_out[:] = js + (self.k0 + 1)
         self.res_out[:] = H.take0(r, js)
         self.st_out[:] = int(Status.CONVERGED)

@@ -71,6 +71,10 @@ class _HostOps:
     def nonzero(self, m: Any) -> Any:
         return _np.flatnonzero(m) if self.np else m.nonzero().squeeze(1)
 
+    def bincount(self, a: Any) -> Any:
+        """Occurrences of each value ``0..max`` of a non-negative integer array."""
+        return _np.bincount(a) if self.np else torch.bincount(a.long())
+
     def unique(self, a: Any) -> List[int]:
         return [int(v) for v in (_np.unique(a) if self.np else torch.unique(a))]
 
@@ -115,22 +119,15 @@ _HOST = _HostOps()
 
 def _gather_rows(image: Callable[[int], Tensor], js: Any, device: torch.device, lo: int, hi: int) -> Tensor:
     """Row ``i`` of image ``js[i]`` for every row, ``lo <= js <= hi`` (``image(j)`` gives the
-    window's image ``j``; asked in increasing order): the rows of each iteration copied in, one
-    gather per iteration (less memory traffic than stacking the images)."""
+    window's image ``j``): a copy of the image most rows take, then the rows of each other
+    iteration copied in, in increasing order (one gather per iteration: less memory traffic
+    than stacking the images)."""
     H = _HOST
-    out: Optional[Tensor] = None
+    counts = H.bincount(js - lo)
+    base = lo + int(counts.argmax())
+    out = image(base).clone()
     for j in range(lo, hi + 1):
-        rows = H.nonzero(js == j)
-        if len(rows) == 0:
-            continue
-        img = image(j)
-        if out is None:
-            out = torch.empty_like(img)
-        if len(rows) == len(js):
-            out.copy_(img)
-        else:
-            rows_dev = H.torch(rows, device)
-            out.index_copy_(0, rows_dev, img.index_select(0, rows_dev))
-    if out is None:
-        raise RuntimeError("_gather_rows: no row to gather")
+        if j != base and counts[j - lo]:
+            rows_dev = H.torch(H.nonzero(js == j), device)
+            out.index_copy_(0, rows_dev, image(j).index_select(0, rows_dev))
     return out
