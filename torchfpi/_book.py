@@ -331,9 +331,9 @@ class _Book:
         if lo == hi:
             self.z_out = self._img(lo)
         elif self.win_buf is not None:  # a small state: the images are stacked already, one gather
-            w = len(self.images)
-            pick = H.torch(js + (w + 1), self.device)
-            self.z_out = self.win_buf[pick, torch.arange(len(js), device=self.device)]
+            w, B = len(self.images), len(js)
+            rows = (js + (w + 1)) * B + (_np.arange(B) if H.np else torch.arange(B))  # flat row numbers
+            self.z_out = self.win_buf.view(-1, self.win_buf.shape[-1]).index_select(0, H.torch(rows, self.device))
         else:
             self.z_out = _gather_rows(self._img, js, self.device, lo, hi)
         self.it_out[:] = js + (self.k0 + 1)
