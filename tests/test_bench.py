@@ -143,7 +143,8 @@ def test_cli_bench_list(capsys):
 
 def test_deq_sizes_plain_loop_peer_and_speed_verdict(tmp_path):
     cfg = Config.quick_config(problems=("deq", "deq_small"),
-                              methods=("torchfpi fpi/fpi", "plain loop (batch-wide stop)", "torchfpi broyden/fpi"),
+                              methods=("torchfpi fpi/fpi", "plain loop (batch-wide stop)", "torchfpi broyden/fpi",
+                                       "bare iterations (no convergence test)"),
                               repeats=2, sweep=())
     res = run_benchmark(cfg, None, sweep=False, make_plots=False, command="test")
     for name in ("deq", "deq_small"):
@@ -151,9 +152,14 @@ def test_deq_sizes_plain_loop_peer_and_speed_verdict(tmp_path):
         assert set(ms) == set(cfg.methods)
         for rec in ms.values():
             assert rec["all_met_tol"] and rec["grad_rel_error"] < GRAD_TOL
+        plain, bare = ms["plain loop (batch-wide stop)"], ms["bare iterations (no convergence test)"]
+        # the bare row runs the plain loop's iteration counts, without any test
+        assert (bare["forward_iterations"], bare["backward_iterations"]) == (
+            plain["forward_iterations"], plain["backward_iterations"])
     verdict = [c for c in res["claims"] if c["number"] == 7][0]
     assert set(verdict["values"]) == {"deq", "deq_small"} and verdict["holds"] in (True, False)
-    assert "paired median" in verdict["detail"]
+    assert "paired median" in verdict["detail"] and "bare iterations" in verdict["detail"]
+    assert all("bare_over_floor" in v for v in verdict["values"].values())
 
 
 def test_compiled_map_method_is_opt_in_and_exact():

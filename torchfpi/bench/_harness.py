@@ -567,8 +567,12 @@ def evaluate_claims(problems: Dict[str, Dict[str, Any]], sweep: Optional[Dict[st
         ok7 &= ok
         vals[name] = {"over_floor": a["over_floor"], "limit": limit, "vs_plain_paired": paired,
                       "plain_over_floor": p["over_floor"]}
+        bare = rec["methods"].get(_peers.BARE)
+        if bare is not None:
+            vals[name]["bare_over_floor"] = bare["over_floor"]
         parts.append(f"{name}: torchfpi {a['over_floor']:.2f}x floor (need <= {limit}), plain loop "
-                     f"{p['over_floor']:.2f}x; torchfpi/plain {paired:.3f} (paired median; need <= 1), "
+                     f"{p['over_floor']:.2f}x" + (f", bare iterations {bare['over_floor']:.2f}x" if bare else "")
+                     + f"; torchfpi/plain {paired:.3f} (paired median; need <= 1), "
                      f"grad errors {a['grad_rel_error']:.1e} vs {p['grad_rel_error']:.1e}")
     claims.append(Claim(7, "exact forward+backward <= 1.10x the floor at 128x256 and <= 2.0x at 32x64, never "
                         "slower than the plain loop with a batch-wide stop", ok7 if parts else None,

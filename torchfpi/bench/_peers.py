@@ -213,6 +213,47 @@ def _minimal(inst: Instance, tol: float, max_iter: int) -> Run:
     return Run(out, lambda: (k, int(box["backward"])))
 
 
+class _CountedAdjoint(torch.autograd.Function):
+    """Identity on ``y = f(z*)``; its backward runs exactly ``box["k"]`` adjoint steps, no test."""
+
+    @staticmethod
+    def forward(ctx, y, zd, box):
+        ctx.zd, ctx.box = zd, box
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        y, zd, box = ctx.box["y"], ctx.zd, ctx.box
+        u = g
+        for _ in range(box["k"]):
+            u = g + torch.autograd.grad(y, zd, u, retain_graph=True)[0]
+        return u, None, None
+
+
+_BARE_COUNTS: Dict[Tuple[int, float, int], Tuple[int, int]] = {}
+
+
+def _bare(inst: Instance, tol: float, max_iter: int) -> Run:
+    """The iterations alone: the plain loop's forward and adjoint iteration counts (taken from
+    one untimed plain-loop solve of this instance) run with no residual, no test and no host
+    read. Not a solver (it needs the counts in advance): the cost a convergence test adds to."""
+    key = (id(inst), tol, max_iter)
+    if key not in _BARE_COUNTS:
+        run = _minimal(inst, tol, max_iter)
+        torch.autograd.grad((inst.weight * run.value).sum(), inst.params, allow_unused=True)
+        _BARE_COUNTS[key] = run.counts()
+    kf, kb = _BARE_COUNTS[key]
+    f, inputs = inst.f, inst.inputs
+    with torch.no_grad():
+        z = inst.z0
+        for _ in range(kf):
+            z = f(z, *inputs)
+    zd = z.detach().requires_grad_(True)
+    y = f(zd, *inputs)
+    box: Dict[str, Any] = {"y": y, "k": kb}
+    return Run(_CountedAdjoint.apply(y, zd, box), lambda: (kf, kb))
+
+
 # -- TorchDEQ 0.1.0 --------------------------------------------------------------------------------
 
 
@@ -300,6 +341,10 @@ def methods(include_torchdeq: bool = True) -> List[Method]:
         # stop="batch": the batch returns the image of its last sample's iteration (like the
         # plain loop); opt-in, the default keeps per-sample results.
         Method(BATCH_STOP, "torchfpi", True, _torchfpi("fpi", "fpi", stop="batch"), opt_in=True),
+        # The plain loop's iteration counts with no convergence test at all: what the
+        # iterations themselves cost over the floor (the extra f call that records the graph at
+        # z* and the parameters' VJP). Not a solver; opt-in.
+        Method(BARE, "reference", True, _bare, opt_in=True),
     ]
     if include_torchdeq:
         out += [
@@ -321,6 +366,7 @@ ANDERSON_RESTART = "torchfpi anderson(restart=2)/fpi"
 COMPACT = "torchfpi fpi/fpi compact"
 BATCH_STOP = "torchfpi fpi/fpi batch stop"
 PLAIN = "plain loop (batch-wide stop)"
+BARE = "bare iterations (no convergence test)"
 COMPILED_AOT = "torchfpi fpi/fpi compiled f (aot_eager)"
 COMPILED_INDUCTOR = "torchfpi fpi/fpi compiled f (inductor)"
 """The paper's plain loop, hand-written here: exact backward by FPI on VJPs, the batch stops
