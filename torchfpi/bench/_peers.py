@@ -16,6 +16,7 @@ backward node), then the harness calls ``torch.autograd.grad`` on ``L = <w, z*>`
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -230,7 +231,8 @@ class _CountedAdjoint(torch.autograd.Function):
         return u, None, None
 
 
-_BARE_COUNTS: Dict[Tuple[int, float, int], Tuple[int, int]] = {}
+_BARE_COUNTS: Dict[Tuple[int, float, int], Tuple[Any, Tuple[int, int]]] = {}
+"""The plain loop's counts per instance: ``(weak reference to it, counts)`` (an id is reused)."""
 
 
 def _bare(inst: Instance, tol: float, max_iter: int) -> Run:
@@ -238,11 +240,12 @@ def _bare(inst: Instance, tol: float, max_iter: int) -> Run:
     one untimed plain-loop solve of this instance) run with no residual, no test and no host
     read. Not a solver (it needs the counts in advance): the cost a convergence test adds to."""
     key = (id(inst), tol, max_iter)
-    if key not in _BARE_COUNTS:
+    seen = _BARE_COUNTS.get(key)
+    if seen is None or seen[0]() is not inst:
         run = _minimal(inst, tol, max_iter)
         torch.autograd.grad((inst.weight * run.value).sum(), inst.params, allow_unused=True)
-        _BARE_COUNTS[key] = run.counts()
-    kf, kb = _BARE_COUNTS[key]
+        seen = _BARE_COUNTS[key] = (weakref.ref(inst), run.counts())
+    kf, kb = seen[1]
     f, inputs = inst.f, inst.inputs
     with torch.no_grad():
         z = inst.z0
@@ -343,8 +346,8 @@ def methods(include_torchdeq: bool = True) -> List[Method]:
         Method(BATCH_STOP, "torchfpi", True, _torchfpi("fpi", "fpi", stop="batch"), opt_in=True),
         # The plain loop's iteration counts with no convergence test at all: what the
         # iterations themselves cost over the floor (the extra f call that records the graph at
-        # z* and the parameters' VJP). Not a solver; opt-in.
-        Method(BARE, "reference", True, _bare, opt_in=True),
+        # z* and the parameters' VJP). Not a solver.
+        Method(BARE, "reference", True, _bare),
     ]
     if include_torchdeq:
         out += [
