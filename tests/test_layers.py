@@ -472,3 +472,22 @@ def test_layer_warning_points_at_the_callers_line(which):
         layer = torchfpi.FPIGD(QuadraticEnergy(3), step_size=0.01, init=torch.zeros_like, max_iter=2)
     hits = _user_warnings(lambda: layer(x))
     assert all(h.filename == __file__ for h in hits), [(h.filename, h.lineno) for h in hits]
+
+
+def test_layers_take_the_stop_and_cuda_graph_options():
+    # stop="batch": every converged sample returns the image of the batch's last iteration;
+    # cuda_graph=True off CUDA is refused by name when the layer runs.
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    nn_layer = torchfpi.FPINN(torchfpi.MLPUpdate(4, 3, hidden=8).double(), tol=1e-9, stop="batch")
+    gd_layer = torchfpi.FPIGD(QuadraticEnergy(3, A=2 * torch.eye(3, dtype=torch.float64)), step_size=0.3,
+                              init=lambda b: torch.zeros_like(b), tol=1e-9, stop="batch")
+    for layer, inp in ((nn_layer, x), (gd_layer, torch.randn(5, 3, dtype=torch.float64))):
+        assert layer.options.stop == "batch"
+        layer(inp)
+        sol = layer.last_solution
+        assert sol.converged.all() and len(torch.unique(sol.iterations)) == 1
+    graph_layer = torchfpi.FPINN(torchfpi.MLPUpdate(4, 3, hidden=8).double(), cuda_graph=True)
+    assert graph_layer.options.cuda_graph
+    with pytest.raises(ValueError, match="cuda_graph=True needs the state on a CUDA device"):
+        graph_layer(x)

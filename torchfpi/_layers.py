@@ -254,7 +254,10 @@ class FPINN(FPILayer):
         update: the update network. With ``prepare``, its first prepared tensor is the
             per-sample injection and the rest are shared (never sliced by ``compact``).
         init: optional ``init(x) -> z0``; default ``update.init_state`` when it exists.
-        options, **keywords: the options of :func:`torchfpi.fixed_point`, as :class:`FPILayer`.
+        options, **keywords: the options of :func:`torchfpi.fixed_point`, as :class:`FPILayer`
+            (``solver``, ``backward``, ``tol``, ``max_iter``, ``backward_tol``,
+            ``backward_max_iter``, ``on_failure``, ``residual``, ``compact``, ``batched``,
+            ``per_sample``, ``compute_dtype``, ``cuda_graph``, ``stop``).
 
     Shapes:
         x: ``(B, ...)``; returns z* ``(B, ...)``.
@@ -323,8 +326,11 @@ class FPIGD(FPILayer):
         box: ``(low, high)`` bounds of the box projection.
         record_energy: keep the energy of each forward iteration in ``energy_trace``.
         init, options, **keywords: as :class:`FPILayer` (the options of
-            :func:`torchfpi.fixed_point`); the inputs are per-sample unless ``per_sample`` says
-            otherwise, and the energy's parameters are parameters, never sliced.
+            :func:`torchfpi.fixed_point`: ``solver``, ``backward``, ``tol``, ``max_iter``,
+            ``backward_tol``, ``backward_max_iter``, ``on_failure``, ``residual``, ``compact``,
+            ``batched``, ``per_sample``, ``compute_dtype``, ``cuda_graph``, ``stop``); the inputs
+            are per-sample unless ``per_sample`` says otherwise, and the energy's parameters are
+            parameters, never sliced.
 
     Shapes:
         inputs: whatever ``energy`` takes; z: ``(B, *S)``.
