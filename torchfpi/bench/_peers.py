@@ -171,7 +171,8 @@ def _norms(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _AdjointHook(torch.autograd.Function):
-    """Identity on ``y = f(z*)``; its backward replaces g by the adjoint u = g + J^T u."""
+    """Identity on ``y = f(z*)``; its backward replaces g by the adjoint u = g + J^T u: until
+    every sample's residual is below ``box["tol"]``, or exactly ``box["k"]`` steps, untested."""
 
     @staticmethod
     def forward(ctx, y, zd, box):
@@ -182,6 +183,10 @@ class _AdjointHook(torch.autograd.Function):
     def backward(ctx, g):
         y, zd, box = ctx.box["y"], ctx.zd, ctx.box
         u = g
+        if "k" in box:  # the bare iterations: a known count, no residual
+            for _ in range(box["k"]):
+                u = g + torch.autograd.grad(y, zd, u, retain_graph=True)[0]
+            return u, None, None
         k = 0
         for k in range(1, box["max_iter"] + 1):  # noqa: B007 - k is the count after the loop
             un = g + torch.autograd.grad(y, zd, u, retain_graph=True)[0]
@@ -214,23 +219,6 @@ def _minimal(inst: Instance, tol: float, max_iter: int) -> Run:
     return Run(out, lambda: (k, int(box["backward"])))
 
 
-class _CountedAdjoint(torch.autograd.Function):
-    """Identity on ``y = f(z*)``; its backward runs exactly ``box["k"]`` adjoint steps, no test."""
-
-    @staticmethod
-    def forward(ctx, y, zd, box):
-        ctx.zd, ctx.box = zd, box
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, g):
-        y, zd, box = ctx.box["y"], ctx.zd, ctx.box
-        u = g
-        for _ in range(box["k"]):
-            u = g + torch.autograd.grad(y, zd, u, retain_graph=True)[0]
-        return u, None, None
-
-
 _BARE_COUNTS: Dict[Tuple[int, float, int], Tuple[Any, Tuple[int, int]]] = {}
 """The plain loop's counts per instance: ``(weak reference to it, counts)`` (an id is reused)."""
 
@@ -254,7 +242,7 @@ def _bare(inst: Instance, tol: float, max_iter: int) -> Run:
     zd = z.detach().requires_grad_(True)
     y = f(zd, *inputs)
     box: Dict[str, Any] = {"y": y, "k": kb}
-    return Run(_CountedAdjoint.apply(y, zd, box), lambda: (kf, kb))
+    return Run(_AdjointHook.apply(y, zd, box), lambda: (kf, kb))
 
 
 # -- TorchDEQ 0.1.0 --------------------------------------------------------------------------------
