@@ -238,3 +238,41 @@ def test_implicit_adjoint_with_any_solver_is_exact_to_second_order(solver, gen, 
     torch.testing.assert_close(g, prob.grad_x(w), rtol=GRAD_RTOL, atol=GRAD_RTOL)
     (gg,) = torch.autograd.grad((g**2).sum(), x, allow_unused=True)  # affine: grad_x is constant in x
     assert gg is None or float(gg.abs().max()) < GRAD_RTOL
+
+
+def test_adjoint_adds_g_in_place_only_into_a_fresh_vjp():
+    # u <- g + J^T u writes g into the engine's result only when that is a new tensor of its
+    # own: never into u, g, a view of either, a broadcast or another dtype.
+    from torchfpi._adjoints import _fresh
+
+    g = torch.randn(4, 3)
+    u = torch.randn(4, 3)
+    mem = g.untyped_storage().data_ptr()
+    assert _fresh(torch.randn(4, 3), g, mem, u)
+    for v in (u, u.view(4, 3), u.reshape(12).view(4, 3), g, g[:], torch.randn(1, 3).expand(4, 3),
+              torch.randn(3, 4).T, torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, requires_grad=True)):
+        assert not _fresh(v, g, mem, u)
+
+
+def test_adjoint_with_a_pass_through_vjp_keeps_u_and_g_intact():
+    # A map whose VJP hands u back untouched on some path (a custom identity) still gets the
+    # exact gradient: nothing is written into u or g.
+    class Through(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z):
+            return z.view_as(z)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    A = 0.4 * torch.eye(3, dtype=torch.float64)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(z, x):
+        return Through.apply(z @ A) + x
+
+    z = torchfpi.fixed_point(f, torch.zeros(2, 3, dtype=torch.float64), x, tol=1e-12, max_iter=200).value
+    w = torch.randn(2, 3, dtype=torch.float64)
+    (gx,) = torch.autograd.grad((z * w).sum(), x)
+    torch.testing.assert_close(gx, w / 0.6)  # dz*/dx = (I - A)^-1, A symmetric
