@@ -254,9 +254,12 @@ def test_adjoint_adds_g_in_place_only_into_a_fresh_vjp():
         assert not _fresh(v, g, mem, u)
 
 
-def test_adjoint_with_a_pass_through_vjp_keeps_u_and_g_intact():
-    # A map whose VJP hands u back untouched on some path (a custom identity) still gets the
-    # exact gradient: nothing is written into u or g.
+def test_adjoint_in_place_sum_on_a_large_state_gives_the_exact_gradient(monkeypatch):
+    # A large state (above IN_PLACE_ELEMENTS) takes u <- J^T u + g in place into the engine's
+    # result; with a pass-through node on the path (its backward hands the gradient on as it
+    # is), the gradient is still exact and u, g are never written.
+    from torchfpi import _adjoints
+
     class Through(torch.autograd.Function):
         @staticmethod
         def forward(ctx, z):
@@ -266,13 +269,15 @@ def test_adjoint_with_a_pass_through_vjp_keeps_u_and_g_intact():
         def backward(ctx, grad):
             return grad
 
-    A = 0.4 * torch.eye(3, dtype=torch.float64)
-    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-
-    def f(z, x):
-        return Through.apply(z @ A) + x
-
-    z = torchfpi.fixed_point(f, torch.zeros(2, 3, dtype=torch.float64), x, tol=1e-12, max_iter=200).value
-    w = torch.randn(2, 3, dtype=torch.float64)
+    n = 300
+    assert 64 * n > _adjoints.IN_PLACE_ELEMENTS
+    x = torch.randn(64, n, dtype=torch.float64, requires_grad=True)
+    seen = []
+    real = _adjoints._fresh
+    monkeypatch.setattr(_adjoints, "_fresh", lambda *a: seen.append(real(*a)) or seen[-1])
+    z = torchfpi.fixed_point(lambda z, x: 0.4 * Through.apply(z) + x, torch.zeros(64, n, dtype=torch.float64), x,
+                             tol=1e-12, max_iter=200).value
+    w = torch.randn(64, n, dtype=torch.float64)
     (gx,) = torch.autograd.grad((z * w).sum(), x)
-    torch.testing.assert_close(gx, w / 0.6)  # dz*/dx = (I - A)^-1, A symmetric
+    torch.testing.assert_close(gx, w / 0.6)  # dz*/dx = (1 - 0.4)^-1
+    assert seen and all(seen)  # 0.4 u is a new tensor: g went into it in place

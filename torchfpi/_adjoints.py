@@ -127,13 +127,14 @@ class _Implicit:
         if system.differentiable:
             return self._solve_as_layer(system)
         g = system.g
-        g_mem = g.untyped_storage().data_ptr()
+        # Large states only: a small one's allocation costs less than the test below.
+        g_mem = g.untyped_storage().data_ptr() if g.numel() > IN_PLACE_ELEMENTS else None
 
         def call(uw: Tensor, idx: Optional[Tensor]) -> Tensor:
             if idx is not None:
                 return g[idx] + system.vjp_rows(uw, idx)
             v = system.vjp(uw)
-            if _fresh(v, g, g_mem, uw):
+            if g_mem is not None and _fresh(v, g, g_mem, uw):
                 return v.add_(g)  # into the engine's new tensor: one allocation less an iteration
             return g + v
 
@@ -160,6 +161,10 @@ class _Implicit:
             stop="batch" if system.batch_stop else "sample",
         )
         return sol.value, sol.stats
+
+
+IN_PLACE_ELEMENTS = 16384
+"""Adjoint states with more entries (batch included) add ``g`` into the VJP in place (:func:`_fresh`)."""
 
 
 def _fresh(v: Tensor, g: Tensor, g_mem: int, u: Tensor) -> bool:
