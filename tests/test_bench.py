@@ -162,28 +162,18 @@ def test_deq_sizes_plain_loop_peer_and_speed_verdict(tmp_path):
     assert all("bare_over_floor" in v for v in verdict["values"].values())
 
 
-def test_compiled_map_method_is_opt_in_and_exact():
-    # The compiled-f rows run only when named (compiling costs seconds); aot_eager keeps it cheap.
+@pytest.mark.parametrize("name", ["torchfpi fpi/fpi compiled f (aot_eager)", "torchfpi fpi/fpi batch stop"])
+def test_opt_in_methods_run_only_when_named_and_are_exact(name):
+    # The compiled-f rows (compiling costs seconds; aot_eager keeps it cheap) and the batch-stop
+    # row run only when named in --methods; each gives the reference gradient.
     from torchfpi.bench._harness import select_methods
-    from torchfpi.bench._peers import COMPILED_AOT
+    from torchfpi.bench._peers import BATCH_STOP, COMPILED_AOT
 
+    assert name in (COMPILED_AOT, BATCH_STOP)
     inst = build("deq_small", quick=True, dtype=torch.float64)
     ref, _ = reference_gradients(inst)
-    assert COMPILED_AOT not in [m.name for m in select_methods(Config.quick_config(), inst, methods())]
-    m = next(m for m in methods() if m.name == COMPILED_AOT)
-    run = m.run(inst, 1e-10, 300)
-    grads = torch.autograd.grad((run.value * inst.weight).sum(), inst.params, allow_unused=True)
-    assert gradient_error(grads, ref) < 1e-8
-
-
-def test_batch_stop_method_is_opt_in_and_exact():
-    from torchfpi.bench._harness import select_methods
-    from torchfpi.bench._peers import BATCH_STOP
-
-    inst = build("deq_small", quick=True, dtype=torch.float64)
-    ref, _ = reference_gradients(inst)
-    assert BATCH_STOP not in [m.name for m in select_methods(Config.quick_config(), inst, methods())]
-    m = next(m for m in methods() if m.name == BATCH_STOP)
+    assert name not in [m.name for m in select_methods(Config.quick_config(), inst, methods())]
+    m = next(m for m in methods() if m.name == name)
     run = m.run(inst, 1e-10, 300)
     grads = torch.autograd.grad((run.value * inst.weight).sum(), inst.params, allow_unused=True)
     assert gradient_error(grads, ref) < 1e-8
