@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 
 def register(commands: argparse._SubParsersAction, train: argparse._SubParsersAction) -> None:
@@ -164,44 +164,39 @@ def run_denoise(args: argparse.Namespace) -> int:
     return 0
 
 
-def _filter_bank(args: argparse.Namespace) -> dict:
-    """``--filters`` / ``--kernel-size`` as energy options, checked."""
+def _filter_bank(args: argparse.Namespace) -> Tuple[dict, Optional[int], Optional[list]]:
+    """``--filters`` / ``--kernel-size`` as energy options, ``--adaptive-data`` and ``--coarse``,
+    checked: ``(bank, adaptive channels or None, coarse banks or None)``."""
+    from torchfpi.apps.denoise.energy import check_coarse
     from torchfpi.errors import UsageError
 
-    bank = {}
-    for flag, key, value in (("--filters", "n_filters", args.filters),
-                             ("--kernel-size", "kernel_size", args.kernel_size)):
-        if value is None:
-            continue
-        if args.model == "fpi_nn":
+    for flag, value in (("--filters", args.filters), ("--kernel-size", args.kernel_size),
+                        ("--adaptive-data", args.adaptive_data), ("--coarse", args.coarse)):
+        if value is not None and args.model == "fpi_nn":
             raise UsageError(f"{flag}: only for --model fpi_gd or unrolled")
-        if key == "n_filters" and value < 1:
-            raise UsageError(f"--filters: expected a positive integer, got {value}")
-        if key == "kernel_size" and (value < 3 or value % 2 != 1):
-            raise UsageError(f"--kernel-size: expected an odd integer >= 3, got {value}")
-        bank[key] = value
-    if args.adaptive_data is not None:
-        if args.model == "fpi_nn":
-            raise UsageError("--adaptive-data: only for --model fpi_gd or unrolled")
-        if not 1 <= args.adaptive_data <= 256:
-            raise UsageError(f"--adaptive-data: expected 1 .. 256 channels, got {args.adaptive_data}")
-        bank["adaptive_channels"] = args.adaptive_data
+    bank = {}
+    if args.filters is not None:
+        if args.filters < 1:
+            raise UsageError(f"--filters: expected a positive integer, got {args.filters}")
+        bank["n_filters"] = args.filters
+    if args.kernel_size is not None:
+        if args.kernel_size < 3 or args.kernel_size % 2 != 1:
+            raise UsageError(f"--kernel-size: expected an odd integer >= 3, got {args.kernel_size}")
+        bank["kernel_size"] = args.kernel_size
+    if args.adaptive_data is not None and not 1 <= args.adaptive_data <= 256:
+        raise UsageError(f"--adaptive-data: expected 1 .. 256 channels, got {args.adaptive_data}")
+    specs = None
     if args.coarse:
-        if args.model == "fpi_nn":
-            raise UsageError("--coarse: only for --model fpi_gd or unrolled")
         specs = []
         for text in args.coarse:
-            parts = str(text).split(":")
             try:
-                factor, n, k = (int(v) for v in parts)
+                spec = [int(v) for v in str(text).split(":")]
+                check_coarse([spec])  # the energy's own rules
             except ValueError:
-                raise UsageError(f"--coarse: expected F:N:K (three integers), got '{text}'") from None
-            if not 2 <= factor <= 8 or n < 1 or k < 3 or k % 2 != 1 or n > k * k - 1:
-                raise UsageError(f"--coarse: expected a factor 2 <= F <= 8, an odd size K >= 3 and 1 <= N <= K*K-1 "
-                                 f"filters, got '{text}'")
-            specs.append([factor, n, k])
-        bank["coarse"] = specs
-    return bank
+                raise UsageError(f"--coarse: expected F:N:K, three integers: a factor 2 <= F <= 8, an odd "
+                                 f"size K >= 3 and 1 <= N <= K*K-1 filters, got '{text}'") from None
+            specs.append(spec)
+    return bank, args.adaptive_data, specs
 
 
 def _read_init(args: argparse.Namespace, sigma: float, model_config: dict) -> Optional[dict]:
@@ -239,16 +234,12 @@ def _read_init(args: argparse.Namespace, sigma: float, model_config: dict) -> Op
         # MAP scaling: the data weight of an energy goes as 1 / sigma^2.
         ratio = float(file_sigma) / sigma
         init_state[key] = init_state[key] + 2.0 * math.log(ratio)
-        if getattr(args, "init_rescale", "data-weight") == "contrast":
+        if args.init_rescale == "contrast":
             # E'(z, y) = E(r z, r y) up to lambda: the energy sees the image at the noise level it was
             # trained for (filters times r; lambda r^2 is the MAP scaling above)
-            import re
+            from torchfpi.apps.denoise.energy import rescale_energy_state
 
-            # every linear map of the image: the filter banks and the data weight network's first layer
-            linear = re.compile(r"energy\.(weight|coarse\.\d+\.weight|data_net\.0\.weight)$")
-            for name in list(init_state):
-                if linear.match(name):
-                    init_state[name] = init_state[name] * ratio
+            init_state = rescale_energy_state(init_state, ratio)
     return init_state
 
 
@@ -298,7 +289,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.limit_images is not None and args.limit_images <= args.val_images:
         raise UsageError(f"--limit-images: {args.limit_images} images leave none for training after the "
                          f"{args.val_images} validation images (--val-images); expected more than {args.val_images}")
-    bank = _filter_bank(args)
+    bank, adaptive, coarse = _filter_bank(args)
     if args.init is not None and not Path(args.init).exists():
         raise FileNotFoundError(2, "No such file or directory", str(args.init))
     ckpt = _checks.output_file(args.checkpoint or f"runs/denoise/{args.model}_s{sigma:g}.pt", "--checkpoint")
@@ -307,8 +298,6 @@ def run_train(args: argparse.Namespace) -> int:
     if out.resolve() == ckpt.resolve():
         raise UsageError(f"--export: '{out}' is also the checkpoint: give another file name")
     init_state = _read_init(args, sigma, model_config)
-    coarse = bank.pop("coarse", None)
-    adaptive = bank.pop("adaptive_channels", None)
     from torchfpi.apps.denoise import DEFAULT_CONFIGS, add_coarse_banks, grow_energy_state
 
     # the energy the run will build: the defaults, the --init file's, then each flag (fpi_nn: none)

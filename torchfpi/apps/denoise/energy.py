@@ -39,6 +39,7 @@ computed with one ``conv2d`` and one ``conv_transpose2d``; autograd differentiat
 from __future__ import annotations
 
 import math
+import re
 from typing import Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
@@ -248,7 +249,7 @@ def _total(terms: List[Tensor]) -> Tensor:
     return out
 
 
-def _check_coarse(coarse: Sequence[Sequence[int]]) -> List[Tuple[int, int, int]]:
+def check_coarse(coarse: Sequence[Sequence[int]]) -> List[Tuple[int, int, int]]:
     """``coarse`` as ``[(factor, n_filters, kernel_size), ...]``, each checked."""
     out = []
     for i, spec in enumerate(coarse):
@@ -319,7 +320,7 @@ class FoEEnergy(_Bank):
             nn.init.zeros_(last.bias)  # type: ignore[arg-type]  # a Conv2d's bias is a tensor
             self.data_net = nn.Sequential(nn.Conv2d(1, c, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
                                           nn.Conv2d(c, c, 3, padding=1, padding_mode="reflect"), nn.ReLU(), last)
-        specs = _check_coarse(coarse)
+        specs = check_coarse(coarse)
         self.coarse_factors = [f for f, _, _ in specs]
         self.coarse = nn.ModuleList([_Bank(n, k, n_mixture, 0.1 * penalty_weight, penalty_scale)
                                      for _, n, k in specs])
@@ -414,7 +415,7 @@ def add_coarse_banks(
         >>> tuple(grown["energy.coarse.0.weight"].shape), tuple(grown["energy.coarse.0.log_alpha"].shape)
         ((6, 1, 3, 3), (6, 1))
     """
-    specs = _check_coarse(coarse)
+    specs = check_coarse(coarse)
     w = state[prefix + "weight"]
     log_alpha, log_scale = state[prefix + "log_alpha"], state[prefix + "log_scale"]
     norm = (w - w.mean(dim=(2, 3), keepdim=True)).flatten(1).norm(dim=1).median()
@@ -427,3 +428,14 @@ def add_coarse_banks(
         out[key + "log_alpha"] = (log_alpha.median(dim=0).values + math.log(new_weight)).expand(n, -1).clone()
         out[key + "log_scale"] = log_scale.median(dim=0).values.expand(n, -1).clone()
     return out
+
+
+def rescale_energy_state(state: Dict[str, Tensor], ratio: float, prefix: str = "energy.") -> Dict[str, Tensor]:
+    """A :class:`FoEEnergy` state with every linear map of the image scaled by ``ratio``.
+
+    The filter banks (fine and coarse) and the data weight network's first layer: the energy
+    then sees an image ``ratio`` times brighter, ``E'(z, y) = E(r z, r y)`` up to the data
+    weight (which the caller scales by ``r^2``). ``prefix``: the energy's key prefix.
+    """
+    linear = re.compile(re.escape(prefix) + r"(weight|coarse\.\d+\.weight|data_net\.0\.weight)$")
+    return {name: (value * ratio if linear.match(name) else value) for name, value in state.items()}

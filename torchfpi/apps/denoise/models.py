@@ -121,11 +121,10 @@ class FPIGDDenoiser(nn.Module):
             if sol is None:  # pragma: no cover - a layer call always records its solution
                 raise RuntimeError("FPIGD did not record its solution")
             info = SolveInfo(float(sol.iterations.float().mean()), float(sol.residual.mean()), sol)
-        elif self.energy.data_net is not None:
-            weight = self.energy.data_weight(yp)
-            z, info = solve(self.update, yp.detach().clone(), yp, weight, tol=tol, max_iter=max_iter)
         else:
-            z, info = solve(self.update, yp.detach().clone(), yp, tol=tol, max_iter=max_iter)
+            # an adaptive data weight map is computed once per solve and enters as an input
+            extra = (self.energy.data_weight(yp),) if self.energy.data_net is not None else ()
+            z, info = solve(self.update, yp.detach().clone(), yp, *extra, tol=tol, max_iter=max_iter)
         self.last_info = info
         return _crop(z, p)
 
@@ -150,8 +149,9 @@ class UnrolledDenoiser(nn.Module):
         yp = _pad(y, p)
         z = yp
         a = self.log_step.exp()
+        weight = self.energy.data_weight(yp)  # once for the T steps (the adaptive map is a CNN)
         for _ in range(self.steps):
-            z = z - a * self.energy.grad(z, yp)
+            z = z - a * self.energy.grad(z, yp, weight)
         self.last_info = SolveInfo(float(self.steps), 0.0)
         return _crop(z, p)
 
