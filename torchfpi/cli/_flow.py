@@ -198,9 +198,8 @@ def run_flow(args: argparse.Namespace) -> int:
         raise UsageError("--out and --png name the same file")
     if args.method not in LEARNED and args.weights is not None:
         raise UsageError(f"--weights: not for --method {args.method} (it has no learned weights)")
-    weights = Path(args.weights) if args.weights else SHIPPED_WEIGHTS.get(args.method)
-    if weights is not None and not weights.exists():
-        raise FileNotFoundError(2, "No such file or directory", str(weights))
+    device = resolve_device(args.device)
+    model = load_flow_model(args.method, args.weights, device)  # its errors come before the frames'
     f1 = flow_app.to_grey_tensor(flow_app.read_image(args.frame1))
     f2 = flow_app.to_grey_tensor(flow_app.read_image(args.frame2))
     flow_app.check_pair(f1, f2)
@@ -212,8 +211,6 @@ def run_flow(args: argparse.Namespace) -> int:
         if truth.shape[:2] != tuple(f1.shape[-2:]):
             raise DataError(f"--truth: '{args.truth}' is {truth.shape[0]}x{truth.shape[1]} (H x W) but the "
                             f"frames are {f1.shape[-2]}x{f1.shape[-1]}: give the ground truth of this pair")
-    device = resolve_device(args.device)
-    model = load_flow_model(args.method, weights, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     with torch.no_grad(), ticking(f"flow {args.method}", enabled=not args.quiet):
