@@ -44,10 +44,9 @@ def main(argv: List[str]) -> int:
     clean, noisy = validation_set(to_tensor(images[-args.val_images:]), args.crop, 25.0)
     model, _ = load_denoiser("fpi_gd", 25, args.weights)
     base = evaluate(model, clean, noisy)
-    state = {"energy." + k: v for k, v in model.energy.state_dict().items()}
     e = model.energy
     wide = FoEEnergy(e.n_filters, e.kernel_size, e.n_mixture, coarse=[(4, 1, 5)])
-    wide.load_state_dict({k[7:]: v for k, v in add_coarse_banks(state, [(4, 1, 5)], new_weight=1e-12).items()})
+    wide.load_state_dict(add_coarse_banks(e.state_dict(), [(4, 1, 5)], new_weight=1e-12, prefix=""))
     padded = evaluate(FPIGDDenoiser(wide, tol=model.tol, max_iter=model.max_iter), clean, noisy)
     print(f"validation PSNR: padding {e.pad} px {base['psnr']:.3f} dB, padding {wide.pad} px {padded['psnr']:.3f} dB")
     return 0

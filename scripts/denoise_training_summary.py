@@ -18,9 +18,14 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 
-def _energy(config: Dict[str, Any]) -> str:
-    e = config.get("energy", {})
-    text = f"{e.get('n_filters', 24)} x {e.get('kernel_size', 5)}x{e.get('kernel_size', 5)}"
+def _energy(kind: str, config: Dict[str, Any]) -> str:
+    from torchfpi.apps.denoise import DEFAULT_CONFIGS
+
+    base = DEFAULT_CONFIGS.get(kind, {}).get("energy") or {}
+    if not base and not config.get("energy"):
+        return "-"  # no energy (fpi_nn)
+    e = {**base, **config.get("energy", {})}
+    text = f"{e['n_filters']} x {e['kernel_size']}x{e['kernel_size']}"
     for factor, n, k in e.get("coarse", []):
         text += f" + {n} x {k}x{k} at 1/{factor}"
     if e.get("adaptive_channels"):
@@ -46,7 +51,7 @@ def summary_row(path: Path) -> str:
     if steps and "rejected" in train:
         rejected = int(train["rejected"]) + int(train.get("skipped", 0))
         share = f"{100.0 * rejected / steps:.1f} % ({rejected})"
-    return (f"| {path.name} | {blob['meta'].get('sigma', blob.get('sigma'))} | {_energy(blob.get('config', {}))} | "
+    return (f"| {path.name} | {blob['meta'].get('sigma', blob.get('sigma'))} | {_energy(blob['meta'].get('kind', ''), blob.get('config', {}))} | "
             f"{steps} | {train.get('seconds', 0):.0f} | {best.get('psnr', float('nan')):.3f} (step {best.get('step', '-')}) | "
             f"{_mean(history, 'train_iterations')} | {_mean(history, 'train_backward_iterations')} | {share} |")
 

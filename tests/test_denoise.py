@@ -386,6 +386,9 @@ def test_add_coarse_banks_keeps_the_trained_energy() -> None:
                      ([(2, 4)], r"coarse\[0\]: expected \(factor, n_filters, kernel_size\) integers")):
         with pytest.raises(ValueError, match=msg):
             FoEEnergy(6, 3, coarse=bad)
+    for weight in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="new_weight: expected a positive number"):
+            add_coarse_banks(state, [(2, 4, 3)], new_weight=weight)
 
 
 def test_multiscale_fpigd_on_the_smallest_image() -> None:

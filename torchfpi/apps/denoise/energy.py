@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchfpi._options import check_positive
+
 
 def dct_filters(size: int, count: int) -> Tensor:
     """The ``count`` lowest-frequency 2-D DCT-II atoms of ``size x size`` without the DC atom.
@@ -416,6 +418,7 @@ def add_coarse_banks(
         ((6, 1, 3, 3), (6, 1))
     """
     specs = check_coarse(coarse)
+    new_weight = check_positive("new_weight", new_weight)
     w = state[prefix + "weight"]
     log_alpha, log_scale = state[prefix + "log_alpha"], state[prefix + "log_scale"]
     norm = (w - w.mean(dim=(2, 3), keepdim=True)).flatten(1).norm(dim=1).median()

@@ -146,13 +146,13 @@ def evaluate(model: Denoiser, clean: Tensor, noisy: Tensor, chunk: int = 20) -> 
 
 
 #: Offsets of ``log lambda`` tried by :func:`calibrate_data_weight`.
-CALIBRATION_OFFSETS = tuple(round(0.1 * i, 1) for i in range(-20, 21))
-
-
 def calibration_offsets(span: float) -> tuple:
     """``-span .. span`` in steps of 0.1 (``span`` rounded to a tenth)."""
     n = int(round(10 * span))
     return tuple(round(0.1 * i, 1) for i in range(-n, n + 1))
+
+
+CALIBRATION_OFFSETS = calibration_offsets(2.0)
 
 
 @torch.no_grad()
