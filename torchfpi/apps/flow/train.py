@@ -265,9 +265,7 @@ class RefineTask(Task):
         return {"base": self.refined.base.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        mine = self.refined.base.state_dict()
-        theirs = state.get("base", {})
-        if set(theirs) != set(mine) or any(not torch.equal(theirs[k].to(mine[k].dtype), mine[k]) for k in mine):
+        if not _same_state(self.refined.base.state_dict(), state.get("base", {})):
             raise errors.UsageError("--resume: the checkpoint was trained on another --base model: give the same "
                                     "--base, or train without --resume")
 
@@ -328,6 +326,11 @@ def train_refine(out_dir: Path, base: VariationalFlow, pairs: int = 320, val_pai
     return summary
 
 
+def _same_state(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint's base-model state ``theirs`` is this run's ``mine`` (same keys and values)."""
+    return set(theirs) == set(mine) and all(torch.equal(theirs[k].to(mine[k].dtype), mine[k]) for k in mine)
+
+
 def _check_resumable(path: Path, state: Dict[str, Any], settings: Dict[str, Any], base: VariationalFlow) -> None:
     """Refuse to continue a run whose data set or base model would differ from the checkpoint's."""
     for key, value in settings.items():
@@ -336,8 +339,6 @@ def _check_resumable(path: Path, state: Dict[str, Any], settings: Dict[str, Any]
             raise errors.UsageError(f"--resume: '{path}' was written with {flag} {state['config'].get(key)}, "
                                      f"this run has {flag} {value}: resume with the same settings, or train "
                                      "without --resume")
-    mine, theirs = base.state_dict(), state["task"].get("base", {})
-    if set(theirs) != set(mine) or any(not torch.equal(theirs[k].to(mine[k].dtype), mine[k])
-                                              for k in mine):
+    if not _same_state(base.state_dict(), state["task"].get("base", {})):
         raise errors.UsageError(f"--resume: '{path}' was trained on another --base model: give the same "
                                  "--base, or train without --resume")
