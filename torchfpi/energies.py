@@ -164,8 +164,9 @@ class MultiLabelEnergy(nn.Module):
         if space not in ("prob", "logit"):
             raise ValueError(f"space: expected 'prob' or 'logit', got {space!r}")
         if convex_input is not None and (space != "prob" or center != 0.0):
-            raise ValueError("convex_input: the input-convex interaction term acts on z itself with the "
-                             f"quadratic centred at 0; got space={space!r}, center={center!r}")
+            raise ValueError("convex_input: the input-convex interaction term takes the defaults space='prob' "
+                             f"and center=0 (space and center do not apply to it, nor init_scale); got "
+                             f"space={space!r}, center={center!r}")
         self.tau = tau
         self.space = space
         self.center = center
@@ -197,9 +198,6 @@ class MultiLabelEnergy(nn.Module):
         if context is not None:
             pre = pre + context
         interaction = F.softplus(pre) @ c
-        if self.center == 0.0:
-            quadratic = (z * z).sum(1)
-        else:
-            d = z - self.center
-            quadratic = (d * d).sum(1)
+        d = z - self.center
+        quadratic = (d * d).sum(1)
         return 0.5 * self.tau * quadratic - (z * s).sum(1) + interaction
