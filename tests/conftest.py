@@ -90,3 +90,14 @@ def pytest_collection_modifyitems(config, items):  # noqa: D103
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def host_backend(request, monkeypatch):
+    """Run the loop's bookkeeping with numpy and with the torch-only fallback."""
+    from torchfpi import _host
+
+    ops = _host._HostOps()
+    ops.np = request.param == "numpy"
+    monkeypatch.setattr(_host, "_HOST", ops)
+    return request.param

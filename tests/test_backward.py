@@ -257,7 +257,7 @@ def test_adjoint_adds_g_in_place_only_into_a_fresh_vjp():
 def test_adjoint_in_place_sum_on_a_large_state_gives_the_exact_gradient(monkeypatch):
     # A large state (above IN_PLACE_ELEMENTS) takes u <- J^T u + g in place into the engine's
     # result; with a pass-through node on the path (its backward hands the gradient on as it
-    # is), the gradient is still exact and u, g are never written.
+    # is), the gradient is still exact.
     from torchfpi import _adjoints
 
     class Through(torch.autograd.Function):

@@ -31,8 +31,8 @@ def f(z, r, c):
 class EagerBlock(_graph.GraphBlock):
     """The block body run eagerly at each replay (what the CUDA graph replays on a GPU)."""
 
-    def __init__(self, call, z0, damping, relative, block=_graph.GRAPH_BLOCK):
-        self._buffers(z0, damping, relative, block)
+    def __init__(self, call, z0, damping, relative):
+        self._buffers(z0, damping, relative, _graph.GRAPH_BLOCK)
         body = self._body
         self.graph = type("Replay", (), {"replay": staticmethod(lambda: body(call))})()
 

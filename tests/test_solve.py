@@ -230,17 +230,6 @@ def test_cuda_matches_cpu(gen):
     torch.testing.assert_close(dev.value.cpu(), cpu.value, rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture(params=["numpy", "torch"])
-def host_backend(request, monkeypatch):
-    """Run the loop's bookkeeping with numpy and with the torch-only fallback."""
-    from torchfpi import _host
-
-    ops = _host._HostOps()
-    ops.np = request.param == "numpy"
-    monkeypatch.setattr(_host, "_HOST", ops)
-    return request.param
-
-
 def test_bookkeeping_backends_agree(host_backend, dtype):
     scales = torch.tensor([0.1, 0.9, 3.0], dtype=dtype).unsqueeze(1)
     for compact in (False, True):
@@ -402,23 +391,3 @@ def test_user_solver_object_forward_and_adjoint(gen, dtype):
     g_ref = torch.autograd.grad(ref.value.sum(), x)[0]
     g = torch.autograd.grad(sol.value.sum(), x)[0]
     assert torch.equal(g, g_ref) and torch.equal(sol.backward.iterations, ref.backward.iterations)
-
-
-def test_bookkeeping_backends_gather_one_window_alike(host_backend, monkeypatch):
-    # Samples converging at different iterations of one window (a repeated solve): the per-sample
-    # gather gives each row its own image with either backend, as reads at every iteration do.
-    from torchfpi import _book
-
-    rates = torch.linspace(0.1, 0.25, 8, dtype=torch.float64)[:, None]
-    c = torch.randn(8, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-
-    def solve():
-        return torchfpi.fixed_point(lambda z, r, c: r * torch.tanh(z) + c, torch.zeros(8, 6, dtype=torch.float64),
-                                    rates, c, tol=1e-10, max_iter=200)
-
-    solve()
-    twice = solve()
-    assert len(torch.unique(twice.iterations)) > 1
-    monkeypatch.setattr(_book, "MAX_WINDOW", 1)
-    one = solve()
-    assert torch.equal(twice.value, one.value) and torch.equal(twice.iterations, one.iterations)
