@@ -177,3 +177,18 @@ def test_opt_in_methods_run_only_when_named_and_are_exact(name):
     run = m.run(inst, 1e-10, 300)
     grads = torch.autograd.grad((run.value * inst.weight).sum(), inst.params, allow_unused=True)
     assert gradient_error(grads, ref) < 1e-8
+
+
+def test_time_solve_parts_script_runs_and_refuses_bad_counts():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "time_solve_parts.py"
+    done = subprocess.run([sys.executable, str(script), "--problem", "deq_small", "--solves", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "backward with the in-place sum / without" in done.stdout
+    assert done.stdout.count("last window's per-sample results") == 2
+    bad = subprocess.run([sys.executable, str(script), "--solves", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--solves: expected a positive integer, got 0" in bad.stderr
