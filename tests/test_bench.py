@@ -184,7 +184,7 @@ def test_time_solve_parts_script_runs_and_refuses_bad_counts():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "time_solve_parts.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "time_solve_parts.py"
     done = subprocess.run([sys.executable, str(script), "--problem", "deq_small", "--solves", "2"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -46,8 +46,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchfpi._options import check_positive
-
 
 def dct_filters(size: int, count: int) -> Tensor:
     """The ``count`` lowest-frequency 2-D DCT-II atoms of ``size x size`` without the DC atom.
@@ -418,7 +416,8 @@ def add_coarse_banks(
         ((6, 1, 3, 3), (6, 1))
     """
     specs = check_coarse(coarse)
-    new_weight = check_positive("new_weight", new_weight)
+    if isinstance(new_weight, bool) or not isinstance(new_weight, (int, float)) or not 0 < new_weight < math.inf:
+        raise ValueError(f"new_weight: expected a positive number (finite, > 0), got {new_weight!r}")
     w = state[prefix + "weight"]
     log_alpha, log_scale = state[prefix + "log_alpha"], state[prefix + "log_scale"]
     norm = (w - w.mean(dim=(2, 3), keepdim=True)).flatten(1).norm(dim=1).median()

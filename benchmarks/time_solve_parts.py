@@ -1,7 +1,11 @@
 """Where a DEQ solve's time goes beyond the map: parts of torchfpi's loop timed in place.
 
-Usage: ``python scripts/time_solve_parts.py [--problem deq] [--solves 300]`` (one torch thread;
-pin it to a core, e.g. ``taskset -c 1``, for steadier numbers).
+Usage: ``python benchmarks/time_solve_parts.py [--problem deq] [--solves 300]`` (one torch
+thread; pin it to a core, e.g. ``taskset -c 1``, for steadier numbers).
+
+A developer's tool, not a user script: it times private parts of the loop (``torchfpi._book``,
+``torchfpi._adjoints``) in place, which is why it lives beside the benchmark results and not in
+``scripts/`` (whose files use the public modules only).
 
 On the benchmark's ``deq`` problem (``--problem deq_small`` for 32x64), ``fixed_point(f, z0,
 *inputs, tol=1e-6, max_iter=500)`` and its gradient, interleaved solves, process CPU time:
